@@ -1,0 +1,135 @@
+"""The Layer contract, pycaffe-style.
+
+A layer subclass overrides ``setup(bottom, top)``, ``reshape(bottom, top)``,
+``forward(bottom, top)`` and ``backward(top, propagate_down, bottom)``. The Net runs the
+template around them (Caffe's ``Layer::SetUp``): count checks, setup, reshape, loss weights.
+
+Contract for kernels:
+- arrays are ``self.xp`` arrays (NumPy or CuPy), never imported directly;
+- ``forward`` writes the tops; ``backward`` writes (overwrites) ``bottom[i].diff`` only where
+  ``propagate_down[i]`` is true, and *adds* into parameter diffs (the solver clears them);
+- randomness comes from ``self.rng`` (a NumPy Generator owned by the net, reseedable in tests).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import numpy as np
+
+from pycaffe_mpi import backend as backend_mod
+from pycaffe_mpi import errors
+from pycaffe_mpi.blob import Blob, BlobVec
+
+TRAIN = 0
+TEST = 1
+
+
+class Layer:
+    """Base class of every layer (built-in and ``type: "Python"`` user layers).
+
+    Class attributes declare arity, checked by the Net before ``setup``:
+    ``exact_num_bottom``, ``min_bottom``, ``max_bottom``, ``exact_num_top``, ``min_top``,
+    ``max_top`` (``None`` = unchecked); ``is_loss`` gives top 0 a default ``loss_weight`` of 1.
+    ``allow_force_backward(i)`` tells whether bottom i can take a gradient (labels cannot).
+    """
+
+    type: ClassVar[str] = ""
+    exact_num_bottom: ClassVar[int | None] = None
+    min_bottom: ClassVar[int | None] = None
+    max_bottom: ClassVar[int | None] = None
+    exact_num_top: ClassVar[int | None] = None
+    min_top: ClassVar[int | None] = None
+    max_top: ClassVar[int | None] = None
+    is_loss: ClassVar[bool] = False
+    is_data: ClassVar[bool] = False
+
+    def __init__(
+        self,
+        param: Any = None,
+        phase: int = TRAIN,
+        backend: backend_mod.Backend | None = None,
+        dtype: Any = np.float32,
+        rng: np.random.Generator | None = None,
+        ctx: Any = None,
+    ) -> None:
+        if param is None:
+            from pycaffe_mpi.proto import caffe_pb2
+
+            param = caffe_pb2.LayerParameter(name=self.type or "layer", type=self.type)
+        self.layer_param = param
+        self.name: str = param.name
+        self.phase = phase
+        self.backend = backend or backend_mod.CPU
+        self.xp = self.backend.xp
+        self.dtype = np.dtype(dtype)
+        self.rng = rng if rng is not None else np.random.default_rng(1701)
+        self.ctx = ctx
+        self.blobs = BlobVec(self.dtype, self.backend)
+        self.param_str: str = param.python_param.param_str if param.HasField("python_param") else ""
+        self.loss_weights: list[float] = []
+        self.location = ""  # "file:line" of the layer in its prototxt, set by the Net
+
+    # -- the four methods a layer overrides --------------------------------------------------
+    def setup(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
+        """Read parameters, create ``self.blobs``. Called once."""
+
+    def reshape(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
+        """Shape the tops (and internal buffers) from the bottoms."""
+        raise NotImplementedError(f"{type(self).__name__}.reshape")
+
+    def forward(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
+        raise NotImplementedError(f"{type(self).__name__}.forward")
+
+    def backward(
+        self, top: Sequence[Blob], propagate_down: Sequence[bool], bottom: Sequence[Blob]
+    ) -> None:
+        """Default: no gradient (data layers, Accuracy)."""
+
+    # -- run-time state (saved in .solverstate so a resumed run continues exactly) ---------------
+    def get_state(self) -> bytes:
+        """Opaque bytes of this layer's run-time state: by default its random generator."""
+        return json.dumps(_rng_state(self.rng)).encode()
+
+    def set_state(self, state: bytes) -> None:
+        """Restore what :meth:`get_state` returned."""
+        _set_rng_state(self.rng, json.loads(state))
+
+    # -- hooks ---------------------------------------------------------------------------------
+    def allow_force_backward(self, bottom_index: int) -> bool:
+        return True
+
+    def new_blob(self, shape: Sequence[int]) -> Blob:
+        """A fresh blob on this layer's device and dtype (for parameters or buffers)."""
+        return Blob(shape, self.dtype, self.backend)
+
+    def require(self, cond: Any, field: str, msg: str) -> None:
+        errors.require(cond, self.layer_param, field, msg, location=self.location)
+
+    def check_counts(self, n_bottom: int, n_top: int) -> None:
+        """Caffe's ``CheckBlobCounts``, with the layer named in the error."""
+        def chk(n: int, exact: int | None, lo: int | None, hi: int | None, what: str) -> None:
+            if exact is not None and n != exact:
+                raise errors.NetError(f"{errors.layer_where(self.layer_param, self.location)} takes exactly "
+                                      f"{exact} {what} blob(s), got {n}")
+            if lo is not None and n < lo:
+                raise errors.NetError(f"{errors.layer_where(self.layer_param, self.location)} takes at least "
+                                      f"{lo} {what} blob(s), got {n}")
+            if hi is not None and n > hi:
+                raise errors.NetError(f"{errors.layer_where(self.layer_param, self.location)} takes at most "
+                                      f"{hi} {what} blob(s), got {n}")
+        chk(n_bottom, self.exact_num_bottom, self.min_bottom, self.max_bottom, "bottom")
+        chk(n_top, self.exact_num_top, self.min_top, self.max_top, "top")
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name!r}>"
+
+
+def _rng_state(rng: np.random.Generator) -> dict:
+    return rng.bit_generator.state
+
+
+def _set_rng_state(rng: np.random.Generator, state: dict) -> None:
+    rng.bit_generator.state = state

@@ -1,0 +1,624 @@
+"""Net: a directed acyclic graph of layers built from a NetParameter, with pycaffe's face.
+
+Building follows Caffe's ``Net::Init``: legacy ``input`` fields become an Input layer; layers are
+filtered by the NetState (phase, level, stage) and by MPI rank; Split layers are inserted where a
+blob feeds several layers; in-place layers reuse their bottom blob; parameters named alike in
+``param { name }`` are shared; loss weights are attached; and which layers need backward is worked
+out from the losses, ``lr_mult``, ``propagate_down`` and ``force_backward``.
+
+Python face (pycaffe)::
+
+    net = pycaffe_mpi.Net("train_val.prototxt", pycaffe_mpi.TEST, weights="w.caffemodel")
+    net.blobs["data"].data[...] = images      # arrays written in place
+    out = net.forward()                       # {output name: array}
+    net.backward()
+    net.params["conv1"][0].data               # weights
+    net.save("out.caffemodel")
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+
+from pycaffe_mpi import backend as backend_mod
+from pycaffe_mpi import errors, prototxt, registry
+from pycaffe_mpi.blob import Blob
+from pycaffe_mpi.layer import TEST, TRAIN, Layer
+from pycaffe_mpi.proto import caffe_pb2
+
+log = logging.getLogger("pycaffe_mpi")
+
+
+# -- NetParameter transformations ------------------------------------------------------------
+def upgrade_input_fields(param: Any) -> None:
+    """Turn ``input`` + ``input_shape``/``input_dim`` into a leading Input layer (in place)."""
+    if not len(param.input):
+        return
+    shapes = []
+    if len(param.input_shape):
+        if len(param.input_shape) not in (1, len(param.input)):
+            raise errors.PrototxtError("input_shape must be given once or once per input")
+        shapes = list(param.input_shape)
+    elif len(param.input_dim):
+        if len(param.input_dim) != 4 * len(param.input):
+            raise errors.PrototxtError("input_dim must give 4 dimensions for each input")
+        dims = list(param.input_dim)
+        shapes = [caffe_pb2.BlobShape(dim=dims[4 * i: 4 * i + 4]) for i in range(len(param.input))]
+    layer = caffe_pb2.LayerParameter(name="input", type="Input", top=list(param.input))
+    for s in shapes:
+        layer.input_param.shape.add().CopyFrom(s)
+    layers = [layer, *list(param.layer)]
+    del param.layer[:]
+    param.layer.extend(layers)
+    del param.input[:]
+    del param.input_shape[:]
+    del param.input_dim[:]
+
+
+def state_meets_rule(state: Any, rule: Any, layer_name: str, rank: int | None = None) -> bool:
+    """Caffe's ``StateMeetsRule`` plus the MPI rank test (evaluated first)."""
+    if len(rule.mpi_rank) and (rank if rank is not None else 0) not in rule.mpi_rank:
+        return False
+    if rule.HasField("phase") and rule.phase != state.phase:
+        return False
+    if rule.HasField("min_level") and state.level < rule.min_level:
+        return False
+    if rule.HasField("max_level") and state.level > rule.max_level:
+        return False
+    stages = set(state.stage)
+    if any(s not in stages for s in rule.stage):
+        return False
+    return not any(s in stages for s in rule.not_stage)
+
+
+def filter_net(param: Any, state: Any, rank: int | None = None,
+               locations: Sequence[str] = ()) -> tuple[Any, list[str]]:
+    """The layers of ``param`` kept for ``state`` (and MPI ``rank``), with their locations."""
+    out = caffe_pb2.NetParameter()
+    out.CopyFrom(param)
+    del out.layer[:]
+    kept_locs = []
+    for i, lp in enumerate(param.layer):
+        loc = locations[i] if i < len(locations) else ""
+        if len(lp.include) and len(lp.exclude):
+            raise errors.NetError(f"{errors.layer_where(lp, loc)}: specify either include rules "
+                                  "or exclude rules; not both")
+        if len(lp.include):
+            keep = any(state_meets_rule(state, r, lp.name, rank) for r in lp.include)
+        else:
+            keep = not any(state_meets_rule(state, r, lp.name, rank) for r in lp.exclude)
+        if keep:
+            out.layer.add().CopyFrom(lp)
+            kept_locs.append(loc)
+    return out, kept_locs
+
+
+def _split_layer_name(blob: str, layer: str, idx: int) -> str:
+    return f"{blob}_{layer}_{idx}_split"
+
+
+def _split_blob_name(blob: str, layer: str, idx: int, k: int) -> str:
+    return f"{blob}_{layer}_{idx}_split_{k}"
+
+
+def insert_splits(param: Any, locations: Sequence[str] = ()) -> tuple[Any, list[str]]:
+    """Caffe's ``InsertSplits``: a Split layer after every top consumed more than once.
+
+    A top with a non-zero ``loss_weight`` counts as one extra consumer; its loss weight moves
+    to the first Split top.
+    """
+    last_top: dict[str, tuple[int, int]] = {}
+    source_of: dict[tuple[int, int], tuple[int, int]] = {}
+    consumers: collections.Counter = collections.Counter()
+    loss_w: dict[tuple[int, int], float] = {}
+    for i, lp in enumerate(param.layer):
+        loc = locations[i] if i < len(locations) else ""
+        for j, b in enumerate(lp.bottom):
+            if b not in last_top:
+                hint = errors.did_you_mean(b, last_top)
+                raise errors.NetError(f'{errors.layer_where(lp, loc)}: unknown bottom blob "{b}" '
+                                      f"(bottom index {j}){hint}")
+            source_of[(i, j)] = last_top[b]
+            consumers[last_top[b]] += 1
+        for j, t in enumerate(lp.top):
+            last_top[t] = (i, j)
+        for j, w in enumerate(lp.loss_weight):
+            loss_w[(i, j)] = w
+            if w:
+                consumers[(i, j)] += 1
+    out = caffe_pb2.NetParameter()
+    out.CopyFrom(param)
+    del out.layer[:]
+    out_locs: list[str] = []
+    next_split: collections.Counter = collections.Counter()
+    for i, lp in enumerate(param.layer):
+        loc = locations[i] if i < len(locations) else ""
+        new = out.layer.add()
+        new.CopyFrom(lp)
+        out_locs.append(loc)
+        for j, b in enumerate(lp.bottom):
+            src = source_of[(i, j)]
+            if consumers[src] > 1:
+                src_layer = param.layer[src[0]].name
+                new.bottom[j] = _split_blob_name(b, src_layer, src[1], next_split[src])
+                next_split[src] += 1
+        for j, t in enumerate(lp.top):
+            n = consumers[(i, j)]
+            if n <= 1:
+                continue
+            w = loss_w.get((i, j), 0.0)
+            split = out.layer.add(name=_split_layer_name(t, lp.name, j), type="Split", bottom=[t])
+            split.top.extend(_split_blob_name(t, lp.name, j, k) for k in range(n))
+            out_locs.append(loc)
+            if w:
+                split.loss_weight.extend([w] + [0.0] * (n - 1))
+                del new.loss_weight[:]
+    return out, out_locs
+
+
+# -- the Net -----------------------------------------------------------------------------------
+class Net:
+    """A built network for one phase (and MPI rank).
+
+    Args:
+        model: a prototxt path or a ``NetParameter``.
+        phase: ``TRAIN`` (0) or ``TEST`` (1). pycaffe's legacy form ``Net(model, weights, phase)``
+            is accepted too.
+        weights: a ``.caffemodel`` (or comma-separated list) to copy layers from, by name.
+        level, stages: the NetState level and stages.
+        backend: where arrays live (default CPU); dtype: float32 (default) or float64.
+        seed: seeds every layer's random generator (fillers, dropout, data order); None = random.
+        rank: the MPI world rank used by ``mpi_rank`` rules (0 when not under MPI).
+        ctx: run-time context passed to layers (the MPI communicator lives there).
+    """
+
+    def __init__(
+        self,
+        model: str | Any,
+        phase: int | str = TRAIN,
+        legacy_phase: int | None = None,
+        *,
+        weights: str | None = None,
+        level: int | None = None,
+        stages: Iterable[str] | None = None,
+        backend: backend_mod.Backend | None = None,
+        dtype: Any = np.float32,
+        seed: int | None = None,
+        rank: int | None = None,
+        ctx: Any = None,
+        source_path: str | None = None,
+    ) -> None:
+        if isinstance(phase, str):  # pycaffe legacy: Net(prototxt, caffemodel, phase)
+            weights, phase = phase, (TEST if legacy_phase is None else legacy_phase)
+        if phase not in (TRAIN, TEST):
+            raise errors.PycaffeError(f"phase must be TRAIN (0) or TEST (1), got {phase!r}")
+        self.backend = backend or backend_mod.CPU
+        self.dtype = np.dtype(dtype)
+        self.phase = int(phase)
+        self.ctx = ctx
+        self.rank = rank
+        if isinstance(model, (str, os.PathLike)):
+            source_path = str(model)
+            param, locations = prototxt.read_net(source_path)
+        else:
+            param = caffe_pb2.NetParameter()
+            param.CopyFrom(model)
+            locations = [f"{source_path}:layer #{i}" if source_path else "" for i in
+                         range(len(param.layer))]
+        if len(param.layers):
+            raise errors.PrototxtError(
+                f"{source_path or 'net'}: legacy V1 'layers' blocks are not supported; write "
+                "'layer' blocks with string types (Caffe's upgrade_net_proto_text does this)")
+        self.source_path = source_path
+        upgrade_input_fields(param)
+        if len(locations) < len(param.layer):  # the Input layer made from `input:`
+            locations = [""] * (len(param.layer) - len(locations)) + list(locations)
+        state = caffe_pb2.NetState()
+        state.CopyFrom(param.state)
+        state.phase = self.phase
+        if level is not None:
+            state.level = level
+        for s in stages or ():
+            state.stage.append(s)
+        filtered, locations = filter_net(param, state, rank, locations)
+        filtered, locations = insert_splits(filtered, locations)
+        self.param = filtered
+        self.name = filtered.name
+        self.debug_info = filtered.debug_info
+        self._build(filtered, locations, seed)
+        if weights:
+            for w in str(weights).split(","):
+                self.copy_trained_layers_from(w)
+
+    # -- construction -------------------------------------------------------------------------
+    def _build(self, param: Any, locations: Sequence[str], seed: int | None) -> None:
+        self.layers: list[Layer] = []
+        self.layer_names: list[str] = []
+        self.blobs: collections.OrderedDict[str, Blob] = collections.OrderedDict()
+        self.bottom_vecs: list[list[Blob]] = []
+        self.top_vecs: list[list[Blob]] = []
+        self.bottom_names: dict[str, list[str]] = {}
+        self.top_names: dict[str, list[str]] = {}
+        self.blob_loss_weights: dict[str, float] = {}
+        self._producer: dict[str, str] = {}
+        self.learnable_params: list[Blob] = []
+        self.params_lr: list[float] = []
+        self.params_weight_decay: list[float] = []
+        self._param_owner: dict[str, tuple[int, Blob, str]] = {}
+        self.params: collections.OrderedDict[str, list[Blob]] = collections.OrderedDict()
+        self.inputs: list[str] = []
+        available: dict[str, None] = {}
+        seeds = np.random.SeedSequence(seed).spawn(len(param.layer))
+        if len({lp.name for lp in param.layer}) != len(param.layer):
+            seen: set[str] = set()
+            dup = next(lp.name for lp in param.layer if lp.name in seen or seen.add(lp.name))
+            raise errors.NetError(f'duplicate layer name "{dup}": layer names must be unique')
+        for i, lp in enumerate(param.layer):
+            loc = locations[i] if i < len(locations) else ""
+            cls = registry.layer_class(lp.type, errors.layer_where(lp, loc))
+            lp.phase = self.phase
+            layer = cls(lp, phase=self.phase, backend=self.backend, dtype=self.dtype,
+                        rng=np.random.default_rng(seeds[i]), ctx=self.ctx)
+            layer.location = loc
+            for bp in lp.blobs:  # a NetParameter that carries its weights
+                from pycaffe_mpi import io
+
+                b = layer.new_blob(())
+                arr = io.blobproto_to_array(bp)
+                b.reshape(arr.shape)
+                b.data[...] = self.backend.asarray(arr, self.dtype)
+                layer.blobs.append(b)
+            bottoms = []
+            for b in lp.bottom:
+                bottoms.append(self.blobs[b])
+                available.pop(b, None)
+            tops = []
+            for j, t in enumerate(lp.top):
+                if j < len(lp.bottom) and lp.bottom[j] == t:
+                    blob = self.blobs[t]  # in-place
+                elif t in self.blobs:
+                    raise errors.NetError(f'{errors.layer_where(lp, loc)}: top blob "{t}" is '
+                                          f'already produced by layer "{self._producer[t]}"')
+                else:
+                    blob = Blob((), self.dtype, self.backend)
+                    self.blobs[t] = blob
+                self._producer[t] = lp.name
+                available[t] = None
+                tops.append(blob)
+            self._setup_layer(layer, lp, bottoms, tops)
+            if lp.type == "Input":
+                self.inputs.extend(lp.top)
+            self.layers.append(layer)
+            self.layer_names.append(lp.name)
+            self.bottom_vecs.append(bottoms)
+            self.top_vecs.append(tops)
+            self.bottom_names[lp.name] = list(lp.bottom)
+            self.top_names[lp.name] = list(lp.top)
+            self._append_params(i, layer, lp)
+        self.output_blob_names = list(available)
+        self.outputs = self.output_blob_names
+        self.layer_dict = collections.OrderedDict(zip(self.layer_names, self.layers))
+        self._work_out_backward(param)
+
+    def _describe_bottoms(self, lp: Any, bottoms: Sequence[Blob]) -> str:
+        parts = [f'"{n}" {tuple(b.shape)} from layer "{self._producer.get(n, "?")}"'
+                 for n, b in zip(lp.bottom, bottoms)]
+        return "; bottoms: " + ", ".join(parts) if parts else ""
+
+    def _setup_layer(self, layer: Layer, lp: Any, bottoms: list[Blob], tops: list[Blob]) -> None:
+        layer.check_counts(len(bottoms), len(tops))
+        try:
+            layer.setup(bottoms, tops)
+            layer.reshape(bottoms, tops)
+        except errors.PycaffeError as e:
+            raise type(e)(f"{e}{self._describe_bottoms(lp, bottoms)}") from None
+        except (ValueError, IndexError, TypeError) as e:
+            raise errors.ShapeError(f"{errors.layer_where(lp, layer.location)}: cannot set up: "
+                                    f"{e}{self._describe_bottoms(lp, bottoms)}") from e
+        if len(lp.loss_weight) and len(lp.loss_weight) != len(tops):
+            raise errors.NetError(f"{errors.layer_where(lp, layer.location)}: loss_weight must be "
+                                  f"given once per top ({len(tops)}), got {len(lp.loss_weight)}")
+        weights = list(lp.loss_weight) or [0.0] * len(tops)
+        if not len(lp.loss_weight) and layer.is_loss and tops:
+            weights[0] = 1.0
+        layer.loss_weights = weights
+        for name, w in zip(lp.top, weights):
+            self.blob_loss_weights[name] = w
+        for name in lp.top:
+            self.blob_loss_weights.setdefault(name, 0.0)
+        for t, w in zip(tops, weights):
+            if w:
+                t.diff[...] = w
+
+    def _append_params(self, i: int, layer: Layer, lp: Any) -> None:
+        if len(lp.param) > len(layer.blobs):
+            raise errors.NetError(f"{errors.layer_where(lp, layer.location)}: {len(lp.param)} "
+                                  f"param blocks given but the layer has {len(layer.blobs)} "
+                                  "parameter blobs")
+        if len(layer.blobs):
+            self.params[lp.name] = layer.blobs
+        layer.param_propagate_down = []
+        for j, blob in enumerate(layer.blobs):
+            spec = lp.param[j] if j < len(lp.param) else caffe_pb2.ParamSpec()
+            layer.param_propagate_down.append(spec.lr_mult != 0)
+            if spec.name and spec.name in self._param_owner:
+                owner_idx, owner, owner_layer = self._param_owner[spec.name]
+                strict = spec.share_mode == caffe_pb2.ParamSpec.STRICT
+                same = (tuple(owner.shape) == tuple(blob.shape) if strict
+                        else owner.count == blob.count)
+                if not same:
+                    raise errors.ShapeError(
+                        f'{errors.layer_where(lp, layer.location)}: shared param "{spec.name}" '
+                        f"has shape {tuple(blob.shape)} here but {tuple(owner.shape)} in its "
+                        f'owner layer "{owner_layer}"')
+                if not strict:
+                    blob.reshape(owner.shape)
+                blob.share(owner)
+                if spec.HasField("lr_mult") and spec.lr_mult != self.params_lr[owner_idx]:
+                    raise errors.NetError(f'shared param "{spec.name}" has lr_mult {spec.lr_mult}'
+                                          f" in layer {lp.name} but {self.params_lr[owner_idx]}"
+                                          f' in "{owner_layer}"')
+                continue
+            idx = len(self.learnable_params)
+            self.learnable_params.append(blob)
+            self.params_lr.append(spec.lr_mult)
+            self.params_weight_decay.append(spec.decay_mult)
+            if spec.name:
+                self._param_owner[spec.name] = (idx, blob, lp.name)
+
+    def _work_out_backward(self, param: Any) -> None:
+        """Caffe's need-backward analysis: which layers and bottoms take gradients."""
+        n = len(self.layers)
+        need_blob: dict[str, bool] = {}
+        self.layer_need_backward = [False] * n
+        self.bottom_need_backward: list[list[bool]] = []
+        for i, (layer, lp) in enumerate(zip(self.layers, param.layer)):
+            pdown = list(lp.propagate_down)
+            if pdown and len(pdown) != len(lp.bottom):
+                raise errors.NetError(f"{errors.layer_where(lp, layer.location)}: propagate_down "
+                                      f"must be given once per bottom ({len(lp.bottom)})")
+            bneed = [need_blob.get(b, False) and (not pdown or pdown[j])
+                     for j, b in enumerate(lp.bottom)]
+            need = any(bneed) or any(getattr(layer, "param_propagate_down", []))
+            self.layer_need_backward[i] = need
+            self.bottom_need_backward.append(bneed)
+            for t in lp.top:
+                need_blob[t] = need
+        under_loss: set[str] = set()
+        skip_backp: set[str] = set()
+        for i in range(n - 1, -1, -1):
+            lp, layer = param.layer[i], self.layers[i]
+            contributes = False
+            skip_down = True
+            for j, t in enumerate(lp.top):
+                if layer.loss_weights[j] != 0 or t in under_loss:
+                    contributes = True
+                if t not in skip_backp:
+                    skip_down = False
+            if self.layer_need_backward[i] and skip_down:
+                self.layer_need_backward[i] = False
+                self.bottom_need_backward[i] = [False] * len(lp.bottom)
+            if not contributes:
+                self.layer_need_backward[i] = False
+            for j, b in enumerate(lp.bottom):
+                if contributes:
+                    under_loss.add(b)
+                else:
+                    self.bottom_need_backward[i][j] = False
+                if not self.bottom_need_backward[i][j]:
+                    skip_backp.add(b)
+        if param.force_backward:
+            for i, layer in enumerate(self.layers):
+                self.layer_need_backward[i] = True
+                pdown = list(param.layer[i].propagate_down)
+                self.bottom_need_backward[i] = [
+                    need or (layer.allow_force_backward(j) and (not pdown or pdown[j]))
+                    for j, need in enumerate(self.bottom_need_backward[i])]
+        for i, name in enumerate(self.layer_names):
+            if not self.layer_need_backward[i]:
+                log.debug("%s does not need backward computation.", name)
+
+    # -- running ------------------------------------------------------------------------------
+    def _index(self, name: str | int | None, default: int) -> int:
+        if name is None:
+            return default
+        if isinstance(name, int):
+            return name
+        if name not in self.layer_dict:
+            raise errors.NetError(f'no layer named "{name}"{errors.did_you_mean(name, self.layer_names)}')
+        return self.layer_names.index(name)
+
+    def forward_from_to(self, start: int, end: int) -> float:
+        """Run layers ``start..end`` (inclusive); return their loss contribution."""
+        loss = 0.0
+        for i in range(start, end + 1):
+            layer, bottom, top = self.layers[i], self.bottom_vecs[i], self.top_vecs[i]
+            layer.reshape(bottom, top)
+            layer.forward(bottom, top)
+            for t, w in zip(top, layer.loss_weights):
+                if w:
+                    loss += w * float(t.data.sum())
+                    t.diff[...] = w
+            if self.debug_info:
+                self._debug("Forward", i, top, "data")
+        return loss
+
+    def backward_from_to(self, start: int, end: int) -> None:
+        """Back-propagate from layer ``start`` down to layer ``end`` (start >= end)."""
+        for i in range(start, end - 1, -1):
+            if self.layer_need_backward[i]:
+                self.layers[i].backward(self.top_vecs[i], self.bottom_need_backward[i],
+                                        self.bottom_vecs[i])
+                if self.debug_info:
+                    self._debug("Backward", i, self.bottom_vecs[i], "diff")
+
+    def _debug(self, what: str, i: int, blobs: Sequence[Blob], field: str) -> None:
+        names = self.top_names if what == "Forward" else self.bottom_names
+        for name, b in zip(names[self.layer_names[i]], blobs):
+            arr = b.data if field == "data" else b.diff
+            val = float(abs(arr).mean()) if b.count else 0.0
+            log.info("    [%s] Layer %s, %s blob %s %s: %g", what, self.layer_names[i],
+                     "top" if what == "Forward" else "bottom", name, field, val)
+        for j, p in enumerate(self.layers[i].blobs):
+            arr = p.data if what == "Forward" else p.diff
+            log.info("    [%s] Layer %s, param blob %d %s: %g", what, self.layer_names[i], j,
+                     field, float(abs(arr).mean()) if p.count else 0.0)
+
+    def forward_loss(self) -> float:
+        """Forward through every layer; return the total loss."""
+        return self.forward_from_to(0, len(self.layers) - 1)
+
+    def backward_all(self) -> None:
+        self.backward_from_to(len(self.layers) - 1, 0)
+
+    def forward_backward(self) -> float:
+        loss = self.forward_loss()
+        self.backward_all()
+        return loss
+
+    def forward(self, blobs: Sequence[str] | None = None, start: str | None = None,
+                end: str | None = None, **inputs: Any) -> dict[str, Any]:
+        """pycaffe's forward: set ``inputs``, run ``start..end``, return the output arrays."""
+        for name, arr in inputs.items():
+            if name not in self.inputs:
+                raise errors.NetError(f'"{name}" is not an input blob of this net '
+                                      f"(inputs: {self.inputs})")
+            self.blobs[name].reshape(np.shape(arr))
+            self.blobs[name].data[...] = self.backend.asarray(arr, self.dtype)
+        s = self._index(start, 0)
+        e = self._index(end, len(self.layers) - 1)
+        self.forward_from_to(s, e)
+        names = list(self.top_names[self.layer_names[e]]) if end is not None \
+            else list(self.output_blob_names)
+        names += [b for b in blobs or () if b not in names]
+        return {n: self.blobs[n].data for n in names}
+
+    def backward(self, diffs: Sequence[str] | None = None, start: str | None = None,
+                 end: str | None = None, **top_diffs: Any) -> dict[str, Any]:
+        """pycaffe's backward: set output diffs, run ``start..end``, return the input diffs."""
+        for name, arr in top_diffs.items():
+            if name not in self.output_blob_names:
+                raise errors.NetError(f'"{name}" is not an output blob of this net')
+            self.blobs[name].diff[...] = self.backend.asarray(arr, self.dtype)
+        s = self._index(start, len(self.layers) - 1)
+        e = self._index(end, 0)
+        self.backward_from_to(s, e)
+        names = list(self.bottom_names[self.layer_names[e]]) if end is not None \
+            else list(self.inputs)
+        names += [d for d in diffs or () if d not in names]
+        return {n: self.blobs[n].diff for n in names}
+
+    def reshape(self) -> None:
+        for layer, b, t in zip(self.layers, self.bottom_vecs, self.top_vecs):
+            layer.reshape(b, t)
+
+    def clear_param_diffs(self) -> None:
+        for p in self.learnable_params:
+            p.diff[...] = 0
+
+    # -- weights ------------------------------------------------------------------------------
+    def share_trained_layers_with(self, other: Net) -> None:
+        """Use ``other``'s parameter blobs for layers of the same name (test nets do this)."""
+        for name, layer in zip(self.layer_names, self.layers):
+            if name not in other.layer_dict:
+                continue
+            src = other.layer_dict[name]
+            if len(src.blobs) != len(layer.blobs):
+                raise errors.NetError(f'layer "{name}": {len(src.blobs)} blobs in the source '
+                                      f"net, {len(layer.blobs)} here")
+            for j, (dst, s) in enumerate(zip(layer.blobs, src.blobs)):
+                if tuple(dst.shape) != tuple(s.shape):
+                    raise errors.ShapeError(f'layer "{name}" param {j}: shape {tuple(s.shape)} '
+                                            f"in the source net, {tuple(dst.shape)} here")
+                dst.share(s)
+
+    def copy_trained_layers_from(self, source: str | Any) -> None:
+        """Caffe's ``CopyTrainedLayersFrom``: copy parameter blobs by layer name."""
+        from pycaffe_mpi import io
+
+        if isinstance(source, (str, os.PathLike)):
+            path = str(source)
+            if path.endswith(".h5"):
+                raise errors.SnapshotError(f"{path}: HDF5 weights are not supported; use a "
+                                           "binary .caffemodel")
+            src = io.read_proto_binary(path, caffe_pb2.NetParameter())
+        else:
+            path, src = "<NetParameter>", source
+        src_layers = list(src.layer) or list(src.layers)
+        for sl in src_layers:
+            if sl.name not in self.layer_dict:
+                log.info("Ignoring source layer %s", sl.name)
+                continue
+            layer = self.layer_dict[sl.name]
+            log.debug("Copying source layer %s", sl.name)
+            if len(sl.blobs) != len(layer.blobs):
+                raise errors.SnapshotError(
+                    f'{path}: incompatible number of blobs for layer "{sl.name}": '
+                    f"{len(sl.blobs)} in the file, {len(layer.blobs)} in the net")
+            for j, (bp, blob) in enumerate(zip(sl.blobs, layer.blobs)):
+                arr = io.blobproto_to_array(bp)
+                if tuple(arr.shape) != tuple(blob.shape):
+                    legacy = arr.size == blob.count and _legacy_shape(arr.shape) == \
+                        _legacy_shape(blob.shape)
+                    if not legacy:
+                        raise errors.ShapeError(
+                            f'{path}: cannot copy param {j} weights from layer "{sl.name}"; '
+                            f"shape mismatch. Source param shape is {tuple(arr.shape)}; target "
+                            f"param shape is {tuple(blob.shape)}. To learn this layer's "
+                            "parameters from scratch rather than copying from a saved net, "
+                            "rename the layer.")
+                    arr = arr.reshape(blob.shape)
+                blob.data[...] = self.backend.asarray(arr, self.dtype)
+
+    copy_from = copy_trained_layers_from
+
+    def to_proto(self, write_diff: bool = False) -> Any:
+        """The net as a NetParameter with each layer's blobs (a .caffemodel's content)."""
+        from pycaffe_mpi import io
+
+        out = caffe_pb2.NetParameter(name=self.name)
+        for lp, layer in zip(self.param.layer, self.layers):
+            dst = out.layer.add()
+            dst.CopyFrom(lp)
+            del dst.blobs[:]
+            for b in layer.blobs:
+                diff = self.backend.to_host(b.diff) if write_diff else None
+                dst.blobs.add().CopyFrom(io.array_to_blobproto(self.backend.to_host(b.data), diff))
+        return out
+
+    def save(self, path: str) -> None:
+        """Write the weights as a binary .caffemodel (atomically)."""
+        from pycaffe_mpi import io
+
+        io.write_proto_binary(path, self.to_proto())
+
+    # -- run-time state -----------------------------------------------------------------------
+    def get_layer_states(self) -> list[tuple[str, bytes]]:
+        return [(n, layer.get_state()) for n, layer in zip(self.layer_names, self.layers)]
+
+    def set_layer_states(self, states: Iterable[tuple[str, bytes]]) -> None:
+        for name, state in states:
+            if name in self.layer_dict:
+                self.layer_dict[name].set_state(state)
+
+    def close(self) -> None:
+        """Stop background work (data prefetch threads)."""
+        for layer in self.layers:
+            closer = getattr(layer, "close", None)
+            if callable(closer):
+                closer()
+
+    def __repr__(self) -> str:
+        return f"<Net {self.name!r} phase={'TRAIN' if self.phase == TRAIN else 'TEST'} " \
+               f"layers={len(self.layers)}>"
+
+
+def _legacy_shape(shape: Sequence[int]) -> tuple[int, ...]:
+    s = tuple(shape)
+    return (1,) * (4 - len(s)) + s if len(s) <= 4 else s

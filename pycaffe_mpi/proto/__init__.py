@@ -1,0 +1,1 @@
+"""Generated protobuf bindings for the Caffe-compatible schema in proto/caffe.proto."""

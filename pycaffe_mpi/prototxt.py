@@ -1,0 +1,106 @@
+"""Reading net and solver prototxt files with errors that point at the mistake.
+
+A text-format mistake becomes a :class:`~pycaffe_mpi.errors.PrototxtError` naming the file, line
+and column, the enclosing layer when there is one, and the nearest valid field name.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Any
+
+from google.protobuf import descriptor_pool, text_format
+
+from pycaffe_mpi import errors
+from pycaffe_mpi.proto import caffe_pb2
+
+_TOKEN = re.compile(r"#[^\n]*|\"(?:[^\"\\\n]|\\.)*\"|'(?:[^'\\\n]|\\.)*'|[{}<>]|[A-Za-z_][\w.]*")
+_NO_FIELD = re.compile(r'Message type "([\w.]+)" has no field named "(\w+)"')
+_NO_ENUM = re.compile(r'Enum type "([\w.]+)" has no value named (\w+)')
+
+
+def layer_lines(text: str) -> list[int]:
+    """1-based line numbers of each top-level ``layer``/``layers`` block, in order."""
+    lines, depth = [], 0
+    for m in _TOKEN.finditer(text):
+        tok = m.group(0)
+        if tok in ("{", "<"):
+            depth += 1
+        elif tok in ("}", ">"):
+            depth -= 1
+        elif depth == 0 and tok in ("layer", "layers"):
+            lines.append(text.count("\n", 0, m.start()) + 1)
+    return lines
+
+
+def _hint(msg: str) -> str:
+    m = _NO_FIELD.search(msg)
+    if m:
+        try:
+            desc = descriptor_pool.Default().FindMessageTypeByName(m.group(1))
+            return errors.did_you_mean(m.group(2), [f.name for f in desc.fields])
+        except KeyError:
+            return ""
+    m = _NO_ENUM.search(msg)
+    if m:
+        try:
+            desc = descriptor_pool.Default().FindEnumTypeByName(m.group(1))
+            return errors.did_you_mean(m.group(2), [v.name for v in desc.values])
+        except KeyError:
+            return ""
+    return ""
+
+
+def parse_text(text: str, message: Any, path: str = "<string>") -> Any:
+    """Merge prototxt ``text`` into ``message``; a mistake raises a located PrototxtError."""
+    try:
+        text_format.Merge(text, message)
+    except text_format.ParseError as e:
+        line = getattr(e, "GetLine", lambda: None)()
+        col = getattr(e, "GetColumn", lambda: None)()
+        msg = str(e)
+        # drop protobuf's own "line:col : " prefix; we print ours
+        msg = re.sub(r"^\d+:\d+\s*:\s*", "", msg)
+        where = f"{path}:{line}:{col}" if line else path
+        layer = ""
+        if line:
+            starts = layer_lines(text)
+            idx = sum(1 for s in starts if s <= line) - 1
+            if idx >= 0:
+                name = _layer_name_near(text, starts[idx])
+                layer = f' (in layer #{idx}{f" {name!r}" if name else ""})'
+        raise errors.PrototxtError(f"{where}{layer}: {msg}{_hint(msg)}") from None
+    return message
+
+
+def _layer_name_near(text: str, line: int) -> str:
+    block = "\n".join(text.splitlines()[line - 1: line + 40])
+    m = re.search(r"\bname\s*:\s*[\"']([^\"']*)[\"']", block)
+    return m.group(1) if m else ""
+
+
+def read_text(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except OSError as e:
+        raise errors.PrototxtError(f"cannot read {path}: {e.strerror}") from None
+
+
+def read_net(path: str) -> tuple[Any, list[str]]:
+    """Parse a net prototxt; returns (NetParameter, per-layer "file:line" locations)."""
+    text = read_text(path)
+    param = parse_text(text, caffe_pb2.NetParameter(), path)
+    return param, [f"{path}:{n}" for n in layer_lines(text)]
+
+
+def read_solver(path: str) -> Any:
+    """Parse a solver prototxt into a SolverParameter."""
+    return parse_text(read_text(path), caffe_pb2.SolverParameter(), path)
+
+
+def is_binary_net(path: str) -> bool:
+    """True for a binary NetParameter (.caffemodel), judged by content like Caffe does."""
+    ext = os.path.splitext(path)[1].lower()
+    return ext in (".caffemodel", ".binaryproto", ".pb")

@@ -1,0 +1,66 @@
+"""The layer registry: ``@register_layer("Type")`` maps a prototxt ``type`` to a class."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+
+from pycaffe_mpi import errors
+
+_LAYERS: dict[str, type] = {}
+
+# Modules that register the built-in layer families (imported on first lookup).
+_FAMILIES = (
+    "pycaffe_mpi.layers.common",
+    "pycaffe_mpi.layers.neuron",
+    "pycaffe_mpi.layers.vision",
+    "pycaffe_mpi.layers.loss",
+    "pycaffe_mpi.layers.data",
+    "pycaffe_mpi.layers.python",
+)
+_loaded = False
+
+
+def register_layer(type_name: str) -> Callable[[type], type]:
+    """Class decorator registering a layer class under its prototxt ``type`` string.
+
+    Registering the same name twice is an error (Caffe's "Layer type X already registered").
+    """
+
+    def deco(cls: type) -> type:
+        if type_name in _LAYERS and _LAYERS[type_name] is not cls:
+            raise ValueError(f'layer type "{type_name}" already registered by {_LAYERS[type_name]}')
+        cls.type = type_name
+        _LAYERS[type_name] = cls
+        return cls
+
+    return deco
+
+
+def _load_builtin() -> None:
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
+    for mod in _FAMILIES:
+        try:
+            importlib.import_module(mod)
+        except ModuleNotFoundError as e:  # a family not written yet
+            if e.name != mod:
+                raise
+
+
+def layer_class(type_name: str, where: str = "") -> type:
+    """The class registered for ``type_name``; a clear error with a suggestion otherwise."""
+    _load_builtin()
+    if type_name not in _LAYERS:
+        hint = errors.did_you_mean(type_name, _LAYERS)
+        prefix = f"{where}: " if where else ""
+        raise errors.NetError(f'{prefix}unknown layer type "{type_name}"{hint}')
+    return _LAYERS[type_name]
+
+
+def layer_type_list() -> list[str]:
+    """Sorted names of every registered layer type (pycaffe's ``caffe.layer_type_list()``)."""
+    _load_builtin()
+    return sorted(_LAYERS)
