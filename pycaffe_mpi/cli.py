@@ -1,0 +1,287 @@
+"""``pycaffe-mpi``: Caffe's command-line tool (``caffe train|test|time|device_query``).
+
+Flags keep Caffe's names and defaults; ``--flag value``, ``--flag=value`` and gflags' single-dash
+``-flag value`` all work. A mistake in a prototxt or a flag prints one ``error:`` line and exits 1,
+never a traceback.
+
+Environment variables read: none beyond what NumPy/OpenBLAS and MPI read themselves.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from pycaffe_mpi import backend as backend_mod
+from pycaffe_mpi import errors
+from pycaffe_mpi import log as log_mod
+from pycaffe_mpi.layer import TEST, TRAIN
+
+log = logging.getLogger("pycaffe_mpi")
+
+COMMANDS = ("train", "test", "time", "device_query")
+_EFFECTS = ("stop", "snapshot", "none")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="pycaffe-mpi",
+        description="Caffe-compatible training and testing. Commands: train (train or finetune "
+                    "a model), test (score a model), time (benchmark a model's execution time), "
+                    "device_query (show device information).",
+    )
+    p.add_argument("command", choices=COMMANDS, help="what to do")
+    p.add_argument("--solver", default="", help="the solver prototxt (train)")
+    p.add_argument("--model", default="", help="the net prototxt (test, time)")
+    p.add_argument("--phase", default="", help="TRAIN or TEST: the net phase for `time` "
+                   "(default TRAIN) and `test` (default TEST)")
+    p.add_argument("--level", type=int, default=0, help="the NetState level")
+    p.add_argument("--stage", default="", help="comma-separated NetState stages")
+    p.add_argument("--snapshot", default="", help="a .solverstate to resume training from")
+    p.add_argument("--weights", default="", help="comma-separated .caffemodel files to finetune "
+                   "from (train) or to test; exclusive with --snapshot")
+    p.add_argument("--gpu", default="", help="a GPU id to run on (overrides solver_mode); "
+                   "empty means the CPU unless the solver says GPU")
+    p.add_argument("--iterations", type=int, default=50, help="batches for test and time")
+    p.add_argument("--sigint_effect", default="stop", choices=_EFFECTS,
+                   help="what Ctrl-C does while training (default stop)")
+    p.add_argument("--sighup_effect", default="snapshot", choices=_EFFECTS,
+                   help="what SIGHUP does while training (default snapshot)")
+    p.add_argument("--log_level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
+    return p
+
+
+def normalise_argv(argv: Sequence[str]) -> list[str]:
+    """gflags accepts ``-solver x``; argparse wants ``--solver x``."""
+    names = {a.dest for a in build_parser()._actions if a.option_strings}
+    out = []
+    for a in argv:
+        if a.startswith("-") and not a.startswith("--"):
+            key = a[1:].split("=", 1)[0]
+            if key in names:
+                a = "-" + a
+        out.append(a)
+    return out
+
+
+def _phase(name: str, default: int) -> int:
+    if not name:
+        return default
+    if name.upper() not in ("TRAIN", "TEST"):
+        raise errors.PycaffeError(f'--phase must be TRAIN or TEST, got "{name}"')
+    return TRAIN if name.upper() == "TRAIN" else TEST
+
+
+def choose_backend(gpu_flag: str, solver_param: Any = None) -> backend_mod.Backend:
+    """--gpu wins; else the solver's solver_mode/device_id; GPU in a file on a CPU-only machine
+    falls back to the CPU with a warning (so unchanged BVLC solvers run here)."""
+    if gpu_flag:
+        ids = gpu_flag.split(",")
+        if gpu_flag == "all" or len(ids) > 1:
+            raise errors.PycaffeError("one process drives one GPU: give a single --gpu id (use "
+                                      "mpiexec with one id per rank for more)")
+        try:
+            dev = int(ids[0])
+        except ValueError:
+            raise errors.PycaffeError(f'--gpu expects a device id, got "{gpu_flag}"') from None
+        return backend_mod.Backend("gpu", dev)
+    if solver_param is not None and solver_param.solver_mode == 1:  # GPU
+        if backend_mod.gpu_available():
+            return backend_mod.Backend("gpu", solver_param.device_id)
+        log.warning("solver_mode is GPU but no usable GPU/CuPy was found; running on the CPU")
+    return backend_mod.CPU
+
+
+def _install_signal_actions(solver: Any, sigint: str, sighup: str) -> None:
+    pending: list[str] = []
+
+    def handler(effect: str) -> Any:
+        def on_signal(signum: int, frame: Any) -> None:
+            pending.append(effect)
+        return on_signal
+
+    signal.signal(signal.SIGINT, handler(sigint))
+    if hasattr(signal, "SIGHUP"):
+        signal.signal(signal.SIGHUP, handler(sighup))
+
+    def action() -> str:
+        return pending.pop(0) if pending else "none"
+
+    solver.set_action_function(action)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from pycaffe_mpi import prototxt, solvers
+
+    if not args.solver:
+        raise errors.PycaffeError("train needs --solver (a solver prototxt)")
+    if args.snapshot and args.weights:
+        raise errors.PycaffeError("give a snapshot to resume training or weights to finetune, "
+                                  "but not both")
+    param = prototxt.read_solver(args.solver)
+    stages = [s for s in args.stage.split(",") if s]
+    if stages or args.level:
+        param.train_state.level = args.level
+        param.train_state.stage.extend(stages)
+    backend = choose_backend(args.gpu, param)
+    log.info("Using %s", "GPU %d" % backend.device_id if backend.is_gpu else "CPU")
+    solver = solvers.Solver(param, backend=backend, source_path=args.solver)
+    _install_signal_actions(solver, args.sigint_effect, args.sighup_effect)
+    if args.weights:
+        for w in args.weights.split(","):
+            log.info("Finetuning from %s", w)
+            solver.net.copy_trained_layers_from(w)
+            for tn in solver.test_nets:
+                tn.copy_trained_layers_from(w)
+    log.info("Starting Optimization")
+    try:
+        solver.solve(args.snapshot or None)
+    finally:
+        solver.close()
+    return 0
+
+
+def cmd_test(args: argparse.Namespace) -> int:
+    from pycaffe_mpi.net import Net
+
+    if not args.model:
+        raise errors.PycaffeError("test needs --model (a net prototxt)")
+    if not args.weights:
+        log.warning("no --weights given: testing a net with its initial weights")
+    backend = choose_backend(args.gpu)
+    stages = [s for s in args.stage.split(",") if s]
+    net = Net(args.model, _phase(args.phase, TEST), weights=args.weights or None,
+              level=args.level, stages=stages, backend=backend)
+    log.info("Running for %d iterations.", args.iterations)
+    sums: list[float] = []
+    names: list[tuple[str, int]] = []
+    total_loss = 0.0
+    try:
+        for i in range(args.iterations):
+            loss = net.forward_loss()
+            total_loss += loss
+            k = 0
+            for name in net.output_blob_names:
+                vals = np.asarray(backend.to_host(net.blobs[name].data), np.float64).ravel()
+                for j, v in enumerate(vals):
+                    if i == 0:
+                        sums.append(0.0)
+                        names.append((name, j))
+                    sums[k] += float(v)
+                    log.info("Batch %d, %s = %g", i, name, v)
+                    k += 1
+    finally:
+        net.close()
+    log.info("Loss: %g", total_loss / max(args.iterations, 1))
+    for (name, _), s in zip(names, sums):
+        mean = s / max(args.iterations, 1)
+        w = net.blob_loss_weights.get(name, 0.0)
+        extra = f" (* {w:g} = {w * mean:g} loss)" if w else ""
+        log.info("%s = %g%s", name, mean, extra)
+    return 0
+
+
+def cmd_time(args: argparse.Namespace) -> int:
+    from pycaffe_mpi.net import Net
+
+    if not args.model:
+        raise errors.PycaffeError("time needs --model (a net prototxt)")
+    backend = choose_backend(args.gpu)
+    stages = [s for s in args.stage.split(",") if s]
+    net = Net(args.model, _phase(args.phase, TRAIN), level=args.level, stages=stages,
+              backend=backend)
+    sync = backend.synchronize
+    try:
+        log.info("Performing Forward")
+        loss = net.forward_loss()
+        log.info("Initial loss: %g", loss)
+        log.info("Performing Backward")
+        net.backward_all()
+        n = len(net.layers)
+        fwd_t = np.zeros(n)
+        bwd_t = np.zeros(n)
+        fwd_total = bwd_total = 0.0
+        t_all = time.perf_counter()
+        for it in range(args.iterations):
+            t_iter = time.perf_counter()
+            t0 = time.perf_counter()
+            for i in range(n):
+                t = time.perf_counter()
+                net.forward_from_to(i, i)
+                sync()
+                fwd_t[i] += time.perf_counter() - t
+            fwd_total += time.perf_counter() - t0
+            t0 = time.perf_counter()
+            for i in range(n - 1, -1, -1):
+                t = time.perf_counter()
+                net.backward_from_to(i, i)
+                sync()
+                bwd_t[i] += time.perf_counter() - t
+            bwd_total += time.perf_counter() - t0
+            log.info("Iteration: %d forward-backward time: %.3f ms.", it + 1,
+                     (time.perf_counter() - t_iter) * 1e3)
+        total = time.perf_counter() - t_all
+    finally:
+        net.close()
+    iters = max(args.iterations, 1)
+    log.info("Average time per layer: ")
+    for i, name in enumerate(net.layer_names):
+        log.info("%10s\tforward: %.5g ms.", name, fwd_t[i] * 1e3 / iters)
+        log.info("%10s\tbackward: %.5g ms.", name, bwd_t[i] * 1e3 / iters)
+    log.info("Average Forward pass: %.5g ms.", fwd_total * 1e3 / iters)
+    log.info("Average Backward pass: %.5g ms.", bwd_total * 1e3 / iters)
+    log.info("Average Forward-Backward: %.5g ms.", total * 1e3 / iters)
+    log.info("Total Time: %.5g ms.", total * 1e3)
+    log.info("*** Benchmark ends ***")
+    return 0
+
+
+def cmd_device_query(args: argparse.Namespace) -> int:
+    log.info("CPU: NumPy %s", np.__version__)
+    n = backend_mod.gpu_count()
+    if not n:
+        log.info("No CUDA device available (install the 'gpu' extra and a driver to use one).")
+        if args.gpu:
+            raise errors.PycaffeError(f"--gpu {args.gpu}: no CUDA device available")
+        return 0
+    ids = range(n) if not args.gpu or args.gpu == "all" else [int(g) for g in args.gpu.split(",")]
+    for d in ids:
+        log.info("Querying GPU %d", d)
+        for k, v in backend_mod.device_properties(d).items():
+            log.info("%s: %s", k, v)
+    return 0
+
+
+_DISPATCH = {"train": cmd_train, "test": cmd_test, "time": cmd_time,
+             "device_query": cmd_device_query}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``pycaffe-mpi`` console script."""
+    argv = normalise_argv(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    level = getattr(logging, args.log_level.upper(), None)
+    if not isinstance(level, int):
+        print(f'error: --log_level "{args.log_level}" is not a level', file=sys.stderr)
+        return 2
+    log_mod.setup(level=level)
+    try:
+        return _DISPATCH[args.command](args)
+    except errors.PycaffeError as e:
+        log.error("%s", e)
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
