@@ -131,7 +131,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         param.train_state.level = args.level
         param.train_state.stage.extend(stages)
     backend = choose_backend(args.gpu, param)
-    log.info("Using %s", "GPU %d" % backend.device_id if backend.is_gpu else "CPU")
+    log.info("Using %s", f"GPU {backend.device_id}" if backend.is_gpu else "CPU")
     solver = solvers.Solver(param, backend=backend, source_path=args.solver)
     _install_signal_actions(solver, args.sigint_effect, args.sighup_effect)
     if args.weights:

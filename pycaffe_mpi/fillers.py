@@ -60,7 +60,8 @@ def fill(filler: Any, shape: Sequence[int], rng: np.random.Generator,
         out = rng.normal(0.0, np.sqrt(2.0 / _fan_n(shape, filler.variance_norm)), shape)
     elif kind == "bilinear":
         if len(shape) != 4 or shape[2] != shape[3]:
-            raise errors.NetError(f"bilinear filler needs a 4-D blob with square kernels, got {shape}")
+            raise errors.NetError(
+                f"bilinear filler needs a 4-D blob with square kernels, got {shape}")
         k = shape[3]
         f = np.ceil(k / 2.0)
         c = (k - 1) / (2.0 * f)

@@ -110,16 +110,15 @@ class Layer:
 
     def check_counts(self, n_bottom: int, n_top: int) -> None:
         """Caffe's ``CheckBlobCounts``, with the layer named in the error."""
+        where = errors.layer_where(self.layer_param, self.location)
+
         def chk(n: int, exact: int | None, lo: int | None, hi: int | None, what: str) -> None:
             if exact is not None and n != exact:
-                raise errors.NetError(f"{errors.layer_where(self.layer_param, self.location)} takes exactly "
-                                      f"{exact} {what} blob(s), got {n}")
+                raise errors.NetError(f"{where} takes exactly {exact} {what} blob(s), got {n}")
             if lo is not None and n < lo:
-                raise errors.NetError(f"{errors.layer_where(self.layer_param, self.location)} takes at least "
-                                      f"{lo} {what} blob(s), got {n}")
+                raise errors.NetError(f"{where} takes at least {lo} {what} blob(s), got {n}")
             if hi is not None and n > hi:
-                raise errors.NetError(f"{errors.layer_where(self.layer_param, self.location)} takes at most "
-                                      f"{hi} {what} blob(s), got {n}")
+                raise errors.NetError(f"{where} takes at most {hi} {what} blob(s), got {n}")
         chk(n_bottom, self.exact_num_bottom, self.min_bottom, self.max_bottom, "bottom")
         chk(n_top, self.exact_num_top, self.min_top, self.max_top, "top")
 

@@ -431,7 +431,8 @@ class Net:
         if isinstance(name, int):
             return name
         if name not in self.layer_dict:
-            raise errors.NetError(f'no layer named "{name}"{errors.did_you_mean(name, self.layer_names)}')
+            hint = errors.did_you_mean(name, self.layer_names)
+            raise errors.NetError(f'no layer named "{name}"{hint}')
         return self.layer_names.index(name)
 
     def forward_from_to(self, start: int, end: int) -> float:

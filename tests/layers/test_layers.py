@@ -11,6 +11,7 @@ from pycaffe_mpi.testing.layer_cases import build_layer, make_bottoms
 
 CASES = layer_cases.all_cases()
 IDS = [c.test_id for c in CASES]
+GRAD_CASES = [c for c in CASES if c.grad]
 
 
 def _reseeder(case, layer, seed=7):
@@ -57,8 +58,8 @@ def test_forward_matches_reference(case):
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_forward_float32_close_to_float64(case):
     bottoms = make_bottoms(case.bottoms, np.random.default_rng(0))
-    l64, _, t64 = _run(case, bottoms, np.float64)
-    l32, _, t32 = _run(case, bottoms, np.float32)
+    _, _, t64 = _run(case, bottoms, np.float64)
+    _, _, t32 = _run(case, bottoms, np.float32)
     for a, b in zip(t32, t64):
         assert a.data.dtype == np.float32
         np.testing.assert_allclose(a.data, b.data, rtol=2e-3, atol=2e-4)
@@ -70,7 +71,7 @@ def _grad_bottoms(case, layer, n):
     return [i for i in range(n) if layer.allow_force_backward(i)]
 
 
-@pytest.mark.parametrize("case", [c for c in CASES if c.grad], ids=[c.test_id for c in CASES if c.grad])
+@pytest.mark.parametrize("case", GRAD_CASES, ids=[c.test_id for c in GRAD_CASES])
 def test_gradient(case):
     bottoms = make_bottoms(case.bottoms, np.random.default_rng(0))
     layer, bb, tb = build_layer(case, bottoms)
@@ -80,7 +81,7 @@ def test_gradient(case):
     assert not fails, "\n".join(fails)
 
 
-@pytest.mark.parametrize("case", [c for c in CASES if c.grad], ids=[c.test_id for c in CASES if c.grad])
+@pytest.mark.parametrize("case", GRAD_CASES, ids=[c.test_id for c in GRAD_CASES])
 def test_propagate_down_and_param_accumulation(case):
     bottoms = make_bottoms(case.bottoms, np.random.default_rng(0))
     layer, bb, tb = _run(case, bottoms)

@@ -65,7 +65,8 @@ def test_filter_include_exclude():
 
 
 def test_include_and_exclude_together_is_an_error():
-    p = netparam("layer { name: 'x' type: 'Input' include { phase: TRAIN } exclude { min_level: 1 } }")
+    p = netparam("layer { name: 'x' type: 'Input' include { phase: TRAIN } "
+                 "exclude { min_level: 1 } }")
     with pytest.raises(errors.NetError, match="not both"):
         filter_net(p, state(0))
 
@@ -111,7 +112,8 @@ def test_unknown_bottom_names_layer_and_suggests():
 # -- building and running -----------------------------------------------------------------------
 TINY = """
 name: 'tiny'
-layer { name: 'in' type: 'Input' top: 'x' top: 'y' input_param { shape { dim: 4 dim: 3 } shape { dim: 4 dim: 2 } } }
+layer { name: 'in' type: 'Input' top: 'x' top: 'y'
+        input_param { shape { dim: 4 dim: 3 } shape { dim: 4 dim: 2 } } }
 layer { name: 'ip' type: 'InnerProduct' bottom: 'x' top: 'h'
         inner_product_param { num_output: 2 weight_filler { type: 'gaussian' std: 0.5 }
                               bias_filler { type: 'constant' value: 0.1 } } }
@@ -203,8 +205,8 @@ def test_weight_sharing_shares_data_and_accumulates_diff():
 
 
 def test_shared_param_shape_mismatch_names_both_layers():
-    bad = SHARED.replace("num_output: 3 weight_filler { type: 'gaussian' } } }\nlayer { name: 'loss'",
-                         "num_output: 4 weight_filler { type: 'gaussian' } } }\nlayer { name: 'loss'")
+    tail = " weight_filler { type: 'gaussian' } } }\nlayer { name: 'loss'"
+    bad = SHARED.replace("num_output: 3" + tail, "num_output: 4" + tail)
     with pytest.raises(errors.ShapeError, match=r'layer "b".*"w".*owner layer "a"'):
         Net(netparam(bad), pycaffe_mpi.TRAIN)
 

@@ -1,0 +1,150 @@
+"""CIFAR10-Quick train-step time against the floor of its own matrix products.
+
+Prints, in one run: the time of one SGD train step (forward + backward + update) at batch 100
+and 350; the time of the same net's GEMMs alone, done as whole-batch NumPy matmuls (the floor a
+NumPy implementation cannot beat); their ratio; and each layer's share of the step.
+
+Run it with OpenBLAS's machine overrides unset (they force half-speed kernels here)::
+
+    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE .venv/bin/python bench/bench_cifar10_quick.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import numpy as np
+from google.protobuf import text_format
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from pycaffe_mpi import prototxt, solvers  # noqa: E402
+from pycaffe_mpi.proto import caffe_pb2  # noqa: E402
+
+NET = os.path.join(ROOT, "models", "cifar10_quick", "train_test.prototxt")
+
+
+def bench_net(batch: int) -> caffe_pb2.NetParameter:
+    """CIFAR10-Quick with its Data layers swapped for synthetic DummyData of the same shape."""
+    param, _ = prototxt.read_net(NET)
+    keep = [lp for lp in param.layer if lp.type != "Data"]
+    dummy = text_format.Merge(f"""
+        name: "data" type: "DummyData" top: "data" top: "label"
+        dummy_data_param {{
+          shape {{ dim: {batch} dim: 3 dim: 32 dim: 32 }} shape {{ dim: {batch} }}
+          data_filler {{ type: "gaussian" std: 50 }}
+          data_filler {{ type: "uniform" min: 0 max: 9.99 }}
+        }}""", caffe_pb2.LayerParameter())
+    del param.layer[:]
+    param.layer.add().CopyFrom(dummy)
+    param.layer.extend(keep)
+    return param
+
+
+def make_solver(batch: int) -> solvers.Solver:
+    sp = caffe_pb2.SolverParameter(base_lr=0.001, momentum=0.9, weight_decay=0.004,
+                                   lr_policy="fixed", max_iter=10**6, display=0,
+                                   random_seed=1, solver_mode=0)
+    sp.net_param.CopyFrom(bench_net(batch))
+    return solvers.Solver(sp)
+
+
+def best_of(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+def gemm_shapes(net) -> list[tuple[str, int, int, int]]:
+    """(layer, m, k, n) for every matrix product one forward+backward of ``net`` needs."""
+    out = []
+    for i, (name, layer) in enumerate(zip(net.layer_names, net.layers)):
+        bottom, top = net.bottom_vecs[i], net.top_vecs[i]
+        needs_dx = any(net.bottom_need_backward[i])
+        if layer.type == "Convolution":
+            g = layer.layer_param.convolution_param.group or 1
+            w = layer.blobs[0].shape  # (Cout, Cin/g, kh, kw)
+            m, k = w[0] // g, int(np.prod(w[1:]))
+            n = top[0].shape[0] * int(np.prod(top[0].shape[2:]))
+            for _ in range(g):
+                out += [(name, m, k, n), (name, m, n, k)]  # forward, weight grad
+                if needs_dx:
+                    out.append((name, k, m, n))  # data grad
+        elif layer.type == "InnerProduct":
+            b = bottom[0].shape[0]
+            kk = bottom[0].count // b
+            m = top[0].shape[1]
+            out += [(name, b, kk, m), (name, m, b, kk)]
+            if needs_dx:
+                out.append((name, b, m, kk))
+    return out
+
+
+def time_gemms(shapes, repeats: int) -> dict[str, float]:
+    rng = np.random.default_rng(0)
+    per_layer: dict[str, float] = {}
+    for name, m, k, n in shapes:
+        a = rng.standard_normal((m, k), dtype=np.float32)
+        b = rng.standard_normal((k, n), dtype=np.float32)
+        c = np.empty((m, n), np.float32)
+        np.matmul(a, b, out=c)
+        t = best_of(lambda a=a, b=b, c=c: np.matmul(a, b, out=c), repeats)
+        per_layer[name] = per_layer.get(name, 0.0) + t
+    return per_layer
+
+
+def layer_times(net, repeats: int) -> list[float]:
+    """Best forward + best backward time of each layer, in seconds."""
+    n = len(net.layers)
+    fwd, bwd = [float("inf")] * n, [float("inf")] * n
+    for _ in range(repeats):
+        for i in range(n):
+            t = time.perf_counter()
+            net.forward_from_to(i, i)
+            fwd[i] = min(fwd[i], time.perf_counter() - t)
+        for i in range(n - 1, -1, -1):
+            t = time.perf_counter()
+            net.backward_from_to(i, i)
+            bwd[i] = min(bwd[i], time.perf_counter() - t)
+    return [f + b for f, b in zip(fwd, bwd)]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeats", type=int, default=10, help="timed repeats (best is kept)")
+    ap.add_argument("--batches", default="100,350")
+    args = ap.parse_args()
+    for var in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE"):
+        if var in os.environ:
+            print(f"warning: {var} is set; OpenBLAS runs at reduced speed here "
+                  "(run with env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE)")
+    for batch in (int(b) for b in args.batches.split(",")):
+        solver = make_solver(batch)
+        net = solver.net
+        solver.step(2)  # warm up: allocations, BLAS threads
+        step = best_of(lambda s=solver: s.step(1), args.repeats)
+        floor_parts = time_gemms(gemm_shapes(net), args.repeats)
+        floor = sum(floor_parts.values())
+        print(f"batch {batch}: train step {step * 1e3:7.1f} ms | GEMMs alone {floor * 1e3:6.1f} ms"
+              f" | step / GEMM floor = {step / floor:.2f}x")
+        per = layer_times(net, max(3, args.repeats // 2))
+        total = sum(per)
+        print(f"  per-layer forward+backward (sum {total * 1e3:.1f} ms; update and overhead "
+              f"{(step - total) * 1e3:.1f} ms):")
+        for name, t in zip(net.layer_names, per):
+            g = floor_parts.get(name)
+            gtxt = f"  (GEMMs {g * 1e3:5.1f} ms, {t / g:4.2f}x)" if g else ""
+            print(f"    {name:>10s} {t * 1e3:7.2f} ms {100 * t / step:5.1f}%{gtxt}")
+        net.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
