@@ -266,14 +266,6 @@ class Net:
             layer = cls(lp, phase=self.phase, backend=self.backend, dtype=self.dtype,
                         rng=np.random.default_rng(seeds[i]), ctx=self.ctx)
             layer.location = loc
-            for bp in lp.blobs:  # a NetParameter that carries its weights
-                from pycaffe_mpi import io
-
-                b = layer.new_blob(())
-                arr = io.blobproto_to_array(bp)
-                b.reshape(arr.shape)
-                b.data[...] = self.backend.asarray(arr, self.dtype)
-                layer.blobs.append(b)
             bottoms = []
             for b in lp.bottom:
                 bottoms.append(self.blobs[b])
@@ -292,6 +284,9 @@ class Net:
                 available[t] = None
                 tops.append(blob)
             self._setup_layer(layer, lp, bottoms, tops)
+            if len(lp.blobs):  # a NetParameter that carries its weights (after setup, so
+                # user Python layers that add_blob unconditionally do not double them)
+                self._load_layer_blobs(layer, lp.blobs, self.source_path or "<NetParameter>")
             if lp.type == "Input":
                 self.inputs.extend(lp.top)
             self.layers.append(layer)
@@ -556,26 +551,32 @@ class Net:
             if sl.name not in self.layer_dict:
                 log.info("Ignoring source layer %s", sl.name)
                 continue
-            layer = self.layer_dict[sl.name]
             log.debug("Copying source layer %s", sl.name)
-            if len(sl.blobs) != len(layer.blobs):
-                raise errors.SnapshotError(
-                    f'{path}: incompatible number of blobs for layer "{sl.name}": '
-                    f"{len(sl.blobs)} in the file, {len(layer.blobs)} in the net")
-            for j, (bp, blob) in enumerate(zip(sl.blobs, layer.blobs)):
-                arr = io.blobproto_to_array(bp)
-                if tuple(arr.shape) != tuple(blob.shape):
-                    legacy = arr.size == blob.count and _legacy_shape(arr.shape) == \
-                        _legacy_shape(blob.shape)
-                    if not legacy:
-                        raise errors.ShapeError(
-                            f'{path}: cannot copy param {j} weights from layer "{sl.name}"; '
-                            f"shape mismatch. Source param shape is {tuple(arr.shape)}; target "
-                            f"param shape is {tuple(blob.shape)}. To learn this layer's "
-                            "parameters from scratch rather than copying from a saved net, "
-                            "rename the layer.")
-                    arr = arr.reshape(blob.shape)
-                blob.data[...] = self.backend.asarray(arr, self.dtype)
+            self._load_layer_blobs(self.layer_dict[sl.name], sl.blobs, path)
+
+    def _load_layer_blobs(self, layer: Layer, blob_protos: Sequence[Any], path: str) -> None:
+        """Copy saved blobs into ``layer``'s parameters, with Caffe's checks."""
+        from pycaffe_mpi import io
+
+        name = layer.name
+        if len(blob_protos) != len(layer.blobs):
+            raise errors.SnapshotError(
+                f'{path}: incompatible number of blobs for layer "{name}": '
+                f"{len(blob_protos)} in the file, {len(layer.blobs)} in the net")
+        for j, (bp, blob) in enumerate(zip(blob_protos, layer.blobs)):
+            arr = io.blobproto_to_array(bp)
+            if tuple(arr.shape) != tuple(blob.shape):
+                legacy = arr.size == blob.count and \
+                    _legacy_shape(arr.shape) == _legacy_shape(blob.shape)
+                if not legacy:
+                    raise errors.ShapeError(
+                        f'{path}: cannot copy param {j} weights from layer "{name}"; '
+                        f"shape mismatch. Source param shape is {tuple(arr.shape)}; target "
+                        f"param shape is {tuple(blob.shape)}. To learn this layer's "
+                        "parameters from scratch rather than copying from a saved net, "
+                        "rename the layer.")
+                arr = arr.reshape(blob.shape)
+            blob.data[...] = self.backend.asarray(arr, self.dtype)
 
     copy_from = copy_trained_layers_from
 

@@ -1,0 +1,1 @@
+"""Array kernels shared by layers: NumPy/CuPy-generic maths taking ``xp`` explicitly."""

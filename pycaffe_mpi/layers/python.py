@@ -1,0 +1,161 @@
+"""The ``Python`` layer type: a BVLC pycaffe user layer, run unchanged.
+
+prototxt::
+
+    layer { name: "loss" type: "Python" bottom: "score" bottom: "label" top: "loss"
+            python_param { module: "my_layers" layer: "MyLoss" param_str: '{"margin": 2}' }
+            loss_weight: 1 }
+
+``module`` is imported (the current working directory is made importable, as ``python`` does
+for scripts run from it; otherwise the module must be on ``PYTHONPATH``), class ``layer`` is
+looked up in it, and the Net runs an instance of *that* class. The class subclasses
+``caffe.Layer``, which is :class:`pycaffe_mpi.layer.Layer`: when no other Caffe is importable,
+``import caffe`` is aliased to :mod:`pycaffe_mpi.pycaffe` before the user's module is imported
+(see :func:`install_caffe_alias`), so BVLC layer modules need no edit.
+
+How the user's object is built (the one trick in this module): ``registry.layer_class("Python")``
+returns :class:`PythonLayer`, a factory whose ``__new__`` takes the arguments every layer
+constructor takes (``param, phase, backend, dtype, rng, ctx``), creates an instance of the
+user's class, applies ``Layer.__init__`` to it (which sets ``self.param_str`` and
+``self.phase``, as Caffe does before ``setup``) and returns it. That object is not a
+``PythonLayer``, so Python does not call ``__init__`` on it again. The Net thus builds a Python
+layer exactly like a built-in one, and ``type(layer)`` is the user's class.
+
+Caffe semantics kept: a Python layer is not a loss layer (its top 0 gets a loss weight only when
+the prototxt gives ``loss_weight``); ``param_str`` reaches the layer as a plain string (parse it
+yourself, e.g. with ``json.loads``; nothing here evaluates it); ``share_in_parallel`` is
+deprecated upstream and ignored.
+
+NOTE: user layers written for BVLC use NumPy on ``bottom[i].data``; Caffe hands them host
+memory even in GPU mode. Here a layer sees arrays of the device its Net runs on, so a NumPy-only
+user layer in a GPU net needs its blobs on the host (the Net's business, not this factory's).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import sys
+from typing import Any
+
+import numpy as np
+
+from pycaffe_mpi import errors
+from pycaffe_mpi.layer import TRAIN, Layer
+from pycaffe_mpi.registry import register_layer
+
+# What Layer.__init__ sets; restored after a user ``__init__`` that re-runs it with defaults.
+_CORE_ATTRS = ("layer_param", "name", "phase", "backend", "xp", "dtype", "rng", "ctx",
+               "blobs", "param_str", "loss_weights", "location")
+
+
+def install_caffe_alias() -> bool:
+    """Make ``import caffe`` (and ``caffe.proto.caffe_pb2``) resolve to pycaffe-mpi.
+
+    Done only when no other ``caffe`` is importable, so a real BVLC installation is never
+    shadowed. Returns True when ``caffe`` now is :mod:`pycaffe_mpi.pycaffe`.
+    """
+    from pycaffe_mpi import proto, pycaffe
+    from pycaffe_mpi.proto import caffe_pb2
+
+    if sys.modules.get("caffe") is pycaffe:
+        return True
+    if "caffe" in sys.modules:
+        return False
+    try:
+        spec = importlib.util.find_spec("caffe")
+    except (ImportError, ValueError):
+        spec = None
+    if spec is not None:
+        return False
+    sys.modules["caffe"] = pycaffe
+    sys.modules["caffe.proto"] = proto
+    sys.modules["caffe.proto.caffe_pb2"] = caffe_pb2
+    return True
+
+
+def _ensure_cwd_importable() -> None:
+    cwd = os.getcwd()
+    if "" not in sys.path and cwd not in sys.path:
+        # NOTE: appended, not prepended: a user file must not shadow the standard library.
+        sys.path.append(cwd)
+
+
+def _import_module(param: Any, location: str) -> Any:
+    where = errors.layer_where(param, location)
+    name = param.python_param.module
+    if not name:
+        raise errors.NetError(f"{where}, field python_param.module: the module holding the "
+                              "layer class is required")
+    _ensure_cwd_importable()
+    install_caffe_alias()
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as e:
+        hint = ""
+        if e.name == name or name.startswith(f"{e.name}."):
+            hint = (f"; put its directory on PYTHONPATH or run from it (current directory "
+                    f"{os.getcwd()})")
+        raise errors.NetError(f'{where}: cannot import python_param.module "{name}": '
+                              f"{e}{hint}") from e
+    except Exception as e:  # a syntax error or an exception at the module's top level
+        raise errors.NetError(f'{where}: importing python_param.module "{name}" failed: '
+                              f"{type(e).__name__}: {e}") from e
+
+
+def _user_class(param: Any, location: str) -> type:
+    """The class named by ``python_param.layer`` in ``python_param.module``."""
+    where = errors.layer_where(param, location)
+    mod = _import_module(param, location)
+    name = param.python_param.layer
+    candidates = sorted(k for k, v in vars(mod).items()
+                        if isinstance(v, type) and issubclass(v, Layer) and v is not Layer)
+    cls = getattr(mod, name, None) if name else None
+    if cls is None:
+        hint = errors.did_you_mean(name, candidates)
+        if not hint:
+            hint = f" (layer classes in it: {', '.join(candidates) or 'none'})"
+        raise errors.NetError(f'{where}, field python_param.layer: module "{mod.__name__}" has '
+                              f'no class "{name}"{hint}')
+    if not (isinstance(cls, type) and issubclass(cls, Layer)):
+        base = ""
+        if isinstance(cls, type) and "caffe" in sys.modules and \
+                getattr(sys.modules["caffe"], "Layer", Layer) is not Layer:
+            base = (f"; the importable caffe ({getattr(sys.modules['caffe'], '__file__', '?')}) "
+                    "is another Caffe installation: remove it from PYTHONPATH to run this "
+                    "layer with pycaffe-mpi")
+        raise errors.NetError(f'{where}, field python_param.layer: "{mod.__name__}.{name}" is '
+                              f"not a subclass of caffe.Layer (pycaffe_mpi.layer.Layer){base}")
+    return cls
+
+
+@register_layer("Python")
+class PythonLayer(Layer):
+    """Factory for ``type: "Python"``: constructing it returns the user's layer instance.
+
+    Params (``python_param``): module (required), layer (required, the class name),
+    param_str (""; given to the layer as ``self.param_str``), share_in_parallel (ignored).
+
+    Shapes, forward and backward: whatever the user's class defines. Before ``setup`` the
+    instance has ``self.param_str``, ``self.phase`` (0 TRAIN, 1 TEST), ``self.blobs`` (with
+    ``add_blob(*shape)``) and everything :class:`~pycaffe_mpi.layer.Layer` provides.
+    """
+
+    def __new__(cls, param: Any = None, phase: int = TRAIN, backend: Any = None,
+                dtype: Any = np.float32, rng: np.random.Generator | None = None,
+                ctx: Any = None) -> Any:
+        if param is None:
+            raise errors.NetError('a "Python" layer needs its LayerParameter (python_param)')
+        user_cls = _user_class(param, "")
+        obj = object.__new__(user_cls)
+        Layer.__init__(obj, param, phase, backend, dtype, rng, ctx)
+        if user_cls.__init__ is not Layer.__init__:
+            # BVLC calls ``UserClass(layer_param)``; a user __init__ usually chains to the base
+            # with that one argument, which would reset phase, dtype, device and rng.
+            saved = {k: obj.__dict__[k] for k in _CORE_ATTRS if k in obj.__dict__}
+            user_cls.__init__(obj, param)
+            obj.__dict__.update(saved)
+        if not user_cls.type:
+            obj.__dict__["type"] = "Python"  # instance-level: the class keeps its own
+        return obj
