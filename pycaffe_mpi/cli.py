@@ -118,21 +118,21 @@ def _install_signal_actions(solver: Any, sigint: str, sighup: str) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from pycaffe_mpi import prototxt, solvers
+    from pycaffe_mpi import solvers
 
     if not args.solver:
         raise errors.PycaffeError("train needs --solver (a solver prototxt)")
     if args.snapshot and args.weights:
         raise errors.PycaffeError("give a snapshot to resume training or weights to finetune, "
                                   "but not both")
-    param = prototxt.read_solver(args.solver)
+    param = solvers.read_solver_param(args.solver)
     stages = [s for s in args.stage.split(",") if s]
     if stages or args.level:
         param.train_state.level = args.level
         param.train_state.stage.extend(stages)
     backend = choose_backend(args.gpu, param)
     log.info("Using %s", f"GPU {backend.device_id}" if backend.is_gpu else "CPU")
-    solver = solvers.Solver(param, backend=backend, source_path=args.solver)
+    solver = solvers.Solver(param, backend=backend)
     _install_signal_actions(solver, args.sigint_effect, args.sighup_effect)
     if args.weights:
         for w in args.weights.split(","):

@@ -176,6 +176,8 @@ class Net:
         seed: seeds every layer's random generator (fillers, dropout, data order); None = random.
         rank: the MPI world rank used by ``mpi_rank`` rules (0 when not under MPI).
         ctx: run-time context passed to layers (the MPI communicator lives there).
+        source_path, locations: where ``model`` (a NetParameter) came from and the "file:line"
+            of each of its layers, for error messages.
     """
 
     def __init__(
@@ -193,6 +195,7 @@ class Net:
         rank: int | None = None,
         ctx: Any = None,
         source_path: str | None = None,
+        locations: Sequence[str] | None = None,
     ) -> None:
         if isinstance(phase, str):  # pycaffe legacy: Net(prototxt, caffemodel, phase)
             weights, phase = phase, (TEST if legacy_phase is None else legacy_phase)
@@ -209,8 +212,9 @@ class Net:
         else:
             param = caffe_pb2.NetParameter()
             param.CopyFrom(model)
-            locations = [f"{source_path}:layer #{i}" if source_path else "" for i in
-                         range(len(param.layer))]
+            if locations is None:
+                locations = [f"{source_path}:layer #{i}" if source_path else "" for i in
+                             range(len(param.layer))]
         if len(param.layers):
             raise errors.PrototxtError(
                 f"{source_path or 'net'}: legacy V1 'layers' blocks are not supported; write "

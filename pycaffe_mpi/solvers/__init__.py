@@ -1,0 +1,41 @@
+"""Solvers: learning-rate policies, update rules and the Caffe train loop.
+
+``Solver(path_or_param)`` (or pycaffe's ``SGDSolver`` … ``AdamSolver`` and ``get_solver``)
+trains the net a solver prototxt names; see :mod:`pycaffe_mpi.solvers.solver`.
+"""
+
+from __future__ import annotations
+
+from pycaffe_mpi.solvers.lr_policy import POLICIES, learning_rate
+from pycaffe_mpi.solvers.rules import RULES, UpdateRule, make_rule, solver_type
+from pycaffe_mpi.solvers.solver import (
+    SOLVER_CLASSES,
+    AdaDeltaSolver,
+    AdaGradSolver,
+    AdamSolver,
+    NesterovSolver,
+    RMSPropSolver,
+    SGDSolver,
+    Solver,
+    get_solver,
+    read_solver_param,
+)
+
+__all__ = [
+    "POLICIES",
+    "RULES",
+    "SOLVER_CLASSES",
+    "AdaDeltaSolver",
+    "AdaGradSolver",
+    "AdamSolver",
+    "NesterovSolver",
+    "RMSPropSolver",
+    "SGDSolver",
+    "Solver",
+    "UpdateRule",
+    "get_solver",
+    "learning_rate",
+    "make_rule",
+    "read_solver_param",
+    "solver_type",
+]

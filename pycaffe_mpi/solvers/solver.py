@@ -1,0 +1,723 @@
+"""The Solver: Caffe's train loop with testing, display, snapshots and resume.
+
+``Solver(param_or_path)`` builds the train net and the test nets from a ``SolverParameter``
+(Caffe's ``Solver::InitTrainNet`` / ``InitTestNets``) and picks the update rule from ``type``.
+:meth:`Solver.solve` runs ``max_iter`` iterations of :meth:`Solver.step`, each one Caffe's
+``Solver::Step`` body:
+
+1. clear the parameter diffs;
+2. test every test net when ``test_interval`` divides ``iter`` (at iteration 0 only if
+   ``test_initialization``);
+3. ``iter_size`` forward/backward passes, their losses averaged; the displayed loss is the mean
+   of the last ``average_loss`` of those;
+4. every ``display`` iterations log ``Iteration N (X iter/s, Ys/D iters), loss = L``, then
+   ``    Train net output #k: name = v``, then (from the update) ``Iteration N, lr = R``;
+5. apply the update (:mod:`pycaffe_mpi.solvers.rules`), ``iter += 1``;
+6. snapshot when ``snapshot`` divides ``iter`` or the action function asks; stop if it asks.
+
+The log lines keep Caffe's wording so ``tools/extra/parse_log.py`` reads our logs.
+
+Snapshots are ``<snapshot_prefix>_iter_<N>.caffemodel`` and ``.solverstate`` (with several MPI
+ranks: ``<prefix>_iter_<N>_rank_<R>.*``), both written atomically, the weights first. Besides
+Caffe's fields the ``.solverstate`` carries ``layer_state`` entries (data cursors, random
+generators of the train and test nets, and NumPy's global generator), so a resumed run continues
+exactly as an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+from google.protobuf import text_format
+
+from pycaffe_mpi import errors, io, prototxt
+from pycaffe_mpi.proto import caffe_pb2
+from pycaffe_mpi.solvers import lr_policy, rules
+
+LOGGER = logging.getLogger("pycaffe_mpi")
+
+TRAIN, TEST = 0, 1
+
+# Solver actions (Caffe's SolverAction), asked of the action function after every iteration.
+NONE, STOP, SNAPSHOT = "none", "stop", "snapshot"
+_ACTIONS = (NONE, STOP, SNAPSHOT)
+
+# Reserved LayerRuntimeState names: test-net layers and NumPy's legacy global generator.
+_TEST_STATE_PREFIX = "@test_net{}/"
+_NUMPY_STATE = "@numpy.random"
+
+
+# -- solver files ----------------------------------------------------------------------------
+def read_solver_param(path: str, log: logging.Logger = LOGGER) -> Any:
+    """Read a solver prototxt as Caffe's ``ReadSolverParamsFromTextFileOrDie`` does.
+
+    Besides parsing, it upgrades the deprecated ``solver_type`` enum to ``type``, and (Caffe
+    HEAD's ``UpgradeSnapshotPrefixProperty``) fills in ``snapshot_prefix``: when absent it is the
+    solver file's path without extension; when it names an existing directory the solver file's
+    stem is appended (``snapshots/`` + ``solver.prototxt`` → ``snapshots/solver``).
+    """
+    param = prototxt.read_solver(path)
+    if param.HasField("solver_type"):
+        log.info("Attempting to upgrade input file specified using deprecated 'solver_type' "
+                 "field (enum)': %s", path)
+        try:
+            rules.upgrade_solver_type(param)
+        except errors.SolverError as e:
+            raise errors.SolverError(f"{path}: {e}") from None
+        log.warning("Note that future Caffe releases will only support 'type' field (string) "
+                    "for a solver's type.")
+    if not param.HasField("snapshot_prefix"):
+        param.snapshot_prefix = os.path.splitext(path)[0]
+        log.info("snapshot_prefix was not specified and is set to %s", param.snapshot_prefix)
+    elif os.path.isdir(param.snapshot_prefix):
+        stem = os.path.splitext(os.path.basename(path))[0]
+        param.snapshot_prefix = os.path.join(param.snapshot_prefix, stem)
+        log.info("snapshot_prefix was a directory and is replaced to %s", param.snapshot_prefix)
+    return param
+
+
+def _fmt(x: float) -> str:
+    """A number as C++ iostreams print a float by default (6 significant digits)."""
+    return f"{float(x):.6g}"
+
+
+def _duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    s = round(seconds)
+    if s >= 3600:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    if s >= 60:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s}s"
+
+
+def _derived_seed(seed: int, *salt: int) -> int:
+    """A deterministic seed for a secondary net, distinct from ``seed`` and from ``seed + r``."""
+    return int(np.random.SeedSequence([seed, *salt]).generate_state(1, np.uint32)[0])
+
+
+def _history_to_proto(arr: np.ndarray) -> Any:
+    if arr.dtype == np.float64:  # as Caffe's Blob<double>::ToProto: exact, in double_data
+        bp = caffe_pb2.BlobProto()
+        bp.shape.dim.extend(arr.shape)
+        bp.double_data.extend(arr.ravel().tolist())
+        return bp
+    return io.array_to_blobproto(arr)
+
+
+class _Callback:
+    def __init__(self, on_start: Callable[[], Any] | None,
+                 on_gradients_ready: Callable[[], Any] | None) -> None:
+        self.on_start = on_start
+        self.on_gradients_ready = on_gradients_ready
+
+
+# -- the solver ------------------------------------------------------------------------------
+class Solver:
+    """Trains a net from a ``SolverParameter`` (or a solver prototxt path).
+
+    Args:
+        param_or_path: a ``SolverParameter`` (copied) or the path of a solver prototxt.
+        rank, size: this process's MPI rank and the world size. The rank filters ``mpi_rank``
+            rules, offsets the seed, and (when ``size > 1``) tags snapshot names ``_rank_<R>``.
+        same_seed_all_ranks: seed every rank with ``random_seed`` itself (bagging from the same
+            initial weights) instead of ``random_seed + rank``.
+        seed_offset: an explicit offset added to ``random_seed`` (overrides the two above).
+        backend: where arrays live (default: the CPU); dtype: float32 (default) or float64.
+        ctx: run-time context handed to the nets (the MPI communicator lives there).
+        log: the logger (default ``logging.getLogger("pycaffe_mpi")``).
+
+    Attributes:
+        net: the train net; test_nets: the test nets; iter: updates done so far;
+        param: the ``SolverParameter`` (``base_lr``, ``max_iter``, ``display``… may be changed
+        between calls); rule: the update rule (its ``history`` arrays); current_step: the lr
+        policy's step counter; smoothed_loss: the last displayed (smoothed) loss;
+        mean_scores: per test net, the mean of each output element at the last test.
+    """
+
+    #: subclasses (``SGDSolver``…) force the update rule, as pycaffe's classes do
+    forced_type: str | None = None
+
+    def __init__(
+        self,
+        param_or_path: Any,
+        *,
+        rank: int = 0,
+        size: int = 1,
+        same_seed_all_ranks: bool = False,
+        seed_offset: int | None = None,
+        backend: Any = None,
+        dtype: Any = np.float32,
+        ctx: Any = None,
+        log: logging.Logger | None = None,
+    ) -> None:
+        self.log = log or LOGGER
+        if isinstance(param_or_path, (str, os.PathLike)):
+            self.source_path: str | None = os.fspath(param_or_path)
+            param = read_solver_param(self.source_path, self.log)
+        else:
+            self.source_path = None
+            param = caffe_pb2.SolverParameter()
+            param.CopyFrom(param_or_path)
+        self.param = param
+        self.iter = 0
+        self.current_step = 0
+        self.rank, self.size = int(rank), int(size)
+        self.backend = backend
+        self.dtype = np.dtype(dtype)
+        self.ctx = ctx
+        self.log.info("Initializing solver from parameters: \n%s",
+                      text_format.MessageToString(param))
+        if param.average_loss < 1:
+            raise errors.SolverError(
+                f"average_loss should be >= 1, got {param.average_loss}")
+        self._check_snapshot_settings()
+        self.seed: int | None = None
+        if param.random_seed >= 0:
+            offset = seed_offset if seed_offset is not None else \
+                (0 if same_seed_all_ranks else self.rank)
+            self.seed = int(param.random_seed) + int(offset)
+            # NOTE: user Python layers often draw from NumPy's legacy global generator.
+            np.random.seed(self.seed % 2**32)  # noqa: NPY002
+        if self.forced_type is not None:
+            param.type = self.forced_type
+            param.ClearField("solver_type")
+        self.rule = rules.make_rule(param)
+        self.callbacks: list[_Callback] = []
+        self._action_fn: Callable[[], Any] | None = None
+        self.requested_early_exit = False
+        self.net = self._init_train_net()
+        self.test_nets = self._init_test_nets()
+        self.mean_scores: list[list[float]] = [[] for _ in self.test_nets]
+        self.log.info("Solver scaffolding done.")
+        self._lr: float | None = None
+        self._losses: list[float] = []
+        self.smoothed_loss = 0.0
+        self.rule.setup(self.net.learnable_params)
+
+    # -- construction --------------------------------------------------------------------------
+    def _net_kwargs(self) -> dict[str, Any]:
+        kw: dict[str, Any] = {"dtype": self.dtype, "rank": self.rank, "ctx": self.ctx}
+        if self.backend is not None:
+            kw["backend"] = self.backend
+        return kw
+
+    def _make_net(self, source: Any, phase: int, override: Any, seed: int | None) -> Any:
+        """Build one net with Caffe's NetState merge: phase, then the net's own state, then
+        ``override`` (train_state / test_state)."""
+        from pycaffe_mpi.net import Net
+
+        locations = None
+        if isinstance(source, str):
+            net_param, locations = prototxt.read_net(source)
+            path: str | None = source
+        else:
+            net_param, path = source, None
+        state = caffe_pb2.NetState(phase=phase)
+        state.MergeFrom(net_param.state)
+        if override is not None:
+            state.MergeFrom(override)
+        if path is not None and override is None and not net_param.state.HasField("phase"):
+            # the plain case: let the Net read the file itself, keeping file:line locations
+            return Net(path, phase, seed=seed, **self._net_kwargs())
+        merged = caffe_pb2.NetParameter()
+        merged.CopyFrom(net_param)
+        merged.state.CopyFrom(state)
+        return Net(merged, state.phase, seed=seed, source_path=path, locations=locations,
+                   **self._net_kwargs())
+
+    def _load_weights(self, net: Any) -> None:
+        for entry in self.param.weights:
+            for name in entry.split(","):
+                name = name.strip()
+                if name:
+                    self.log.info("Finetuning from %s", name)
+                    net.copy_trained_layers_from(name)
+
+    def _init_train_net(self) -> Any:
+        p = self.param
+        fields = "net, net_param, train_net, train_net_param"
+        n = sum(p.HasField(f) for f in ("net", "net_param", "train_net", "train_net_param"))
+        if n < 1:
+            raise errors.SolverError(
+                f"SolverParameter must specify a train net using one of these fields: {fields}")
+        if n > 1:
+            raise errors.SolverError("SolverParameter must not contain more than one of these "
+                                     f"fields specifying a train_net: {fields}")
+        source: Any
+        if p.HasField("train_net_param"):
+            self.log.info("Creating training net specified in train_net_param.")
+            source = p.train_net_param
+        elif p.HasField("train_net"):
+            self.log.info("Creating training net from train_net file: %s", p.train_net)
+            source = p.train_net
+        elif p.HasField("net_param"):
+            self.log.info("Creating training net specified in net_param.")
+            source = p.net_param
+        else:
+            self.log.info("Creating training net from net file: %s", p.net)
+            source = p.net
+        override = p.train_state if p.HasField("train_state") else None
+        net = self._make_net(source, TRAIN, override, self.seed)
+        self._load_weights(net)
+        return net
+
+    def _init_test_nets(self) -> list[Any]:
+        p = self.param
+        has_net_param, has_net_file = p.HasField("net_param"), p.HasField("net")
+        if has_net_param and has_net_file:
+            raise errors.SolverError("Both net_param and net_file may not be specified.")
+        n_explicit = len(p.test_net_param) + len(p.test_net)
+        n_iter = len(p.test_iter)
+        generic = has_net_param or has_net_file
+        if (n_iter < n_explicit) if generic else (n_iter != n_explicit):
+            raise errors.SolverError(
+                f"test_iter must be specified for each test network: {n_iter} test_iter "
+                f"value(s) for {n_explicit} test_net/test_net_param net(s)")
+        sources: list[tuple[str, Any]] = [("test_net_param", tp) for tp in p.test_net_param]
+        sources += [(f"test_net file: {f}", f) for f in p.test_net]
+        remaining = n_iter - n_explicit
+        if has_net_param:
+            sources += [("net_param", p.net_param)] * remaining
+        elif has_net_file:
+            sources += [(f"net file: {p.net}", p.net)] * remaining
+        if len(p.test_state) and len(p.test_state) != len(sources):
+            raise errors.SolverError(
+                "test_state must be unspecified or specified once per test net: "
+                f"{len(p.test_state)} test_state for {len(sources)} test net(s)")
+        if sources and p.test_interval <= 0:
+            raise errors.SolverError(
+                f"test_interval must be > 0 when there are test nets ({len(sources)} from "
+                f"test_iter), got {p.test_interval}")
+        nets = []
+        for i, (what, source) in enumerate(sources):
+            self.log.info("Creating test net (#%d) specified by %s", i, what)
+            override = p.test_state[i] if len(p.test_state) else None
+            seed = None if self.seed is None else _derived_seed(self.seed, 1, i)
+            net = self._make_net(source, TEST, override, seed)
+            net.debug_info = p.debug_info
+            self._load_weights(net)
+            nets.append(net)
+        return nets
+
+    def _check_snapshot_settings(self) -> None:
+        """Caffe's ``CheckSnapshotWritePermissions``, plus the HDF5 refusal."""
+        p = self.param
+        if not p.snapshot:
+            return
+        self._refuse_hdf5()
+        if not p.HasField("snapshot_prefix"):
+            raise errors.SolverError(
+                "In solver params, snapshot is specified but snapshot_prefix is not")
+        directory = os.path.dirname(self._snapshot_filename(".tempfile")) or "."
+        try:
+            fd, probe = tempfile.mkstemp(prefix=".probe", dir=directory)
+            os.close(fd)
+            os.unlink(probe)
+        except OSError:
+            raise errors.SolverError(
+                f"Cannot write to snapshot prefix '{p.snapshot_prefix}'.  Make sure that the "
+                "directory exists and is writeable.") from None
+
+    def _refuse_hdf5(self) -> None:
+        if self.param.snapshot_format == caffe_pb2.SolverParameter.HDF5:
+            raise errors.SolverError(
+                "snapshot_format: HDF5 is not supported; use snapshot_format: BINARYPROTO "
+                "(the default) for .caffemodel/.solverstate snapshots")
+
+    # -- pycaffe surface ----------------------------------------------------------------------
+    @property
+    def type(self) -> str:
+        return self.rule.type
+
+    @property
+    def lr(self) -> float:
+        """The learning rate of the last update (before any: the rate for the current iter)."""
+        if self._lr is not None:
+            return self._lr
+        return lr_policy.learning_rate(self.param, self.iter, self.current_step, log=False)[0]
+
+    def add_callback(self, on_start: Callable[[], Any] | None = None,
+                     on_gradients_ready: Callable[[], Any] | None = None) -> None:
+        """Call ``on_start()`` before each iteration's forward/backward passes and
+        ``on_gradients_ready()`` after them, before the update (pycaffe's ``add_callback``)."""
+        self.callbacks.append(_Callback(on_start, on_gradients_ready))
+
+    def set_action_function(self, fn: Callable[[], Any] | None) -> None:
+        """``fn()`` returns ``"none"``, ``"stop"`` or ``"snapshot"``; it is asked after every
+        iteration and before every test batch (Caffe's SolverAction, used for SIGINT/SIGHUP)."""
+        self._action_fn = fn
+
+    def share_weights(self, net: Any) -> None:
+        """Make ``net`` use the train net's parameters (pycaffe's ``share_weights``)."""
+        net.share_trained_layers_with(self.net)
+
+    def close(self) -> None:
+        """Stop the nets' background work (data prefetch threads)."""
+        for net in [self.net, *self.test_nets]:
+            closer = getattr(net, "close", None)
+            if callable(closer):
+                closer()
+
+    def _requested_action(self) -> str:
+        if self._action_fn is None:
+            return NONE
+        action = self._action_fn()
+        action = NONE if action is None else str(action).lower()
+        if action not in _ACTIONS:
+            raise errors.SolverError(
+                f'the action function returned "{action}"; expected one of {", ".join(_ACTIONS)}')
+        return action
+
+    # -- training -------------------------------------------------------------------------------
+    def solve(self, resume_file: str | None = None) -> None:
+        """Train to ``max_iter`` (Caffe's ``Solver::Solve``), optionally resuming a snapshot."""
+        p = self.param
+        self.log.info("Solving %s", self.net.name)
+        self.log.info("Learning Rate Policy: %s", p.lr_policy)
+        if p.snapshot_after_train:
+            self._refuse_hdf5()
+        self.requested_early_exit = False
+        if resume_file:
+            self.log.info("Restoring previous solver status from %s", resume_file)
+            self.restore(resume_file)
+        start_iter = self.iter
+        self.step(p.max_iter - self.iter)
+        if p.snapshot_after_train and (not p.snapshot or self.iter % p.snapshot != 0):
+            self.snapshot()
+        if self.requested_early_exit:
+            self.log.info("Optimization stopped early.")
+            return
+        # One more forward pass to display the loss after the last update, and a last test.
+        if p.display and self.iter % p.display == 0:
+            loss = self.net.forward_loss()
+            self._update_smoothed_loss(loss, start_iter, p.average_loss)
+            self.log.info("Iteration %d, loss = %s", self.iter, _fmt(self.smoothed_loss))
+        if p.test_interval and self.iter % p.test_interval == 0:
+            self.test_all()
+        self.log.info("Optimization Done.")
+
+    def step(self, iters: int) -> None:
+        """Run ``iters`` iterations (Caffe's ``Solver::Step``)."""
+        p = self.param
+        if iters > 0:  # fail before any work on an unusable lr_policy
+            lr_policy.learning_rate(p, self.iter, self.current_step, log=False)
+        start_iter = self.iter
+        stop_iter = self.iter + iters
+        self._losses = []
+        self.smoothed_loss = 0.0
+        t_start = t_last = time.perf_counter()
+        iter_last = self.iter
+        while self.iter < stop_iter:
+            self.net.clear_param_diffs()
+            if p.test_interval and self.iter % p.test_interval == 0 and \
+                    (self.iter > 0 or p.test_initialization):
+                self.test_all()
+                if self.requested_early_exit:
+                    break
+            for cb in self.callbacks:
+                if cb.on_start is not None:
+                    cb.on_start()
+            display = bool(p.display) and self.iter % p.display == 0
+            self.net.debug_info = display and p.debug_info
+            iter_size = max(1, p.iter_size)
+            loss = 0.0
+            for _ in range(iter_size):
+                loss += self.net.forward_backward()
+            loss /= iter_size
+            self._update_smoothed_loss(loss, start_iter, p.average_loss)
+            if display:
+                now = time.perf_counter()
+                lapse = now - t_last
+                per_s = (self.iter - iter_last) / (lapse or 1.0)
+                self.log.info("Iteration %d (%s iter/s, %ss/%d iters), loss = %s", self.iter,
+                              _fmt(per_s), _fmt(lapse), p.display, _fmt(self.smoothed_loss))
+                t_last, iter_last = now, self.iter
+                self._log_outputs(self.net, "Train", self._output_values(self.net))
+            for cb in self.callbacks:
+                if cb.on_gradients_ready is not None:
+                    cb.on_gradients_ready()
+            self.apply_update()
+            # iter counts the updates applied so far
+            self.iter += 1
+            if display and stop_iter - start_iter > p.display:
+                self._log_progress(start_iter, stop_iter, time.perf_counter() - t_start)
+            request = self._requested_action()
+            if (p.snapshot and self.iter % p.snapshot == 0) or request == SNAPSHOT:
+                self.snapshot()
+            if request == STOP:
+                self.requested_early_exit = True
+                break
+
+    def _update_smoothed_loss(self, loss: float, start_iter: int, average_loss: int) -> None:
+        """Caffe's ``UpdateSmoothedLoss``: a running mean over the last ``average_loss``."""
+        if len(self._losses) < average_loss:
+            self._losses.append(loss)
+            n = len(self._losses)
+            self.smoothed_loss = (self.smoothed_loss * (n - 1) + loss) / n
+        else:
+            idx = (self.iter - start_iter) % average_loss
+            self.smoothed_loss += (loss - self._losses[idx]) / average_loss
+            self._losses[idx] = loss
+
+    def _log_progress(self, start_iter: int, stop_iter: int, elapsed: float) -> None:
+        done = self.iter - start_iter
+        rate = done / elapsed if elapsed > 0 else math.inf
+        left = (stop_iter - self.iter) / rate if rate > 0 else math.inf
+        self.log.info("Progress: %d/%d iterations, %s iter/s, %s left", self.iter, stop_iter,
+                      f"{rate:.1f}" if rate >= 10 else f"{rate:.3g}", _duration(left))
+
+    def apply_update(self) -> None:
+        """Compute the rate for this iteration and update every learnable parameter
+        (Caffe's ``SGDSolver::ApplyUpdate``); ``iter`` is not advanced."""
+        p = self.param
+        rate, self.current_step = lr_policy.learning_rate(p, self.iter, self.current_step)
+        self._lr = rate
+        if p.display and self.iter % p.display == 0:
+            self.log.info("Iteration %d, lr = %s", self.iter, _fmt(rate))
+        self.rule.apply(self.net.learnable_params, self.net.params_lr,
+                        self.net.params_weight_decay, rate, self.iter)
+
+    # -- outputs and testing --------------------------------------------------------------------
+    def _output_values(self, net: Any) -> list[tuple[str, np.ndarray]]:
+        """Each output blob's values, flattened, on the host."""
+        to_host = net.backend.to_host
+        return [(name, np.asarray(to_host(net.blobs[name].data), dtype=np.float64).ravel())
+                for name in net.output_blob_names]
+
+    def _log_outputs(self, net: Any, what: str, values: Sequence[tuple[str, Any]]) -> None:
+        """``    <what> net output #k: name = v[ (* w = w·v loss)]``, k running over elements."""
+        k = 0
+        for name, vals in values:
+            weight = float(net.blob_loss_weights.get(name, 0.0))
+            for v in vals:
+                extra = f" (* {_fmt(weight)} = {_fmt(weight * v)} loss)" if weight else ""
+                self.log.info("    %s net output #%d: %s = %s%s", what, k, name, _fmt(v), extra)
+                k += 1
+
+    def test_all(self) -> None:
+        """Test every test net (stops early if the action function asked to stop)."""
+        for i in range(len(self.test_nets)):
+            if self.requested_early_exit:
+                break
+            self.test(i)
+
+    def test(self, test_net_id: int = 0) -> list[float] | None:
+        """Run ``test_iter`` forward passes of one test net and log the mean of each output
+        element (Caffe's ``Solver::Test``); returns the means (None if interrupted)."""
+        p = self.param
+        self.log.info("Iteration %d, Testing net (#%d)", self.iter, test_net_id)
+        test_net = self.test_nets[test_net_id]
+        test_net.share_trained_layers_with(self.net)
+        n_iter = p.test_iter[test_net_id]
+        scores: np.ndarray | None = None
+        names: list[tuple[str, int]] = []
+        loss = 0.0
+        for i in range(n_iter):
+            request = self._requested_action()
+            while request != NONE:
+                if request == SNAPSHOT:
+                    self.snapshot()
+                elif request == STOP:
+                    self.requested_early_exit = True
+                request = self._requested_action()
+            if self.requested_early_exit:
+                break
+            iter_loss = test_net.forward_loss()
+            if p.test_compute_loss:
+                loss += iter_loss
+            values = self._output_values(test_net)
+            flat = np.concatenate([v for _, v in values]) if values else np.zeros(0)
+            if i == 0:
+                scores = flat.copy()
+                names = [(name, len(v)) for name, v in values]
+            else:
+                scores += flat
+        if self.requested_early_exit:
+            self.log.info("Test interrupted.")
+            return None
+        if p.test_compute_loss:
+            loss = loss / n_iter if n_iter else math.nan
+            self.log.info("Test loss: %s", _fmt(loss))
+        means = [] if scores is None else list(scores / n_iter)
+        split, k = [], 0
+        for name, n in names:
+            split.append((name, means[k:k + n]))
+            k += n
+        self._log_outputs(test_net, "Test", split)
+        self.mean_scores[test_net_id] = means
+        return means
+
+    # -- snapshots ------------------------------------------------------------------------------
+    def _snapshot_filename(self, extension: str) -> str:
+        rank = f"_rank_{self.rank}" if self.size > 1 else ""
+        return f"{self.param.snapshot_prefix}_iter_{self.iter}{rank}{extension}"
+
+    def snapshot(self) -> str:
+        """Write ``<prefix>_iter_<N>.caffemodel`` then ``.solverstate`` (both atomically);
+        returns the ``.solverstate`` path."""
+        self._refuse_hdf5()
+        model_filename = self._snapshot_filename(".caffemodel")
+        self.log.info("Snapshotting to binary proto file %s", model_filename)
+        io.write_proto_binary(model_filename, self.net.to_proto(self.param.snapshot_diff))
+        state = self.solver_state(model_filename)
+        state_filename = self._snapshot_filename(".solverstate")
+        self.log.info("Snapshotting solver state to binary proto file %s", state_filename)
+        io.write_proto_binary(state_filename, state)
+        return state_filename
+
+    def solver_state(self, learned_net: str = "") -> Any:
+        """The ``SolverState`` message of the current state (what a snapshot writes)."""
+        state = caffe_pb2.SolverState(iter=self.iter, current_step=self.current_step)
+        if learned_net:
+            state.learned_net = learned_net
+        to_host = self.net.backend.to_host
+        for h in self.rule.history:
+            state.history.add().CopyFrom(_history_to_proto(np.asarray(to_host(h))))
+        for name, blob in self.net.get_layer_states():
+            state.layer_state.add(layer=name, state=blob)
+        for i, net in enumerate(self.test_nets):
+            prefix = _TEST_STATE_PREFIX.format(i)
+            for name, blob in net.get_layer_states():
+                state.layer_state.add(layer=prefix + name, state=blob)
+        state.layer_state.add(layer=_NUMPY_STATE, state=_numpy_global_state())
+        return state
+
+    def restore(self, path: str) -> None:
+        """Resume from a ``.solverstate``: weights (``learned_net``), iteration, lr step,
+        update history and layer run-time states."""
+        if path.endswith(".h5"):
+            raise errors.SnapshotError(
+                f"{path}: HDF5 solver states are not supported; resume from a binary "
+                ".solverstate (snapshot_format: BINARYPROTO)")
+        state = io.read_proto_binary(path, caffe_pb2.SolverState())
+        if state.learned_net:
+            self.net.copy_trained_layers_from(_resolve_learned_net(state.learned_net, path))
+        self._restore_history(state, path)
+        self.iter = int(state.iter)
+        self.current_step = int(state.current_step)
+        self._lr = None
+        self._restore_layer_states(state)
+
+    def _restore_history(self, state: Any, path: str) -> None:
+        history = self.rule.history
+        if len(state.history) != len(history):
+            raise errors.SnapshotError(
+                f"{path}: Incorrect length of history blobs: the file has {len(state.history)}, "
+                f"the {self.rule.type} solver of this net needs {len(history)} "
+                f"({self.rule.num_history_sets} per learnable parameter); was it written for "
+                "another net or solver type?")
+        self.log.info("SGDSolver: restoring history")
+        for i, (bp, h) in enumerate(zip(state.history, history)):
+            arr = io.blobproto_to_array(bp)
+            if tuple(arr.shape) != tuple(h.shape):
+                legacy = not bp.HasField("shape") and arr.size == h.size
+                if not legacy:
+                    raise errors.SnapshotError(
+                        f"{path}: history blob {i} has shape {tuple(arr.shape)}, but learnable "
+                        f"parameter {i % max(1, len(self.net.learnable_params))} of this net has "
+                        f"shape {tuple(h.shape)}; was the snapshot written for another net?")
+                arr = arr.reshape(h.shape)
+            h[...] = self.net.backend.asarray(arr, h.dtype)
+
+    def _restore_layer_states(self, state: Any) -> None:
+        train, tests = [], [[] for _ in self.test_nets]
+        for entry in state.layer_state:
+            name = entry.layer
+            if name == _NUMPY_STATE:
+                _set_numpy_global_state(entry.state)
+                continue
+            for i in range(len(self.test_nets)):
+                prefix = _TEST_STATE_PREFIX.format(i)
+                if name.startswith(prefix):
+                    tests[i].append((name[len(prefix):], entry.state))
+                    break
+            else:
+                train.append((name, entry.state))
+        self.net.set_layer_states(train)
+        for net, states in zip(self.test_nets, tests):
+            net.set_layer_states(states)
+
+
+def _resolve_learned_net(learned_net: str, state_path: str) -> str:
+    """``learned_net`` as written, else next to the ``.solverstate`` (the snapshot moved)."""
+    if os.path.exists(learned_net):
+        return learned_net
+    here = os.path.dirname(os.path.abspath(state_path))
+    for candidate in (os.path.join(here, learned_net),
+                      os.path.join(here, os.path.basename(learned_net))):
+        if os.path.exists(candidate):
+            return candidate
+    raise errors.SnapshotError(
+        f"{state_path}: its weights file {learned_net!r} (learned_net) was not found, neither "
+        f"as given nor next to the .solverstate")
+
+
+def _numpy_global_state() -> bytes:
+    name, keys, pos, has_gauss, cached = np.random.get_state()  # noqa: NPY002
+    return json.dumps({"name": name, "keys": [int(k) for k in keys], "pos": int(pos),
+                       "has_gauss": int(has_gauss), "cached": float(cached)}).encode()
+
+
+def _set_numpy_global_state(raw: bytes) -> None:
+    s = json.loads(raw)
+    state = (s["name"], np.array(s["keys"], dtype=np.uint32), s["pos"], s["has_gauss"],
+             s["cached"])
+    np.random.set_state(state)  # noqa: NPY002
+
+
+# -- pycaffe's solver classes ------------------------------------------------------------------
+class SGDSolver(Solver):
+    """pycaffe's ``caffe.SGDSolver``: the SGD rule whatever ``type`` says."""
+
+    forced_type = "SGD"
+
+
+class NesterovSolver(Solver):
+    forced_type = "Nesterov"
+
+
+class AdaGradSolver(Solver):
+    forced_type = "AdaGrad"
+
+
+class RMSPropSolver(Solver):
+    forced_type = "RMSProp"
+
+
+class AdaDeltaSolver(Solver):
+    forced_type = "AdaDelta"
+
+
+class AdamSolver(Solver):
+    forced_type = "Adam"
+
+
+SOLVER_CLASSES: dict[str, type[Solver]] = {
+    cls.forced_type: cls  # type: ignore[misc]
+    for cls in (SGDSolver, NesterovSolver, AdaGradSolver, RMSPropSolver, AdaDeltaSolver,
+                AdamSolver)
+}
+
+
+def get_solver(param_or_path: Any, **kwargs: Any) -> Solver:
+    """The solver named by the file's ``type`` (pycaffe's ``caffe.get_solver``)."""
+    param = param_or_path
+    if isinstance(param_or_path, (str, os.PathLike)):
+        param = prototxt.read_solver(os.fspath(param_or_path))
+    name = rules.solver_type(param)
+    cls = SOLVER_CLASSES.get(name)
+    if cls is None:
+        hint = errors.did_you_mean(name, SOLVER_CLASSES)
+        raise errors.SolverError(
+            f'Unknown solver type: "{name}"{hint} (known types: {", ".join(SOLVER_CLASSES)})')
+    return cls(param_or_path, **kwargs)
