@@ -560,7 +560,12 @@ def convert_cifar10(batch_dir: PathLike, out_dir: PathLike | None = None) -> tup
     dbs = []
     for split, name in (("train", CIFAR10_TRAIN_DB), ("test", CIFAR10_TEST_DB)):
         db = out / name
-        count = (len(CIFAR10_TRAIN_FILES) if split == "train" else 1) * 10000
+        files = [Path(batch_dir) / f for f in
+                 (CIFAR10_TRAIN_FILES if split == "train" else CIFAR10_TEST_FILES)]
+        if all(f.is_file() for f in files):
+            count = sum(f.stat().st_size // CIFAR10_RECORD for f in files)
+        else:  # batches gone (deleted after conversion): expect the official sizes
+            count = len(files) * 10000
 
         def build(split: str = split, db: Path = db) -> None:
             images, labels = read_cifar10_batches(batch_dir, split)

@@ -3,7 +3,8 @@
 * ``blobproto_to_array`` / ``array_to_blobproto``: a ``BlobProto`` (``.binaryproto`` mean files,
   parameter blobs inside ``.caffemodel``) to and from a NumPy array, C order (N, C, H, W).
 * ``array_to_datum`` / ``datum_to_array``: one LMDB record (``Datum``, C×H×W) to and from an array.
-* ``read_binaryproto`` / ``write_binaryproto``: a whole ``.binaryproto`` file.
+* ``read_binaryproto`` / ``write_binaryproto``: a whole ``.binaryproto`` file;
+  ``arraylist_to_blobprotovector_str`` / ``blobprotovector_str_to_arraylist`` for several.
 * ``read_proto_binary`` / ``write_proto_binary``: any binary protobuf message file (the writer is
   atomic, through :func:`atomic_write`, so a crash never leaves a half-written snapshot).
 
@@ -175,6 +176,23 @@ def read_binaryproto(path: str | os.PathLike) -> np.ndarray:
 def write_binaryproto(path: str | os.PathLike, arr: Any, legacy: bool = False) -> None:
     """Write ``arr`` as a ``BlobProto`` file (atomically); ``legacy`` as in array_to_blobproto."""
     write_proto_binary(path, array_to_blobproto(arr, legacy=legacy))
+
+
+def arraylist_to_blobprotovector_str(arraylist: list[Any]) -> bytes:
+    """Serialise a list of arrays as a ``BlobProtoVector`` (pycaffe's name)."""
+    vec = caffe_pb2.BlobProtoVector()
+    vec.blobs.extend(array_to_blobproto(a) for a in arraylist)
+    return vec.SerializeToString()
+
+
+def blobprotovector_str_to_arraylist(raw: bytes) -> list[np.ndarray]:
+    """The arrays of a serialised ``BlobProtoVector`` (pycaffe's name)."""
+    vec = caffe_pb2.BlobProtoVector()
+    try:
+        vec.ParseFromString(raw)
+    except pb_message.DecodeError as e:
+        raise errors.DataError(f"not a valid BlobProtoVector: {e}") from e
+    return [blobproto_to_array(b) for b in vec.blobs]
 
 
 # -- Datum ------------------------------------------------------------------------------------

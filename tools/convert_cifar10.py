@@ -1,0 +1,47 @@
+#!/usr/bin/env python
+"""Convert CIFAR-10 binary batches to LMDBs, as Caffe's convert_cifar_data.
+
+Reads INPUT_FOLDER/data_batch_1..5.bin and test_batch.bin and writes
+OUTPUT_FOLDER/cifar10_train_lmdb (50,000 records) and cifar10_test_lmdb (10,000): Datum 3x32x32
+(the raw R, G, B planes) + label, keys %05d. Existing databases are checked, not rewritten. Use
+tools/get_cifar10.py to obtain and verify the batches and to compute the mean as well.
+
+Example:
+    python tools/convert_cifar10.py data/cifar10 data/cifar10
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+try:
+    from pycaffe_mpi import datasets, errors
+except ImportError:  # run from a checkout that is not installed
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from pycaffe_mpi import datasets, errors
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 epilog=__doc__.split("\n\n", 1)[1],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("input_folder", help="folder with the six CIFAR-10 .bin batches")
+    ap.add_argument("output_folder", help="folder for cifar10_train_lmdb and cifar10_test_lmdb")
+    ap.add_argument("backend", nargs="?", default="lmdb", choices=("lmdb",),
+                    help="database type; only lmdb is supported (default: %(default)s)")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        train, test = datasets.convert_cifar10(args.input_folder, args.output_folder)
+    except errors.PycaffeError as e:
+        print(f"convert_cifar10: error: {e}", file=sys.stderr)
+        return 1
+    print(f"{train}\n{test}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
