@@ -1,0 +1,31 @@
+"""End to end on real CIFAR-10: BVLC's CIFAR10-Quick schedule reaches Caffe's accuracy.
+
+Slow (about ten minutes on 2 cores): run with ``python -m pytest -m slow``. Needs
+``python tools/get_cifar10.py`` first; skips without the data.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.slow
+def test_cifar10_quick_reaches_74_percent(tmp_path):
+    if not (ROOT / "data" / "cifar10" / "cifar10_train_lmdb").is_dir():
+        pytest.skip("real CIFAR-10 not prepared (python tools/get_cifar10.py)")
+    solver = tmp_path / "solver.prototxt"
+    text = (ROOT / "models" / "cifar10_quick" / "solver.prototxt").read_text()
+    solver.write_text(text.replace('snapshot_prefix: "models/cifar10_quick/cifar10_quick"',
+                                   f'snapshot_prefix: "{tmp_path}/quick"'))
+    out = subprocess.run([sys.executable, "-m", "pycaffe_mpi.cli", "train", "--solver",
+                          str(solver)], cwd=ROOT, capture_output=True, text=True, timeout=3600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    acc = [float(a) for a in re.findall(r"Test net output #0: accuracy = (\S+)", out.stderr)]
+    assert acc and acc[-1] >= 0.74, acc
