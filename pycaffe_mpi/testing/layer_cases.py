@@ -126,22 +126,23 @@ def layer_param(case: LayerCase, nbottom: int, ntop: int) -> Any:
 
 
 def build_layer(case: LayerCase, bottoms: list[np.ndarray], dtype: Any = np.float64,
-                seed: int = 1701) -> tuple[Layer, list[Blob], list[Blob]]:
-    """Instantiate, set up and reshape the case's layer as the Net would (CPU)."""
+                seed: int = 1701, backend: Any = None) -> tuple[Layer, list[Blob], list[Blob]]:
+    """Instantiate, set up and reshape the case's layer as the Net would (CPU by default)."""
     from pycaffe_mpi import registry
 
     cls = registry.layer_class(case.type)
     param = layer_param(case, len(bottoms), case.ntop)
-    layer = cls(param, phase=case.phase, dtype=dtype, rng=np.random.default_rng(seed))
-    bblobs = [to_blob(a, dtype) for a in bottoms]
-    tblobs = [Blob((), dtype) for _ in range(case.ntop)]
+    layer = cls(param, phase=case.phase, dtype=dtype, rng=np.random.default_rng(seed),
+                backend=backend)
+    bblobs = [to_blob(a, dtype, backend) for a in bottoms]
+    tblobs = [Blob((), dtype, backend) for _ in range(case.ntop)]
     layer.check_counts(len(bblobs), len(tblobs))
     layer.setup(bblobs, tblobs)
     layer.reshape(bblobs, tblobs)
     return layer, bblobs, tblobs
 
 
-def to_blob(arr: np.ndarray, dtype: Any = np.float64) -> Blob:
-    b = Blob(arr.shape, dtype)
-    b.data[...] = arr
+def to_blob(arr: np.ndarray, dtype: Any = np.float64, backend: Any = None) -> Blob:
+    b = Blob(arr.shape, dtype, backend)
+    b.data[...] = arr if backend is None else backend.asarray(arr)
     return b
