@@ -176,12 +176,21 @@ LAYER_PARAM_NUMBERS = {
 }  # fmt: skip
 
 
+def _label(fd: descriptor.FieldDescriptor) -> int:
+    """The field's label; protobuf 7 dropped ``FieldDescriptor.label`` for ``is_repeated``."""
+    if fd.is_repeated:
+        return descriptor.FieldDescriptor.LABEL_REPEATED
+    if fd.is_required:
+        return descriptor.FieldDescriptor.LABEL_REQUIRED
+    return descriptor.FieldDescriptor.LABEL_OPTIONAL
+
+
 @pytest.mark.parametrize(("message", "field", "number", "ftype", "label", "default"), BVLC_FIELDS)
 def test_field_matches_bvlc(
     message: str, field: str, number: int, ftype: int, label: int, default: object
 ) -> None:
     fd = getattr(caffe_pb2, message).DESCRIPTOR.fields_by_name[field]
-    assert (fd.number, fd.type, fd.label) == (number, ftype, label)
+    assert (fd.number, fd.type, _label(fd)) == (number, ftype, label)
     if default is not None:
         assert fd.default_value == pytest.approx(default)
 
