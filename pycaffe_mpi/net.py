@@ -460,7 +460,9 @@ class Net:
 
     def _debug(self, what: str, i: int, blobs: Sequence[Blob], field: str) -> None:
         names = self.top_names if what == "Forward" else self.bottom_names
-        for name, b in zip(names[self.layer_names[i]], blobs):
+        for j, (name, b) in enumerate(zip(names[self.layer_names[i]], blobs)):
+            if what == "Backward" and not self.bottom_need_backward[i][j]:
+                continue
             arr = b.data if field == "data" else b.diff
             val = float(abs(arr).mean()) if b.count else 0.0
             log.info("    [%s] Layer %s, %s blob %s %s: %g", what, self.layer_names[i],

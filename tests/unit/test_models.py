@@ -20,7 +20,8 @@ name: "LeNet"
 layer { name: "mnist" type: "Data" top: "data" top: "label" include { phase: TRAIN }
   transform_param { scale: 0.00390625 } data_param { source: "@DB@" batch_size: 64 backend: LMDB } }
 layer { name: "mnist" type: "Data" top: "data" top: "label" include { phase: TEST }
-  transform_param { scale: 0.00390625 } data_param { source: "@DB@" batch_size: 100 backend: LMDB } }
+  transform_param { scale: 0.00390625 }
+  data_param { source: "@DB@" batch_size: 100 backend: LMDB } }
 layer { name: "conv1" type: "Convolution" bottom: "data" top: "conv1"
   param { lr_mult: 1 } param { lr_mult: 2 }
   convolution_param { num_output: 20 kernel_size: 5 stride: 1

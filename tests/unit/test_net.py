@@ -325,3 +325,15 @@ def test_params_and_blobs_are_writable_in_place():
     out = net.forward(x=np.ones((4, 3)), y=np.ones((4, 2)))
     np.testing.assert_allclose(net.blobs["h"].data, 1.0)
     assert float(out["loss"]) == pytest.approx(0.0)
+
+
+def test_debug_info_logs_each_layer(caplog):
+    p = netparam(TINY.replace("name: 'tiny'", "name: 'tiny' debug_info: true"))
+    net = Net(p, pycaffe_mpi.TRAIN, seed=3)
+    with caplog.at_level("INFO", logger="pycaffe_mpi"):
+        net.forward(x=np.ones((4, 3)), y=np.ones((4, 2)))
+        net.backward()
+    text = caplog.text
+    assert "[Forward] Layer ip, top blob h data:" in text
+    assert "[Backward] Layer ip, bottom blob x diff" not in text  # ip takes no input gradient
+    assert "[Backward] Layer ip, param blob 0 diff:" in text
