@@ -4,6 +4,13 @@ Flags keep Caffe's names and defaults; ``--flag value``, ``--flag=value`` and gf
 ``-flag value`` all work. A mistake in a prototxt or a flag prints one ``error:`` line and exits 1,
 never a traceback.
 
+Under ``mpiexec -n N`` every rank runs this same command on its own part of the net (the
+``mpi_rank`` rules and the MPIBroadcast/MPIGather layers of the prototxt). ``--solver``,
+``--model``, ``--weights``, ``--snapshot`` and ``--gpu`` then take one value for every rank or a
+comma-separated list with one value per rank; a single ``--snapshot`` naming ``..._rank_<R>...``
+is read by each rank with its own rank put in. An error on any rank prints ``[rank r/n] error:
+...`` and ends the whole job at once (MPI Abort), so ``mpiexec`` exits non-zero.
+
 Environment variables read: none beyond what NumPy/OpenBLAS and MPI read themselves.
 """
 
@@ -11,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import signal
 import sys
 import time
@@ -99,6 +107,26 @@ def choose_backend(gpu_flag: str, solver_param: Any = None) -> backend_mod.Backe
     return backend_mod.CPU
 
 
+def per_rank(flag: str, value: str, rank: int, size: int, split_single: bool = True) -> str:
+    """MPI-Caffe's rule: one value for all ranks, or one comma-separated value per rank."""
+    if size <= 1 or not value:
+        return value
+    parts = value.split(",")
+    if len(parts) == size:
+        return parts[rank]
+    if len(parts) == 1 or not split_single:
+        return value
+    raise errors.PycaffeError(f"--{flag}: give either one value for all {size} MPI ranks or "
+                              f"one per rank ({size} comma-separated), got {len(parts)}")
+
+
+def _own_snapshot(path: str, rank: int, size: int) -> str:
+    """A single snapshot path naming some rank's file is read with this rank's number."""
+    if size <= 1:
+        return path
+    return re.sub(r"_rank_\d+(?=\.solverstate)", f"_rank_{rank}", path)
+
+
 def _install_signal_actions(solver: Any, sigint: str, sighup: str) -> None:
     pending: list[str] = []
 
@@ -114,12 +142,26 @@ def _install_signal_actions(solver: Any, sigint: str, sighup: str) -> None:
     def action() -> str:
         return pending.pop(0) if pending else "none"
 
+    comm = getattr(solver, "comm", None)
+    if comm is not None and comm.size > 1:
+        # every rank stops (or snapshots) at the same iteration, as rank 0 decides, or the
+        # collectives of the next iteration would wait forever
+        local = action
+
+        def action() -> str:
+            return comm.bcast_obj(local(), 0)
+
     solver.set_action_function(action)
 
 
-def cmd_train(args: argparse.Namespace) -> int:
+def cmd_train(args: argparse.Namespace, comm: Any) -> int:
     from pycaffe_mpi import solvers
 
+    rank, size = comm.rank, comm.size
+    args.solver = per_rank("solver", args.solver, rank, size)
+    args.weights = per_rank("weights", args.weights, rank, size, split_single=False)
+    args.snapshot = _own_snapshot(per_rank("snapshot", args.snapshot, rank, size), rank, size)
+    args.gpu = per_rank("gpu", args.gpu, rank, size)
     if not args.solver:
         raise errors.PycaffeError("train needs --solver (a solver prototxt)")
     if args.snapshot and args.weights:
@@ -132,7 +174,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         param.train_state.stage.extend(stages)
     backend = choose_backend(args.gpu, param)
     log.info("Using %s", f"GPU {backend.device_id}" if backend.is_gpu else "CPU")
-    solver = solvers.Solver(param, backend=backend)
+    solver = solvers.Solver(param, backend=backend, comm=comm)
     _install_signal_actions(solver, args.sigint_effect, args.sighup_effect)
     if args.weights:
         for w in args.weights.split(","):
@@ -148,9 +190,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_test(args: argparse.Namespace) -> int:
+def cmd_test(args: argparse.Namespace, comm: Any) -> int:
     from pycaffe_mpi.net import Net
 
+    args.model = per_rank("model", args.model, comm.rank, comm.size)
+    args.weights = per_rank("weights", args.weights, comm.rank, comm.size, split_single=False)
+    args.gpu = per_rank("gpu", args.gpu, comm.rank, comm.size)
     if not args.model:
         raise errors.PycaffeError("test needs --model (a net prototxt)")
     if not args.weights:
@@ -158,7 +203,7 @@ def cmd_test(args: argparse.Namespace) -> int:
     backend = choose_backend(args.gpu)
     stages = [s for s in args.stage.split(",") if s]
     net = Net(args.model, _phase(args.phase, TEST), weights=args.weights or None,
-              level=args.level, stages=stages, backend=backend)
+              level=args.level, stages=stages, backend=backend, comm=comm)
     log.info("Running for %d iterations.", args.iterations)
     sums: list[float] = []
     names: list[tuple[str, int]] = []
@@ -188,15 +233,17 @@ def cmd_test(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_time(args: argparse.Namespace) -> int:
+def cmd_time(args: argparse.Namespace, comm: Any) -> int:
     from pycaffe_mpi.net import Net
 
+    args.model = per_rank("model", args.model, comm.rank, comm.size)
+    args.gpu = per_rank("gpu", args.gpu, comm.rank, comm.size)
     if not args.model:
         raise errors.PycaffeError("time needs --model (a net prototxt)")
     backend = choose_backend(args.gpu)
     stages = [s for s in args.stage.split(",") if s]
     net = Net(args.model, _phase(args.phase, TRAIN), level=args.level, stages=stages,
-              backend=backend)
+              backend=backend, comm=comm)
     sync = backend.synchronize
     try:
         log.info("Performing Forward")
@@ -243,7 +290,7 @@ def cmd_time(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_device_query(args: argparse.Namespace) -> int:
+def cmd_device_query(args: argparse.Namespace, comm: Any) -> int:
     log.info("CPU: NumPy %s", np.__version__)
     n = backend_mod.gpu_count()
     if not n:
@@ -271,15 +318,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not isinstance(level, int):
         print(f'error: --log_level "{args.log_level}" is not a level', file=sys.stderr)
         return 2
-    log_mod.setup(level=level)
+    from pycaffe_mpi import comm as comm_mod
+
+    comm = comm_mod.world()
+    log_mod.setup(comm.rank, comm.size, level=level)
+    comm_mod.abort_on_uncaught_exceptions(comm)
+    if comm.size > 1:
+        log.info("MPI: %d processes; this is rank %d", comm.size, comm.rank)
+    tag = f"[rank {comm.rank}/{comm.size}] " if comm.size > 1 else ""
     try:
-        return _DISPATCH[args.command](args)
+        return _DISPATCH[args.command](args, comm)
     except errors.PycaffeError as e:
-        log.error("%s", e)
-        print(f"error: {e}", file=sys.stderr)
+        print(f"{tag}error: {e}", file=sys.stderr, flush=True)
+        if comm.size > 1:  # the other ranks may be waiting in a collective: end the job
+            comm.abort(1)
         return 1
     except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
+        print(f"{tag}error: interrupted", file=sys.stderr, flush=True)
+        if comm.size > 1:
+            comm.abort(130)
         return 130
 
 

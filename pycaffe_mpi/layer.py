@@ -98,6 +98,11 @@ class Layer:
         _set_rng_state(self.rng, json.loads(state))
 
     # -- hooks ---------------------------------------------------------------------------------
+    def sync_flag(self, flag: bool) -> bool:
+        """Agree on a backward flag with the other ranks sharing this layer (comm layers
+        override this with a collective); a local layer keeps its own flag."""
+        return flag
+
     def allow_force_backward(self, bottom_index: int) -> bool:
         return True
 

@@ -2,8 +2,9 @@
 
 Lines look like ``I1128 02:28:11.123456 12345 solver.py:218] Iteration 100, loss = 0.5``.
 Library code logs through ``logging.getLogger("pycaffe_mpi")``; the CLI calls :func:`setup`.
-Under MPI, :func:`setup` is given the rank: rank 0 logs at INFO, other ranks only warnings and
-errors, each tagged ``[rank r/n]`` (the ``--log_all_ranks`` style is a ``level`` argument).
+Under MPI, :func:`setup` is given the rank and size: every line is tagged ``[rank r/n]``; rank 0
+logs everything at INFO, other ranks their warnings and errors plus the lines that report what
+their own net computes (records logged with ``extra={"all_ranks": True}``: net outputs, losses).
 """
 
 from __future__ import annotations
@@ -34,14 +35,20 @@ class GlogFormatter(logging.Formatter):
         return head + self.rank_tag + msg
 
 
+def _own_lines(record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.WARNING or bool(getattr(record, "all_ranks", False))
+
+
 def setup(rank: int = 0, size: int = 1, level: int | None = None,
           stream: object = None) -> logging.Logger:
     """Send the package's log to stderr (as glog does) in Caffe's line format."""
     tag = f"[rank {rank}/{size}] " if size > 1 else ""
     if level is None:
-        level = logging.INFO if rank == 0 else logging.WARNING
+        level = logging.INFO
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(GlogFormatter(tag))
+    if rank != 0:
+        handler.addFilter(_own_lines)
     LOGGER.handlers[:] = [handler]
     LOGGER.setLevel(level)
     LOGGER.propagate = False

@@ -61,9 +61,10 @@ def upgrade_input_fields(param: Any) -> None:
     del param.input_dim[:]
 
 
-def state_meets_rule(state: Any, rule: Any, layer_name: str, rank: int | None = None) -> bool:
-    """Caffe's ``StateMeetsRule`` plus the MPI rank test (evaluated first)."""
-    if len(rule.mpi_rank) and (rank if rank is not None else 0) not in rule.mpi_rank:
+def state_meets_rule(state: Any, rule: Any, layer_name: str, rank: int | None = 0) -> bool:
+    """Caffe's ``StateMeetsRule`` plus the MPI rank test (evaluated first; skipped for
+    ``rank=None``)."""
+    if rank is not None and len(rule.mpi_rank) and rank not in rule.mpi_rank:
         return False
     if rule.HasField("phase") and rule.phase != state.phase:
         return False
@@ -77,7 +78,17 @@ def state_meets_rule(state: Any, rule: Any, layer_name: str, rank: int | None = 
     return not any(s in stages for s in rule.not_stage)
 
 
-def filter_net(param: Any, state: Any, rank: int | None = None,
+def layer_kept(lp: Any, state: Any, rank: int | None, loc: str = "") -> bool:
+    """Caffe's FilterNet decision for one layer (include XOR exclude rules)."""
+    if len(lp.include) and len(lp.exclude):
+        raise errors.NetError(f"{errors.layer_where(lp, loc)}: specify either include rules "
+                              "or exclude rules; not both")
+    if len(lp.include):
+        return any(state_meets_rule(state, r, lp.name, rank) for r in lp.include)
+    return not any(state_meets_rule(state, r, lp.name, rank) for r in lp.exclude)
+
+
+def filter_net(param: Any, state: Any, rank: int | None = 0,
                locations: Sequence[str] = ()) -> tuple[Any, list[str]]:
     """The layers of ``param`` kept for ``state`` (and MPI ``rank``), with their locations."""
     out = caffe_pb2.NetParameter()
@@ -86,17 +97,77 @@ def filter_net(param: Any, state: Any, rank: int | None = None,
     kept_locs = []
     for i, lp in enumerate(param.layer):
         loc = locations[i] if i < len(locations) else ""
-        if len(lp.include) and len(lp.exclude):
-            raise errors.NetError(f"{errors.layer_where(lp, loc)}: specify either include rules "
-                                  "or exclude rules; not both")
-        if len(lp.include):
-            keep = any(state_meets_rule(state, r, lp.name, rank) for r in lp.include)
-        else:
-            keep = not any(state_meets_rule(state, r, lp.name, rank) for r in lp.exclude)
-        if keep:
+        if layer_kept(lp, state, rank, loc):
             out.layer.add().CopyFrom(lp)
             kept_locs.append(loc)
     return out, kept_locs
+
+
+# -- MPI: groups of the comm layers ------------------------------------------------------------
+COMM_TYPES = ("MPIBroadcast", "MPIGather")
+
+
+def comm_groups(param: Any, state: Any, world_size: int,
+                locations: Sequence[str] = ()) -> list[tuple[Any, list[int], int, str]]:
+    """For every comm layer that exists on some rank for ``state``, in spec order:
+    ``(layer param, member world ranks, root world rank, location)``.
+
+    Members are the ranks that keep the layer, ordered as its ``include`` rules list them
+    (that order is the rank inside the group), the others in ascending order. The root
+    (``mpi_param.root``, a world rank) must be a member.
+    """
+    out = []
+    for i, lp in enumerate(param.layer):
+        if lp.type not in COMM_TYPES:
+            continue
+        loc = locations[i] if i < len(locations) else ""
+        kept = [r for r in range(world_size) if layer_kept(lp, state, r, loc)]
+        if not kept:
+            continue
+        listed = [r for rule in lp.include for r in rule.mpi_rank if r in kept]
+        members = list(dict.fromkeys(listed)) + [r for r in kept if r not in listed]
+        root = int(lp.mpi_param.root)
+        if root not in members:
+            raise errors.NetError(
+                f"{errors.layer_where(lp, loc)}, field mpi_param.root: root {root} is not a "
+                f"member of the layer's group (world ranks {members}); give one of those ranks")
+        out.append((lp, members, root, loc))
+    return out
+
+
+def comm_digest(groups: Sequence[tuple[Any, list[int], int, str]]) -> list[tuple]:
+    """What every rank must agree on before the first collective: names, types, groups, roots."""
+    return [(lp.name, lp.type, tuple(m), root) for lp, m, root, _ in groups]
+
+
+def check_digests(digests: Sequence[list[tuple]]) -> None:
+    """Raise, naming the first difference, unless every rank's comm-layer sequence agrees."""
+    ref = digests[0]
+    for r, d in enumerate(digests[1:], start=1):
+        if d == ref:
+            continue
+        for k in range(max(len(ref), len(d))):
+            a = ref[k] if k < len(ref) else None
+            b = d[k] if k < len(d) else None
+            if a != b:
+                def show(x: tuple | None) -> str:
+                    return ("nothing" if x is None else
+                            f'{x[1]} "{x[0]}" (group {list(x[2])}, root {x[3]})')
+                raise errors.NetError(
+                    f"the ranks' nets disagree at comm layer #{k}: rank 0 has {show(a)}, rank "
+                    f"{r} has {show(b)}; every rank must see the same MPIBroadcast/MPIGather "
+                    "layers in the same order (use one prototxt for all ranks)")
+
+
+def strip_for_rank(param: Any, rank: int) -> None:
+    """Off the root, MPIBroadcast loses its bottoms (a source) and MPIGather its tops (a sink)."""
+    for lp in param.layer:
+        if lp.type == "MPIBroadcast" and rank != lp.mpi_param.root:
+            del lp.bottom[:]
+            del lp.propagate_down[:]
+        elif lp.type == "MPIGather" and rank != lp.mpi_param.root:
+            del lp.top[:]
+            del lp.loss_weight[:]
 
 
 def _split_layer_name(blob: str, layer: str, idx: int) -> str:
@@ -174,8 +245,10 @@ class Net:
         level, stages: the NetState level and stages.
         backend: where arrays live (default CPU); dtype: float32 (default) or float64.
         seed: seeds every layer's random generator (fillers, dropout, data order); None = random.
-        rank: the MPI world rank used by ``mpi_rank`` rules (0 when not under MPI).
-        ctx: run-time context passed to layers (the MPI communicator lives there).
+        rank: the MPI world rank used by ``mpi_rank`` rules (default: ``comm``'s rank, else 0).
+        comm: the world communicator (:mod:`pycaffe_mpi.comm`); needed by nets with
+            MPIBroadcast/MPIGather layers (default: ``comm.world()``).
+        ctx: run-time context passed to layers.
         source_path, locations: where ``model`` (a NetParameter) came from and the "file:line"
             of each of its layers, for error messages.
     """
@@ -193,6 +266,7 @@ class Net:
         dtype: Any = np.float32,
         seed: int | None = None,
         rank: int | None = None,
+        comm: Any = None,
         ctx: Any = None,
         source_path: str | None = None,
         locations: Sequence[str] | None = None,
@@ -205,7 +279,8 @@ class Net:
         self.dtype = np.dtype(dtype)
         self.phase = int(phase)
         self.ctx = ctx
-        self.rank = rank
+        self.comm = comm
+        self.rank = rank if rank is not None else (comm.rank if comm is not None else 0)
         if isinstance(model, (str, os.PathLike)):
             source_path = str(model)
             param, locations = prototxt.read_net(source_path)
@@ -230,7 +305,11 @@ class Net:
             state.level = level
         for s in stages or ():
             state.stage.append(s)
-        filtered, locations = filter_net(param, state, rank, locations)
+        self._groups: dict[str, tuple[Any, int]] = {}
+        if any(lp.type in COMM_TYPES for lp in param.layer):
+            self._make_groups(param, state, locations)
+        filtered, locations = filter_net(param, state, self.rank, locations)
+        strip_for_rank(filtered, self.rank)
         filtered, locations = insert_splits(filtered, locations)
         self.param = filtered
         self.name = filtered.name
@@ -241,6 +320,22 @@ class Net:
                 self.copy_trained_layers_from(w)
 
     # -- construction -------------------------------------------------------------------------
+    def _make_groups(self, param: Any, state: Any, locations: Sequence[str]) -> None:
+        """Agree on the comm layers across ranks, then create one communicator per layer
+        (collective on every rank, in spec order, even where the layer is pruned)."""
+        if self.comm is None:
+            from pycaffe_mpi import comm as comm_mod
+
+            self.comm = comm_mod.world()
+        groups = comm_groups(param, state, self.comm.size, locations)
+        check_digests(self.comm.allgather_obj(comm_digest(groups)))
+        for lp, members, root, _ in groups:
+            group = self.comm.create_group(members)
+            if group is not None:
+                self._groups[lp.name] = (group, members.index(root))
+                log.debug("Layer %s: MPI group of %d members, root %d", lp.name, len(members),
+                          root)
+
     def _build(self, param: Any, locations: Sequence[str], seed: int | None) -> None:
         self.layers: list[Layer] = []
         self.layer_names: list[str] = []
@@ -270,6 +365,8 @@ class Net:
             layer = cls(lp, phase=self.phase, backend=self.backend, dtype=self.dtype,
                         rng=np.random.default_rng(seeds[i]), ctx=self.ctx)
             layer.location = loc
+            if lp.name in self._groups:  # comm layers get their group and its root
+                layer.comm, layer.comm_root = self._groups[lp.name]
             bottoms = []
             for b in lp.bottom:
                 bottoms.append(self.blobs[b])
@@ -384,7 +481,8 @@ class Net:
                                       f"must be given once per bottom ({len(lp.bottom)})")
             bneed = [need_blob.get(b, False) and (not pdown or pdown[j])
                      for j, b in enumerate(lp.bottom)]
-            need = any(bneed) or any(getattr(layer, "param_propagate_down", []))
+            # comm layers agree on the flag across their group (a collective on members)
+            need = layer.sync_flag(any(bneed)) or any(getattr(layer, "param_propagate_down", []))
             self.layer_need_backward[i] = need
             self.bottom_need_backward.append(bneed)
             for t in lp.top:
@@ -400,6 +498,8 @@ class Net:
                     contributes = True
                 if t not in skip_backp:
                     skip_down = False
+            contributes = layer.sync_flag(contributes)
+            skip_down = not layer.sync_flag(not skip_down)
             if self.layer_need_backward[i] and skip_down:
                 self.layer_need_backward[i] = False
                 self.bottom_need_backward[i] = [False] * len(lp.bottom)

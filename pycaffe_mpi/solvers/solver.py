@@ -133,7 +133,9 @@ class Solver:
             initial weights) instead of ``random_seed + rank``.
         seed_offset: an explicit offset added to ``random_seed`` (overrides the two above).
         backend: where arrays live (default: the CPU); dtype: float32 (default) or float64.
-        ctx: run-time context handed to the nets (the MPI communicator lives there).
+        ctx: run-time context handed to the nets' layers.
+        comm: the world communicator (:mod:`pycaffe_mpi.comm`); gives ``rank`` and ``size``
+            and carries the nets' MPIBroadcast/MPIGather layers.
         log: the logger (default ``logging.getLogger("pycaffe_mpi")``).
 
     Attributes:
@@ -158,6 +160,7 @@ class Solver:
         backend: Any = None,
         dtype: Any = np.float32,
         ctx: Any = None,
+        comm: Any = None,
         log: logging.Logger | None = None,
     ) -> None:
         self.log = log or LOGGER
@@ -171,6 +174,9 @@ class Solver:
         self.param = param
         self.iter = 0
         self.current_step = 0
+        self.comm = comm
+        if comm is not None:
+            rank, size = comm.rank, comm.size
         self.rank, self.size = int(rank), int(size)
         self.backend = backend
         self.dtype = np.dtype(dtype)
@@ -206,7 +212,8 @@ class Solver:
 
     # -- construction --------------------------------------------------------------------------
     def _net_kwargs(self) -> dict[str, Any]:
-        kw: dict[str, Any] = {"dtype": self.dtype, "rank": self.rank, "ctx": self.ctx}
+        kw: dict[str, Any] = {"dtype": self.dtype, "rank": self.rank, "ctx": self.ctx,
+                              "comm": self.comm}
         if self.backend is not None:
             kw["backend"] = self.backend
         return kw
@@ -401,7 +408,8 @@ class Solver:
         if p.display and self.iter % p.display == 0:
             loss = self.net.forward_loss()
             self._update_smoothed_loss(loss, start_iter, p.average_loss)
-            self.log.info("Iteration %d, loss = %s", self.iter, _fmt(self.smoothed_loss))
+            self.log.info("Iteration %d, loss = %s", self.iter, _fmt(self.smoothed_loss),
+                          extra={"all_ranks": bool(self.net.output_blob_names)})
         if p.test_interval and self.iter % p.test_interval == 0:
             self.test_all()
         self.log.info("Optimization Done.")
@@ -501,7 +509,9 @@ class Solver:
             weight = float(net.blob_loss_weights.get(name, 0.0))
             for v in vals:
                 extra = f" (* {_fmt(weight)} = {_fmt(weight * v)} loss)" if weight else ""
-                self.log.info("    %s net output #%d: %s = %s%s", what, k, name, _fmt(v), extra)
+                # every rank prints the outputs its own net computes (log.setup lets them pass)
+                self.log.info("    %s net output #%d: %s = %s%s", what, k, name, _fmt(v), extra,
+                              extra={"all_ranks": True})
                 k += 1
 
     def test_all(self) -> None:

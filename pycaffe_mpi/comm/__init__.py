@@ -1,0 +1,273 @@
+"""Communication between MPI processes: the only package that imports mpi4py (lazily).
+
+:class:`Comm` is the small interface the net and the comm layers use. :class:`SelfComm` is the
+size-1 stand-in for single-process runs (no MPI needed); :class:`MPIComm` wraps an mpi4py
+communicator and moves arrays with the buffer (upper-case) methods on preallocated arrays, never
+by pickling; only small metadata (shapes, flags, digests) goes through the pickle methods.
+
+:func:`world` gives the world communicator: MPI's when the process was started by ``mpiexec``
+(or when asked for), the stand-in otherwise. Before MPI starts, :func:`world` sets MPICH's
+``MPIR_CVAR_ENABLE_HEAVY_YIELD=1`` (unless the user set it) so ranks waiting in a collective
+yield the CPU to computing ranks instead of spinning.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from pycaffe_mpi import backend as backend_mod
+
+# Environment variables a launcher sets in each rank it starts (MPICH/Hydra, PMIx, Open MPI).
+_LAUNCHER_VARS = ("PMI_RANK", "PMI_SIZE", "PMIX_RANK", "OMPI_COMM_WORLD_SIZE",
+                  "MPI_LOCALNRANKS")
+
+
+def launched_by_mpiexec() -> bool:
+    """True when this process was started by an MPI launcher."""
+    return any(v in os.environ for v in _LAUNCHER_VARS)
+
+
+class Comm:
+    """What the framework needs from a communicator.
+
+    Array methods take NumPy (or, with a CUDA-aware MPI, CuPy) arrays and work in place.
+    """
+
+    rank: int = 0
+    size: int = 1
+
+    def bcast(self, buf: Any, root: int) -> None:
+        """``buf`` on every rank becomes ``buf`` of ``root``."""
+        raise NotImplementedError
+
+    def reduce_sum(self, sendbuf: Any, recvbuf: Any, root: int) -> None:
+        """``recvbuf`` on ``root`` = Σ over ranks of ``sendbuf``."""
+        raise NotImplementedError
+
+    def gather(self, sendbuf: Any, recvbuf: Any, root: int) -> None:
+        """``recvbuf[i]`` on ``root`` = ``sendbuf`` of rank i (``recvbuf``: (size, *shape))."""
+        raise NotImplementedError
+
+    def scatter(self, sendbuf: Any, recvbuf: Any, root: int) -> None:
+        """``recvbuf`` on rank i = ``sendbuf[i]`` of ``root``."""
+        raise NotImplementedError
+
+    def bcast_obj(self, obj: Any, root: int) -> Any:
+        raise NotImplementedError
+
+    def allgather_obj(self, obj: Any) -> list[Any]:
+        raise NotImplementedError
+
+    def gather_obj(self, obj: Any, root: int) -> list[Any] | None:
+        raise NotImplementedError
+
+    def create_group(self, ranks: Sequence[int]) -> Comm | None:
+        """A communicator of ``ranks`` (in that order: ``ranks[i]`` gets group rank i).
+
+        Collective over this communicator: every rank calls it, members get the new
+        communicator and the others None.
+        """
+        raise NotImplementedError
+
+    def barrier(self) -> None:
+        raise NotImplementedError
+
+    def abort(self, code: int = 1) -> None:
+        """End every process of the job now."""
+        raise NotImplementedError
+
+    @property
+    def is_mpi(self) -> bool:
+        return False
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} rank {self.rank}/{self.size}>"
+
+
+def _copy(src: Any, dst: Any) -> None:
+    if dst is not src:
+        dst[...] = src
+
+
+class SelfComm(Comm):
+    """The size-1 stand-in: one process, every collective a local copy."""
+
+    def __init__(self) -> None:
+        self.rank, self.size = 0, 1
+
+    def bcast(self, buf: Any, root: int) -> None:
+        pass
+
+    def reduce_sum(self, sendbuf: Any, recvbuf: Any, root: int) -> None:
+        _copy(sendbuf, recvbuf)
+
+    def gather(self, sendbuf: Any, recvbuf: Any, root: int) -> None:
+        recvbuf[0, ...] = sendbuf
+
+    def scatter(self, sendbuf: Any, recvbuf: Any, root: int) -> None:
+        recvbuf[...] = sendbuf[0]
+
+    def bcast_obj(self, obj: Any, root: int) -> Any:
+        return obj
+
+    def allgather_obj(self, obj: Any) -> list[Any]:
+        return [obj]
+
+    def gather_obj(self, obj: Any, root: int) -> list[Any] | None:
+        return [obj]
+
+    def create_group(self, ranks: Sequence[int]) -> Comm | None:
+        return self if list(ranks) == [0] else None
+
+    def barrier(self) -> None:
+        pass
+
+    def abort(self, code: int = 1) -> None:
+        os._exit(code)
+
+
+class MPIComm(Comm):
+    """An mpi4py communicator behind the :class:`Comm` interface."""
+
+    def __init__(self, comm: Any) -> None:
+        self.comm = comm
+        self.rank = comm.Get_rank()
+        self.size = comm.Get_size()
+        self._cuda_aware: bool | None = None
+
+    @property
+    def is_mpi(self) -> bool:
+        return True
+
+    # NOTE: CuPy arrays go to MPI directly only when the MPI library is CUDA-aware; otherwise
+    # they are staged through host memory here.
+    def _host(self, arr: Any) -> tuple[Any, bool]:
+        if isinstance(arr, np.ndarray):
+            return arr, False
+        if self._cuda_aware is None:
+            self._cuda_aware = _mpi_is_cuda_aware()
+        if self._cuda_aware:
+            backend_mod.get_array_module(arr).cuda.get_current_stream().synchronize()
+            return arr, False
+        return backend_mod.to_host(arr), True
+
+    def bcast(self, buf: Any, root: int) -> None:
+        h, staged = self._host(buf)
+        self.comm.Bcast(h, root=root)
+        if staged:
+            buf[...] = backend_mod.get_array_module(buf).asarray(h)
+
+    def reduce_sum(self, sendbuf: Any, recvbuf: Any, root: int) -> None:
+        from mpi4py import MPI
+
+        s, _ = self._host(sendbuf)
+        s = np.ascontiguousarray(s)
+        if self.rank == root:
+            r, staged = self._host(recvbuf)
+            if r is s or (isinstance(r, np.ndarray) and np.shares_memory(r, s)):
+                self.comm.Reduce(MPI.IN_PLACE, r, op=MPI.SUM, root=root)
+            else:
+                self.comm.Reduce(s, r, op=MPI.SUM, root=root)
+            if staged:
+                recvbuf[...] = backend_mod.get_array_module(recvbuf).asarray(r)
+        else:
+            self.comm.Reduce(s, None, op=MPI.SUM, root=root)
+
+    def gather(self, sendbuf: Any, recvbuf: Any, root: int) -> None:
+        s, _ = self._host(sendbuf)
+        if self.rank == root:
+            r, staged = self._host(recvbuf)
+            self.comm.Gather(np.ascontiguousarray(s), r, root=root)
+            if staged:
+                recvbuf[...] = backend_mod.get_array_module(recvbuf).asarray(r)
+        else:
+            self.comm.Gather(np.ascontiguousarray(s), None, root=root)
+
+    def scatter(self, sendbuf: Any, recvbuf: Any, root: int) -> None:
+        r, staged = self._host(recvbuf)
+        if self.rank == root:
+            s, _ = self._host(sendbuf)
+            self.comm.Scatter(np.ascontiguousarray(s), r, root=root)
+        else:
+            self.comm.Scatter(None, r, root=root)
+        if staged:
+            recvbuf[...] = backend_mod.get_array_module(recvbuf).asarray(r)
+
+    def bcast_obj(self, obj: Any, root: int) -> Any:
+        return self.comm.bcast(obj, root=root)
+
+    def allgather_obj(self, obj: Any) -> list[Any]:
+        return self.comm.allgather(obj)
+
+    def gather_obj(self, obj: Any, root: int) -> list[Any] | None:
+        return self.comm.gather(obj, root=root)
+
+    def create_group(self, ranks: Sequence[int]) -> Comm | None:
+        from mpi4py import MPI
+
+        group = self.comm.Get_group().Incl(list(ranks))
+        new = self.comm.Create(group)
+        group.Free()
+        return None if new == MPI.COMM_NULL else MPIComm(new)
+
+    def barrier(self) -> None:
+        self.comm.Barrier()
+
+    def abort(self, code: int = 1) -> None:
+        self.comm.Abort(code)
+
+
+def _mpi_is_cuda_aware() -> bool:
+    """Whether the MPI library takes device pointers (MPICH/Open MPI report it differently)."""
+    try:
+        from mpi4py import MPI
+
+        return bool(getattr(MPI, "Query_cuda_support", lambda: False)())
+    except Exception:
+        return False
+
+
+_WORLD: Comm | None = None
+
+
+def world(force_mpi: bool = False) -> Comm:
+    """The world communicator: MPI's under ``mpiexec`` (or ``force_mpi``), else SelfComm."""
+    global _WORLD
+    if _WORLD is None:
+        if force_mpi or launched_by_mpiexec():
+            os.environ.setdefault("MPIR_CVAR_ENABLE_HEAVY_YIELD", "1")
+            try:
+                from mpi4py import MPI
+            except ImportError as e:
+                raise ImportError("this process was started by mpiexec but mpi4py is not "
+                                  "installed: pip install -e '.[mpi]'") from e
+            _WORLD = MPIComm(MPI.COMM_WORLD)
+        else:
+            _WORLD = SelfComm()
+    return _WORLD
+
+
+def abort_on_uncaught_exceptions(comm: Comm) -> None:
+    """Make an unhandled exception on any rank print a rank-tagged message and abort the job,
+    so ``mpiexec`` exits non-zero within seconds instead of leaving the other ranks waiting."""
+    if comm.size <= 1:
+        return
+    previous = sys.excepthook
+
+    def hook(exc_type: type, exc: BaseException, tb: Any) -> None:
+        tag = f"[rank {comm.rank}/{comm.size}]"
+        text = "".join(traceback.format_exception(exc_type, exc, tb))
+        sys.stderr.write("".join(f"{tag} {line}\n" for line in text.rstrip().splitlines()))
+        sys.stderr.flush()
+        try:
+            comm.abort(1)
+        finally:
+            previous(exc_type, exc, tb)
+
+    sys.excepthook = hook
