@@ -13,8 +13,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from pycaffe_mpi.layer import TEST, TRAIN, Layer
-from pycaffe_mpi.registry import layer_type_list, register_layer
+from pycaffe_mpi import _threads
+
+# before NumPy (imported below) loads OpenBLAS: under mpiexec, share the cores between ranks
+_threads.share_cores_between_ranks()
+
+from pycaffe_mpi.layer import TEST, TRAIN, Layer  # noqa: E402
+from pycaffe_mpi.registry import layer_type_list, register_layer  # noqa: E402
 
 __version__ = "0.1.0"
 

@@ -11,7 +11,7 @@ comma-separated list with one value per rank; a single ``--snapshot`` naming ``.
 is read by each rank with its own rank put in. An error on any rank prints ``[rank r/n] error:
 ...`` and ends the whole job at once (MPI Abort), so ``mpiexec`` exits non-zero.
 
-Environment variables read: none beyond what NumPy/OpenBLAS and MPI read themselves.
+Environment: see ``ENVIRONMENT`` below (also printed by ``--help``).
 """
 
 from __future__ import annotations
@@ -37,6 +37,14 @@ log = logging.getLogger("pycaffe_mpi")
 COMMANDS = ("train", "test", "time", "device_query")
 _EFFECTS = ("stop", "snapshot", "none")
 
+ENVIRONMENT = """\
+environment:
+  Under an MPI launcher (mpiexec), unless you set them yourself:
+    OPENBLAS_NUM_THREADS / OMP_NUM_THREADS / MKL_NUM_THREADS = cores / ranks on the node
+    MPIR_CVAR_ENABLE_HEAVY_YIELD=1   (MPICH: waiting ranks yield the CPU instead of spinning)
+  Otherwise pycaffe-mpi reads no environment variables of its own.
+"""
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -44,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Caffe-compatible training and testing. Commands: train (train or finetune "
                     "a model), test (score a model), time (benchmark a model's execution time), "
                     "device_query (show device information).",
+        epilog=ENVIRONMENT,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("command", choices=COMMANDS, help="what to do")
     p.add_argument("--solver", default="", help="the solver prototxt (train)")
