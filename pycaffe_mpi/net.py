@@ -141,7 +141,8 @@ def comm_digest(groups: Sequence[tuple[Any, list[int], int, str]]) -> list[tuple
 
 
 def check_digests(digests: Sequence[list[tuple]]) -> None:
-    """Raise, naming the first difference, unless every rank's comm-layer sequence agrees."""
+    """Raise, naming the first difference, unless every rank's digest agrees (entry 0 is the
+    net's force_backward, which decides whether comm layers run backward; then the comm layers)."""
     ref = digests[0]
     for r, d in enumerate(digests[1:], start=1):
         if d == ref:
@@ -151,10 +152,15 @@ def check_digests(digests: Sequence[list[tuple]]) -> None:
             b = d[k] if k < len(d) else None
             if a != b:
                 def show(x: tuple | None) -> str:
-                    return ("nothing" if x is None else
-                            f'{x[1]} "{x[0]}" (group {list(x[2])}, root {x[3]})')
+                    if x is None:
+                        return "nothing"
+                    if len(x) == 2:
+                        return f"{x[0]}: {x[1]}"
+                    return f'{x[1]} "{x[0]}" (group {list(x[2])}, root {x[3]})'
+
+                what = "on force_backward" if k == 0 else f"at comm layer #{k - 1}"
                 raise errors.NetError(
-                    f"the ranks' nets disagree at comm layer #{k}: rank 0 has {show(a)}, rank "
+                    f"the ranks' nets disagree {what}: rank 0 has {show(a)}, rank "
                     f"{r} has {show(b)}; every rank must see the same MPIBroadcast/MPIGather "
                     "layers in the same order (use one prototxt for all ranks)")
 
@@ -305,7 +311,7 @@ class Net:
             state.level = level
         for s in stages or ():
             state.stage.append(s)
-        self._groups: dict[str, tuple[Any, int]] = {}
+        self._groups: dict[str, tuple[Any, int, list[int]]] = {}
         if any(lp.type in COMM_TYPES for lp in param.layer):
             self._make_groups(param, state, locations)
         filtered, locations = filter_net(param, state, self.rank, locations)
@@ -328,11 +334,12 @@ class Net:
 
             self.comm = comm_mod.world()
         groups = comm_groups(param, state, self.comm.size, locations)
-        check_digests(self.comm.allgather_obj(comm_digest(groups)))
+        digest = [("force_backward", bool(param.force_backward)), *comm_digest(groups)]
+        check_digests(self.comm.allgather_obj(digest))
         for lp, members, root, _ in groups:
             group = self.comm.create_group(members)
             if group is not None:
-                self._groups[lp.name] = (group, members.index(root))
+                self._groups[lp.name] = (group, members.index(root), members)
                 log.debug("Layer %s: MPI group of %d members, root %d", lp.name, len(members),
                           root)
 
@@ -366,7 +373,7 @@ class Net:
                         rng=np.random.default_rng(seeds[i]), ctx=self.ctx)
             layer.location = loc
             if lp.name in self._groups:  # comm layers get their group and its root
-                layer.comm, layer.comm_root = self._groups[lp.name]
+                layer.comm, layer.comm_root, layer.comm_ranks = self._groups[lp.name]
             bottoms = []
             for b in lp.bottom:
                 bottoms.append(self.blobs[b])

@@ -17,6 +17,7 @@ _FAMILIES = (
     "pycaffe_mpi.layers.loss",
     "pycaffe_mpi.layers.data",
     "pycaffe_mpi.layers.python",
+    "pycaffe_mpi.layers.comm",
 )
 _loaded = False
 
