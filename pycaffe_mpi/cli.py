@@ -68,6 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu", default="", help="a GPU id to run on (overrides solver_mode); "
                    "empty means the CPU unless the solver says GPU")
     p.add_argument("--iterations", type=int, default=50, help="batches for test and time")
+    p.add_argument("--same_seed", action="store_true",
+                   help="train under MPI: seed every rank with the solver's random_seed "
+                   "(default: random_seed + rank, so replicated branches start different); "
+                   "bagging from the same initial weights needs it")
     p.add_argument("--sigint_effect", default="stop", choices=_EFFECTS,
                    help="what Ctrl-C does while training (default stop)")
     p.add_argument("--sighup_effect", default="snapshot", choices=_EFFECTS,
@@ -184,7 +188,8 @@ def cmd_train(args: argparse.Namespace, comm: Any) -> int:
         param.train_state.stage.extend(stages)
     backend = choose_backend(args.gpu, param)
     log.info("Using %s", f"GPU {backend.device_id}" if backend.is_gpu else "CPU")
-    solver = solvers.Solver(param, backend=backend, comm=comm)
+    solver = solvers.Solver(param, backend=backend, comm=comm,
+                            same_seed_all_ranks=args.same_seed)
     _install_signal_actions(solver, args.sigint_effect, args.sighup_effect)
     if args.weights:
         for w in args.weights.split(","):

@@ -21,6 +21,7 @@ from __future__ import annotations
 import collections
 import logging
 import os
+import zlib
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -360,7 +361,10 @@ class Net:
         self.params: collections.OrderedDict[str, list[Blob]] = collections.OrderedDict()
         self.inputs: list[str] = []
         available: dict[str, None] = {}
-        seeds = np.random.SeedSequence(seed).spawn(len(param.layer))
+        # NOTE: a layer's generator is seeded by (seed, layer name), not by its position, so a
+        # layer draws the same initial weights wherever it sits: in a rank's pruned net or in the
+        # single-process net, with or without other layers before it.
+        entropy = np.random.SeedSequence(seed).entropy
         if len({lp.name for lp in param.layer}) != len(param.layer):
             seen: set[str] = set()
             dup = next(lp.name for lp in param.layer if lp.name in seen or seen.add(lp.name))
@@ -370,7 +374,7 @@ class Net:
             cls = registry.layer_class(lp.type, errors.layer_where(lp, loc))
             lp.phase = self.phase
             layer = cls(lp, phase=self.phase, backend=self.backend, dtype=self.dtype,
-                        rng=np.random.default_rng(seeds[i]), ctx=self.ctx)
+                        rng=_layer_rng(entropy, lp.name), ctx=self.ctx)
             layer.location = loc
             if lp.name in self._groups:  # comm layers get their group and its root
                 layer.comm, layer.comm_root, layer.comm_ranks = self._groups[lp.name]
@@ -732,6 +736,12 @@ class Net:
     def __repr__(self) -> str:
         return f"<Net {self.name!r} phase={'TRAIN' if self.phase == TRAIN else 'TEST'} " \
                f"layers={len(self.layers)}>"
+
+
+def _layer_rng(entropy: int, name: str) -> np.random.Generator:
+    """The random generator of the layer called ``name`` in a net seeded with ``entropy``."""
+    return np.random.default_rng(np.random.SeedSequence(entropy, spawn_key=(zlib.crc32(
+        name.encode()),)))
 
 
 def _legacy_shape(shape: Sequence[int]) -> tuple[int, ...]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 import traceback
 from collections.abc import Sequence
 from typing import Any
@@ -220,6 +221,9 @@ class MPIComm(Comm):
         self.comm.Barrier()
 
     def abort(self, code: int = 1) -> None:
+        # NOTE: the launcher's proxies die with the job and drop output not yet forwarded (MPICH's
+        # Hydra lost the failing rank's message in ~1 run of 4); a moment first lets them drain.
+        time.sleep(0.2)
         self.comm.Abort(code)
 
 

@@ -178,6 +178,8 @@ LAYER_PARAM_NUMBERS = {
 
 def _label(fd: descriptor.FieldDescriptor) -> int:
     """The field's label; protobuf 7 dropped ``FieldDescriptor.label`` for ``is_repeated``."""
+    if hasattr(fd, "label"):
+        return fd.label
     if fd.is_repeated:
         return descriptor.FieldDescriptor.LABEL_REPEATED
     if fd.is_required:

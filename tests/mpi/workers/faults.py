@@ -1,0 +1,80 @@
+"""Fault injection for the MPI failure tests: a pycaffe Python layer that breaks one rank.
+
+Used from a prototxt (with this directory on ``PYTHONPATH``)::
+
+    layer { name: "fault" type: "Python" bottom: "x" top: "y"
+            python_param { module: "faults" layer: "Fault"
+                           param_str: '{"rank": 1, "phase": "forward", "iter": 2}' } }
+
+The layer is an identity (y = x, dx = dy) on every rank except world rank ``rank``, where it
+fails once, in ``phase``:
+
+- ``setup``: raises in ``setup`` (while the other ranks build their nets and meet in the comm
+  layers' collectives);
+- ``forward`` / ``backward``: raises in the ``iter``-th (0-based) forward / backward call;
+- ``snapshot``: makes ``pycaffe_mpi.io.write_proto_binary`` raise ``OSError`` on that rank, so
+  its first snapshot fails (as a full disk or a vanished directory would);
+- ``kill``: the process kills itself with SIGKILL in the ``iter``-th forward (no message, no
+  clean-up: what the OOM killer or a node failure does);
+- ``none``: never fails (the reference run).
+
+The errors are plain ``RuntimeError``/``OSError``, not pycaffe errors, so the CLI's last line of
+defence (the excepthook that prints a rank-tagged traceback and calls MPI Abort) is exercised.
+"""
+
+import json
+import os
+import signal
+
+import caffe
+
+from pycaffe_mpi import comm as comm_mod
+from pycaffe_mpi import io as io_mod
+
+PHASES = ("none", "setup", "forward", "backward", "snapshot", "kill")
+
+
+class Fault(caffe.Layer):
+    """Identity, except that it fails on one rank in one phase (see the module docstring)."""
+
+    def setup(self, bottom, top):
+        p = json.loads(self.param_str)
+        self.fail_rank = int(p["rank"])
+        self.fail_phase = p["phase"]
+        self.fail_iter = int(p.get("iter", 0))
+        if self.fail_phase not in PHASES:
+            raise ValueError(f"phase must be one of {PHASES}, got {self.fail_phase!r}")
+        world = comm_mod.world()
+        self.tag = f"[rank {world.rank}/{world.size}]"
+        self.mine = world.rank == self.fail_rank
+        self.forwards = self.backwards = 0
+        if not self.mine:
+            return
+        if self.fail_phase == "setup":
+            raise RuntimeError(f"injected fault in setup on {self.tag}")
+        if self.fail_phase == "snapshot":
+            tag = self.tag
+
+            def broken_write(path, message):
+                raise OSError(f"injected fault: cannot write snapshot {path} on {tag}")
+
+            io_mod.write_proto_binary = broken_write
+
+    def reshape(self, bottom, top):
+        top[0].reshape(*bottom[0].data.shape)
+
+    def forward(self, bottom, top):
+        if self.mine and self.forwards == self.fail_iter:
+            if self.fail_phase == "forward":
+                raise RuntimeError(f"injected fault in forward #{self.forwards} on {self.tag}")
+            if self.fail_phase == "kill":
+                os.kill(os.getpid(), signal.SIGKILL)
+        self.forwards += 1
+        top[0].data[...] = bottom[0].data
+
+    def backward(self, top, propagate_down, bottom):
+        if self.mine and self.fail_phase == "backward" and self.backwards == self.fail_iter:
+            raise RuntimeError(f"injected fault in backward #{self.backwards} on {self.tag}")
+        self.backwards += 1
+        if propagate_down[0]:
+            bottom[0].diff[...] = top[0].diff
