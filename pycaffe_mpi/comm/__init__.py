@@ -59,6 +59,10 @@ class Comm:
         """``recvbuf`` on rank i = ``sendbuf[i]`` of ``root``."""
         raise NotImplementedError
 
+    def allgather(self, sendbuf: Any, recvbuf: Any) -> None:
+        """``recvbuf[i]`` on every rank = ``sendbuf`` of rank i (``recvbuf``: (size, *shape))."""
+        raise NotImplementedError
+
     def bcast_obj(self, obj: Any, root: int) -> Any:
         raise NotImplementedError
 
@@ -113,6 +117,9 @@ class SelfComm(Comm):
 
     def scatter(self, sendbuf: Any, recvbuf: Any, root: int) -> None:
         recvbuf[...] = sendbuf[0]
+
+    def allgather(self, sendbuf: Any, recvbuf: Any) -> None:
+        recvbuf[0, ...] = sendbuf
 
     def bcast_obj(self, obj: Any, root: int) -> Any:
         return obj
@@ -197,6 +204,13 @@ class MPIComm(Comm):
             self.comm.Scatter(np.ascontiguousarray(s), r, root=root)
         else:
             self.comm.Scatter(None, r, root=root)
+        if staged:
+            recvbuf[...] = backend_mod.get_array_module(recvbuf).asarray(r)
+
+    def allgather(self, sendbuf: Any, recvbuf: Any) -> None:
+        s, _ = self._host(sendbuf)
+        r, staged = self._host(recvbuf)
+        self.comm.Allgather(np.ascontiguousarray(s), r)
         if staged:
             recvbuf[...] = backend_mod.get_array_module(recvbuf).asarray(r)
 

@@ -186,9 +186,18 @@ class MPIGather(_CommLayer):
         # (size, *shape) on the root: what Gather fills and Scatter sends (a Blob's memory,
         # reallocated only when it must grow)
         self._stack = self.new_blob((size, 0)) if self.is_root else None
+        # every member's [ndim, dims...], exchanged with one buffer Allgather per reshape
+        self._shape_out = np.zeros(MAX_AXES + 1, np.int64)
+        self._shapes_in = np.zeros((size, MAX_AXES + 1), np.int64)
 
     def reshape(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
-        shapes = self.comm.allgather_obj(tuple(bottom[0].shape))
+        shape = bottom[0].shape
+        self._shape_out[0] = len(shape) if len(shape) <= MAX_AXES else -1  # -1: all raise
+        self._shape_out[1:1 + len(shape[:MAX_AXES])] = shape[:MAX_AXES]
+        self.comm.allgather(self._shape_out, self._shapes_in)
+        if (self._shapes_in[:, 0] < 0).any():
+            self._fail_together([f"bottoms may have at most {MAX_AXES} axes"], "bottom")
+        shapes = [tuple(int(d) for d in row[1:1 + int(row[0])]) for row in self._shapes_in]
         if any(s != shapes[0] for s in shapes):
             self._fail_together([
                 "members' bottoms must have the same shape, got " + ", ".join(
