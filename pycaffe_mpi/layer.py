@@ -131,6 +131,19 @@ class Layer:
         return f"<{type(self).__name__} {self.name!r}>"
 
 
+def count_of(shape: Sequence[int], start: int = 0, end: int | None = None) -> int:
+    """Caffe's ``Blob::count(start, end)``: product of ``shape[start:end]``, 1 when empty."""
+    return int(np.prod(shape[start:end], dtype=np.int64))
+
+
+def canonical_axis(layer: Layer, axis: int, num_axes: int, field: str) -> int:
+    """Caffe's ``CanonicalAxisIndex``: ``axis`` in [−num_axes, num_axes) made non-negative;
+    out of range is the layer's error on ``field``."""
+    layer.require(-num_axes <= axis < num_axes, field,
+                  f"axis {axis} out of range for a {num_axes}-D bottom")
+    return axis + num_axes if axis < 0 else axis
+
+
 def _rng_state(rng: np.random.Generator) -> dict:
     return rng.bit_generator.state
 

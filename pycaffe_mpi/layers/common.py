@@ -14,22 +14,14 @@ from collections.abc import Sequence
 import numpy as np
 
 from pycaffe_mpi import fillers
+from pycaffe_mpi import layer as layer_mod
 from pycaffe_mpi.blob import Blob
 from pycaffe_mpi.kernels import softmax as softmax_kernel
 from pycaffe_mpi.layer import Layer
 from pycaffe_mpi.registry import register_layer
 
-
-def _count(shape: Sequence[int], start: int = 0, end: int | None = None) -> int:
-    """Product of ``shape[start:end]`` (Caffe's ``Blob::count(start, end)``); 1 when empty."""
-    return int(np.prod(shape[start:end], dtype=np.int64))
-
-
-def _canonical_axis(layer: Layer, axis: int, num_axes: int, field: str) -> int:
-    """Caffe's ``CanonicalAxisIndex``: ``axis`` in [−num_axes, num_axes) made non-negative."""
-    layer.require(-num_axes <= axis < num_axes, field,
-                  f"axis {axis} out of range for a {num_axes}-D bottom")
-    return axis + num_axes if axis < 0 else axis
+_count = layer_mod.count_of
+_canonical_axis = layer_mod.canonical_axis
 
 
 def _along(axis: int, start: int, stop: int) -> tuple[slice, ...]:

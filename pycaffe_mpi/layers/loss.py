@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from pycaffe_mpi import errors
+from pycaffe_mpi import layer as layer_mod
 from pycaffe_mpi.blob import Blob
 from pycaffe_mpi.kernels import softmax as softmax_kernel
 from pycaffe_mpi.layer import Layer
@@ -32,16 +33,8 @@ LOG_THRESHOLD = 1e-20  # MultinomialLogisticLoss's kLOG_THRESHOLD
 FULL, VALID, BATCH_SIZE, NONE = 0, 1, 2, 3
 
 
-def _count(shape: Sequence[int], start: int = 0, end: int | None = None) -> int:
-    """Caffe's ``Blob::count(start, end)``: product of ``shape[start:end]``, 1 when empty."""
-    return int(np.prod(shape[start:end], dtype=np.int64))
-
-
-def _canonical_axis(layer: Layer, axis: int, num_axes: int, field: str) -> int:
-    """Caffe's ``CanonicalAxisIndex``: ``axis`` in [−num_axes, num_axes) made non-negative."""
-    layer.require(-num_axes <= axis < num_axes, field,
-                  f"axis {axis} out of range for a {num_axes}-D bottom")
-    return axis + num_axes if axis < 0 else axis
+_count = layer_mod.count_of
+_canonical_axis = layer_mod.canonical_axis
 
 
 def _no_label_backward(layer: Layer, propagate_down: Sequence[bool]) -> None:
