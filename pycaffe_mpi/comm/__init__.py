@@ -276,7 +276,6 @@ def abort_on_uncaught_exceptions(comm: Comm) -> None:
     so ``mpiexec`` exits non-zero within seconds instead of leaving the other ranks waiting."""
     if comm.size <= 1:
         return
-    previous = sys.excepthook
 
     def hook(exc_type: type, exc: BaseException, tb: Any) -> None:
         tag = f"[rank {comm.rank}/{comm.size}]"
@@ -286,6 +285,8 @@ def abort_on_uncaught_exceptions(comm: Comm) -> None:
         try:
             comm.abort(1)
         finally:
-            previous(exc_type, exc, tb)
+            # NOTE: MPICH's Abort can return to the caller; the message is already out, so
+            # leave now rather than print an untagged second traceback
+            os._exit(1)
 
     sys.excepthook = hook
