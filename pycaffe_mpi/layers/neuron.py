@@ -9,10 +9,15 @@ overwritten by the top: it uses the top data (Sigmoid, TanH, ReLU) or a mask sav
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
 
 from pycaffe_mpi.blob import Blob
 from pycaffe_mpi.layer import TRAIN, Layer
 from pycaffe_mpi.registry import register_layer
+
+_BLOCK = 1 << 16  # elements per NumPy pass of ReLU (a block and its mask stay in the cache)
 
 
 class Neuron(Layer):
@@ -43,11 +48,29 @@ class ReLU(Neuron):
     def setup(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
         self.negative_slope = float(self.layer_param.relu_param.negative_slope)
         self._positive = None  # saved x > 0, only needed when the slope flips signs
+        self._scratch = None  # NumPy blocks: zeros, and the x > 0 mask
+
+    def _blocks(self, n: int, dtype: Any) -> tuple[Any, Any]:
+        """Zeros and a bool mask of ``min(n, _BLOCK)`` elements (NumPy only)."""
+        size = min(n, _BLOCK)
+        if self._scratch is None or self._scratch[0].size < size or \
+                self._scratch[0].dtype != dtype:
+            self._scratch = (np.zeros(size, dtype), np.empty(size, bool))
+        return self._scratch
 
     def forward(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
         xp, x, y = self.xp, bottom[0].data, top[0].data
         if self.negative_slope == 0.0:
-            xp.maximum(x, 0, out=y)
+            if xp is not np:
+                xp.maximum(x, 0, out=y)
+                return
+            # NOTE: NumPy's maximum has a SIMD loop for two arrays only (3x faster than against
+            # the scalar 0), so go block by block against a small cached array of zeros.
+            xf, yf = x.reshape(-1), y.reshape(-1)
+            zeros, _ = self._blocks(xf.size, xf.dtype)
+            for lo in range(0, xf.size, _BLOCK):
+                hi = min(lo + _BLOCK, xf.size)
+                np.maximum(xf[lo:hi], zeros[:hi - lo], out=yf[lo:hi])
             return
         positive = x > 0
         if self.negative_slope < 0.0:
@@ -61,13 +84,23 @@ class ReLU(Neuron):
     ) -> None:
         if not propagate_down[0]:
             return
+        xp, y, dy, dx = self.xp, top[0].data, top[0].diff, bottom[0].diff
+        if self.negative_slope == 0.0 and xp is np:
+            # NOTE: y > 0 exactly where x > 0, and y survives in place; in blocks so that the
+            # mask stays in the cache (no big temporary)
+            yf, dyf, dxf = y.reshape(-1), dy.reshape(-1), dx.reshape(-1)
+            _, mask = self._blocks(yf.size, yf.dtype)
+            for lo in range(0, yf.size, _BLOCK):
+                hi = min(lo + _BLOCK, yf.size)
+                np.greater(yf[lo:hi], 0, out=mask[:hi - lo])
+                np.multiply(dyf[lo:hi], mask[:hi - lo], out=dxf[lo:hi])
+            return
         # NOTE: for negative_slope >= 0, y > 0 exactly where x > 0, and y survives in place.
-        positive = self._positive if self.negative_slope < 0.0 else top[0].data > 0
-        dy = top[0].diff
+        positive = self._positive if self.negative_slope < 0.0 else y > 0
         if self.negative_slope == 0.0:
-            self.xp.multiply(dy, positive, out=bottom[0].diff)
+            xp.multiply(dy, positive, out=dx)
         else:
-            bottom[0].diff[...] = self.xp.where(positive, dy, dy * self.negative_slope)
+            dx[...] = xp.where(positive, dy, dy * self.negative_slope)
 
 
 @register_layer("Sigmoid")
