@@ -1,0 +1,39 @@
+"""End to end on real CIFAR-10 over 3 MPI ranks: the CIFAR10-Quick TreeNet trains and rank 0
+reports its test accuracy.
+
+Slow (about ten minutes on 2 cores): run with ``python -m pytest -m slow``. Needs
+``python tools/get_cifar10.py`` first; skips without the data or without MPI.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+from pycaffe_mpi.testing import mpirun
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.slow
+def test_cifar10_treenet_over_three_ranks(tmp_path):
+    if not (ROOT / "data" / "cifar10" / "cifar10_train_lmdb").is_dir():
+        pytest.skip("real CIFAR-10 not prepared (python tools/get_cifar10.py)")
+    reason = mpirun.mpi_unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    solver = tmp_path / "solver.prototxt"
+    text = (ROOT / "models" / "cifar10_mpi" / "solver.prototxt").read_text()
+    solver.write_text(text.replace('snapshot_prefix: "models/cifar10_mpi/cifar10_mpi"',
+                                   f'snapshot_prefix: "{tmp_path}/mpi"'))
+    out = mpirun.run_mpi(3, [sys.executable, "-m", "pycaffe_mpi.cli", "train", "--solver",
+                             str(solver)], timeout=3600, cwd=str(ROOT))
+    assert out.returncode == 0, out.stderr[-3000:]
+    acc = [float(a) for a in re.findall(r"\[rank 0/3\]\s+Test net output #0: accuracy = (\S+)",
+                                        out.stderr)]
+    assert acc and acc[-1] >= 0.70, acc
+    for r in range(3):
+        assert (tmp_path / f"mpi_iter_5000_rank_{r}.caffemodel").is_file()
