@@ -24,6 +24,17 @@ _count = layer_mod.count_of
 _canonical_axis = layer_mod.canonical_axis
 
 
+def _resolve_axis(layer: Layer, legacy_dim: int | None, axis: int, ndim: int, msg: str,
+                  legacy_field: str) -> int:
+    """The axis of Concat/Slice: the legacy ``*_dim`` (non-negative) when given, else ``axis``
+    (Caffe's canonical form; negative counts from the end)."""
+    if legacy_dim is None:
+        return _canonical_axis(layer, axis, ndim, f"{msg}.axis")
+    layer.require(legacy_dim < ndim, f"{msg}.{legacy_field}",
+                  f"{legacy_field} {legacy_dim} out of range for a {ndim}-D bottom")
+    return legacy_dim
+
+
 def _along(axis: int, start: int, stop: int) -> tuple[slice, ...]:
     """An index selecting ``start:stop`` on ``axis`` and everything on the axes before it."""
     return (slice(None),) * axis + (slice(start, stop),)
@@ -171,13 +182,8 @@ class Concat(Layer):
 
     def reshape(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
         shape0 = bottom[0].shape
-        if self.legacy_dim is not None:
-            self.require(self.legacy_dim < len(shape0), "concat_param.concat_dim",
-                         f"concat_dim {self.legacy_dim} out of range for a "
-                         f"{len(shape0)}-D bottom")
-            self.axis = self.legacy_dim
-        else:
-            self.axis = _canonical_axis(self, self.axis_param, len(shape0), "concat_param.axis")
+        self.axis = _resolve_axis(self, self.legacy_dim, self.axis_param, len(shape0),
+                                  "concat_param", "concat_dim")
         sizes = []
         for i, b in enumerate(bottom):
             same = len(b.shape) == len(shape0) and all(
@@ -228,12 +234,8 @@ class Slice(Layer):
 
     def reshape(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
         shape = bottom[0].shape
-        if self.legacy_dim is not None:
-            self.require(self.legacy_dim < len(shape), "slice_param.slice_dim",
-                         f"slice_dim {self.legacy_dim} out of range for a {len(shape)}-D bottom")
-            self.axis = self.legacy_dim
-        else:
-            self.axis = _canonical_axis(self, self.axis_param, len(shape), "slice_param.axis")
+        self.axis = _resolve_axis(self, self.legacy_dim, self.axis_param, len(shape),
+                                  "slice_param", "slice_dim")
         dim, n = shape[self.axis], len(top)
         if self.slice_point:
             self.require(len(self.slice_point) == n - 1, "slice_param.slice_point",

@@ -258,10 +258,15 @@ class AdaGradRule(UpdateRule):
         tmp = self._scratch.get(0, g)
         xp.multiply(g, g, out=tmp)
         h += tmp
-        xp.sqrt(h, out=tmp)
-        tmp += self.delta
-        xp.divide(g, tmp, out=g)
-        g *= local_rate
+        _divide_by_root(xp, g, h, tmp, self.delta, local_rate)
+
+
+def _divide_by_root(xp: Any, g: Any, h: Any, tmp: Any, delta: float, rate: float) -> None:
+    """g ← rate · g / (√h + delta), in place (``tmp`` is scratch the size of g)."""
+    xp.sqrt(h, out=tmp)
+    tmp += delta
+    xp.divide(g, tmp, out=g)
+    g *= rate
 
 
 class RMSPropRule(UpdateRule):
@@ -285,10 +290,7 @@ class RMSPropRule(UpdateRule):
         tmp *= 1.0 - r
         h *= r
         h += tmp
-        xp.sqrt(h, out=tmp)
-        tmp += self.delta
-        xp.divide(g, tmp, out=g)
-        g *= local_rate
+        _divide_by_root(xp, g, h, tmp, self.delta, local_rate)
 
 
 class AdaDeltaRule(UpdateRule):
