@@ -321,6 +321,12 @@ def cmd_device_query(args: argparse.Namespace, comm: Any) -> int:
     return 0
 
 
+def _say(line: str) -> None:
+    """One line to stderr in one write, so mpiexec never splits it from its newline."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
 _DISPATCH = {"train": cmd_train, "test": cmd_test, "time": cmd_time,
              "device_query": cmd_device_query}
 
@@ -344,12 +350,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return _DISPATCH[args.command](args, comm)
     except errors.PycaffeError as e:
-        print(f"{tag}error: {e}", file=sys.stderr, flush=True)
+        _say(f"{tag}error: {e}")
         if comm.size > 1:  # the other ranks may be waiting in a collective: end the job
             comm.abort(1)
         return 1
     except KeyboardInterrupt:
-        print(f"{tag}error: interrupted", file=sys.stderr, flush=True)
+        _say(f"{tag}error: interrupted")
         if comm.size > 1:
             comm.abort(130)
         return 130

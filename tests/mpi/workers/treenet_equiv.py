@@ -51,8 +51,11 @@ def main(solver_path: str, outdir: str, iters: int) -> None:
         with open(os.path.join(outdir, "losses.json"), "w") as f:
             json.dump(losses, f)
     comm.barrier()
-    print(f"OK treenet_equiv rank {rank}/{size} layers {','.join(solver.net.layer_names)}",
-          flush=True)
+    # NOTE: one write per line: print() writes the text and the newline separately, and
+    # mpiexec can interleave the ranks' writes between them
+    sys.stdout.write(f"OK treenet_equiv rank {rank}/{size} layers "
+                     f"{','.join(solver.net.layer_names)}\n")
+    sys.stdout.flush()
 
 
 if __name__ == "__main__":
