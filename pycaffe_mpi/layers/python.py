@@ -37,11 +37,14 @@ import importlib
 import importlib.util
 import os
 import sys
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
+from pycaffe_mpi import backend as backend_mod
 from pycaffe_mpi import errors
+from pycaffe_mpi.blob import Blob
 from pycaffe_mpi.layer import TRAIN, Layer
 from pycaffe_mpi.registry import register_layer
 
@@ -149,7 +152,10 @@ class PythonLayer(Layer):
             raise errors.NetError('a "Python" layer needs its LayerParameter (python_param)')
         user_cls = _user_class(param, "")
         obj = object.__new__(user_cls)
-        Layer.__init__(obj, param, phase, backend, dtype, rng, ctx)
+        on_device = backend is not None and backend.is_gpu
+        # NOTE: as in BVLC, user code sees host (NumPy) arrays even in a GPU net
+        Layer.__init__(obj, param, phase, backend_mod.CPU if on_device else backend, dtype,
+                       rng, ctx)
         if user_cls.__init__ is not Layer.__init__:
             # BVLC calls ``UserClass(layer_param)``; a user __init__ usually chains to the base
             # with that one argument, which would reset phase, dtype, device and rng.
@@ -158,4 +164,70 @@ class PythonLayer(Layer):
             obj.__dict__.update(saved)
         if not user_cls.type:
             obj.__dict__["type"] = "Python"  # instance-level: the class keeps its own
+        if on_device:
+            return HostLayerAdapter(obj, param, phase, backend, dtype, rng, ctx)
         return obj
+
+
+class HostLayerAdapter(Layer):
+    """Runs a user Python layer on host copies of its blobs inside a GPU net.
+
+    BVLC hands Python layers host memory whatever the mode; so does this adapter: bottoms are
+    copied device → host before the user's ``reshape``/``forward``, tops host → device after;
+    in backward, top diffs go to the host and the bottom diffs come back where
+    ``propagate_down``. The user layer's parameter blobs live on the host (the solver updates
+    them there).
+    """
+
+    type = "Python"
+
+    def __init__(self, inner: Layer, param: Any, phase: int, backend: Any, dtype: Any,
+                 rng: np.random.Generator | None, ctx: Any) -> None:
+        super().__init__(param, phase, backend, dtype, rng, ctx)
+        self.inner = inner
+        self.blobs = inner.blobs
+        self._bh: list[Blob] = []
+        self._th: list[Blob] = []
+
+    def setup(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
+        self.inner.location = self.location
+        self.inner.check_counts(len(bottom), len(top))
+        self._bh = [Blob((), self.dtype, backend_mod.CPU) for _ in bottom]
+        self._th = [Blob((), self.dtype, backend_mod.CPU) for _ in top]
+        self._to_host(bottom)
+        self.inner.setup(self._bh, self._th)
+
+    def _to_host(self, bottom: Sequence[Blob]) -> None:
+        for b, h in zip(bottom, self._bh):
+            h.reshape(b.shape)
+            h.data[...] = backend_mod.to_host(b.data)
+
+    def reshape(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
+        self._to_host(bottom)  # the user's reshape may look at the data
+        self.inner.reshape(self._bh, self._th)
+        for t, h in zip(top, self._th):
+            t.reshape(h.shape)
+
+    def forward(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
+        self.inner.forward(self._bh, self._th)
+        for t, h in zip(top, self._th):
+            t.reshape(h.shape)
+            t.data[...] = self.xp.asarray(h.data)
+
+    def backward(self, top: Sequence[Blob], propagate_down: Sequence[bool],
+                 bottom: Sequence[Blob]) -> None:
+        for t, h in zip(top, self._th):
+            h.diff[...] = backend_mod.to_host(t.diff)
+        self.inner.backward(self._th, propagate_down, self._bh)
+        for b, h, down in zip(bottom, self._bh, propagate_down):
+            if down:
+                b.diff[...] = self.xp.asarray(h.diff)
+
+    def allow_force_backward(self, bottom_index: int) -> bool:
+        return self.inner.allow_force_backward(bottom_index)
+
+    def get_state(self) -> bytes:
+        return self.inner.get_state()
+
+    def set_state(self, state: bytes) -> None:
+        self.inner.set_state(state)
