@@ -25,13 +25,10 @@ import numpy as np
 import pytest
 from google.protobuf import text_format
 
-from pycaffe_mpi import errors
+from pycaffe_mpi import errors, solvers
 from pycaffe_mpi.blob import Blob
 from pycaffe_mpi.layer import Layer
 from pycaffe_mpi.proto import caffe_pb2
-
-pytest.importorskip("pycaffe_mpi.net")
-from pycaffe_mpi import solvers
 
 N, C, H, W = 4, 3, 10, 10
 D = C * H * W
