@@ -133,7 +133,8 @@ def blobproto_to_array(blob: Any, return_diff: bool = False) -> np.ndarray:
     return arr.reshape(shape)
 
 
-def array_to_blobproto(arr: Any, diff: Any = None, legacy: bool = False) -> Any:
+def array_to_blobproto(arr: Any, diff: Any = None, legacy: bool = False,
+                       double: bool = False) -> Any:
     """A ``BlobProto`` holding ``arr`` (as float32 ``data``) and optionally ``diff``.
 
     Args:
@@ -142,6 +143,8 @@ def array_to_blobproto(arr: Any, diff: Any = None, legacy: bool = False) -> Any:
         legacy: write the 4-D legacy num/channels/height/width instead of ``shape`` (as Caffe's
             compute_image_mean does for mean files); ``arr`` must have at most 4 axes, padded on
             the left with 1s.
+        double: write ``double_data``/``double_diff`` (float64) instead, as Caffe's
+            ``Blob<double>`` does.
     """
     arr = np.asarray(arr)
     blob = caffe_pb2.BlobProto()
@@ -154,12 +157,14 @@ def array_to_blobproto(arr: Any, diff: Any = None, legacy: bool = False) -> Any:
         blob.shape.dim.extend(arr.shape)
     # NOTE: appending the packed wire bytes is ~100x faster than data.extend() on large blobs,
     # and parses to the very same message.
-    raw = _packed(_DATA, np.ascontiguousarray(arr, dtype="<f4").tobytes())
+    fmt, data_field, diff_field = ("<f8", _DOUBLE_DATA, _DOUBLE_DIFF) if double else \
+        ("<f4", _DATA, _DIFF)
+    raw = _packed(data_field, np.ascontiguousarray(arr, dtype=fmt).tobytes())
     if diff is not None:
         diff = np.asarray(diff)
         if diff.shape != arr.shape:
             raise errors.DataError(f"diff shape {diff.shape} differs from data shape {arr.shape}")
-        raw += _packed(_DIFF, np.ascontiguousarray(diff, dtype="<f4").tobytes())
+        raw += _packed(diff_field, np.ascontiguousarray(diff, dtype=fmt).tobytes())
     blob.MergeFromString(raw)
     return blob
 

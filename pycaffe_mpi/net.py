@@ -708,7 +708,8 @@ class Net:
             del dst.blobs[:]
             for b in layer.blobs:
                 diff = self.backend.to_host(b.diff) if write_diff else None
-                dst.blobs.add().CopyFrom(io.array_to_blobproto(self.backend.to_host(b.data), diff))
+                dst.blobs.add().CopyFrom(io.array_to_blobproto(
+                    self.backend.to_host(b.data), diff, double=self.dtype == np.float64))
         return out
 
     def save(self, path: str) -> None:

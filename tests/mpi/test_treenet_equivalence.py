@@ -121,7 +121,8 @@ def mpi_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _layers(path: Path) -> dict[str, list[np.ndarray]]:
-    """Layer name -> its parameter arrays, read from a .caffemodel (float32 ``data``)."""
+    """Layer name -> its parameter arrays, read from a .caffemodel (a float64 net writes
+    ``double_data``, so these are exact)."""
     param = io.read_proto_binary(str(path), caffe_pb2.NetParameter())
     return {lp.name: [io.blobproto_to_array(b) for b in lp.blobs]
             for lp in param.layer if len(lp.blobs)}
@@ -173,12 +174,12 @@ def test_ranks_start_from_different_branches(mpi_run: Path) -> None:
     """The default seeds (random_seed + rank) give each rank its own branch weights, and each
     rank's weights file holds exactly the layers of its pruned net."""
     inits = [_layers(mpi_run / f"init_rank_{r}.caffemodel") for r in range(RANKS)]
-    for r, w in enumerate(inits):  # net.save wrote the float64 weights as float32 data
+    for r, w in enumerate(inits):  # net.save wrote the float64 weights as double_data
         exact = _exact(mpi_run / f"init_rank_{r}.npz")
         assert set(exact) == set(w)
         for name, arrays in exact.items():
             for a, b in zip(arrays, w[name]):
-                np.testing.assert_array_equal(b, a.astype(np.float32))
+                np.testing.assert_array_equal(b, a)
     assert set(inits[0]) == {*TRUNK_LAYERS, *BRANCH_LAYERS}
     assert all(set(w) == set(BRANCH_LAYERS) for w in inits[1:])
     for a in range(RANKS):
@@ -209,7 +210,7 @@ def test_final_weights_match(mpi_run: Path, single_run: tuple[solvers.Solver, li
         assert len(ours) == len(final[name])
         for j, (got, want) in enumerate(zip(final[name], ours)):
             assert got.dtype == np.float64
-            np.testing.assert_array_equal(saved[name][j], got.astype(np.float32))
+            np.testing.assert_array_equal(saved[name][j], got)
             moved = np.max(np.abs(got - init[name][j]))
             assert moved > 1e-3, f"{name} param {j} barely trained ({moved:.3g})"
             np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12,

@@ -337,3 +337,19 @@ def test_debug_info_logs_each_layer(caplog):
     assert "[Forward] Layer ip, top blob h data:" in text
     assert "[Backward] Layer ip, bottom blob x diff" not in text  # ip takes no input gradient
     assert "[Backward] Layer ip, param blob 0 diff:" in text
+
+
+def test_float64_net_saves_double_data_exactly(tmp_path):
+    a = Net(netparam(TINY), pycaffe_mpi.TRAIN, seed=1, dtype=np.float64)
+    a.params["ip"][0].data[0, 0] = 1 / 3  # not representable in float32
+    path = str(tmp_path / "w.caffemodel")
+    a.save(path)
+    proto = caffe_pb2.NetParameter()
+    with open(path, "rb") as f:
+        proto.ParseFromString(f.read())
+    ip = next(lp for lp in proto.layer if lp.name == "ip")
+    assert len(ip.blobs[0].double_data) == 6 and not len(ip.blobs[0].data)
+    b = Net(netparam(TINY), pycaffe_mpi.TRAIN, seed=2, dtype=np.float64, weights=path)
+    assert b.params["ip"][0].data[0, 0] == 1 / 3
+    c = Net(netparam(TINY), pycaffe_mpi.TRAIN, seed=2, weights=path)  # float32 reads it too
+    assert c.params["ip"][0].data[0, 0] == np.float32(1 / 3)
