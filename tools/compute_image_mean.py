@@ -12,42 +12,33 @@ Example:
 
 from __future__ import annotations
 
-import argparse
-import logging
 import sys
-from pathlib import Path
 
-try:
-    from pycaffe_mpi import datasets, errors
-    from pycaffe_mpi import io as pio
-except ImportError:  # run from a checkout that is not installed
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from pycaffe_mpi import datasets, errors
-    from pycaffe_mpi import io as pio
+import _tool
+
+from pycaffe_mpi import datasets
+from pycaffe_mpi import io as pio
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 epilog=__doc__.split("\n\n", 1)[1],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = _tool.parser(__doc__)
     ap.add_argument("input_db", help="LMDB directory of Datum records")
     ap.add_argument("output_file", nargs="?", help="where to write the mean .binaryproto")
     ap.add_argument("--backend", default="lmdb", choices=("lmdb",),
                     help="database type; only lmdb is supported (default: %(default)s)")
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
+
+    def body() -> int:
         mean = datasets.compute_image_mean(args.input_db)
         if args.output_file:
             pio.write_binaryproto(args.output_file, mean, legacy=True)
-    except errors.PycaffeError as e:
-        print(f"compute_image_mean: error: {e}", file=sys.stderr)
-        return 1
-    for c, v in enumerate(mean.reshape(mean.shape[1], -1).mean(axis=1)):
-        print(f"mean_value channel [{c}]: {v:.6g}")
-    if args.output_file:
-        print(f"wrote {args.output_file} (shape {mean.shape})")
-    return 0
+        for c, v in enumerate(mean.reshape(mean.shape[1], -1).mean(axis=1)):
+            print(f"mean_value channel [{c}]: {v:.6g}")
+        if args.output_file:
+            print(f"wrote {args.output_file} (shape {mean.shape})")
+        return 0
+
+    return _tool.run("compute_image_mean", body)
 
 
 if __name__ == "__main__":

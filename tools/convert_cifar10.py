@@ -12,35 +12,27 @@ Example:
 
 from __future__ import annotations
 
-import argparse
-import logging
 import sys
-from pathlib import Path
 
-try:
-    from pycaffe_mpi import datasets, errors
-except ImportError:  # run from a checkout that is not installed
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from pycaffe_mpi import datasets, errors
+import _tool
+
+from pycaffe_mpi import datasets
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 epilog=__doc__.split("\n\n", 1)[1],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = _tool.parser(__doc__)
     ap.add_argument("input_folder", help="folder with the six CIFAR-10 .bin batches")
     ap.add_argument("output_folder", help="folder for cifar10_train_lmdb and cifar10_test_lmdb")
     ap.add_argument("backend", nargs="?", default="lmdb", choices=("lmdb",),
                     help="database type; only lmdb is supported (default: %(default)s)")
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
+
+    def body() -> int:
         train, test = datasets.convert_cifar10(args.input_folder, args.output_folder)
-    except errors.PycaffeError as e:
-        print(f"convert_cifar10: error: {e}", file=sys.stderr)
-        return 1
-    print(f"{train}\n{test}")
-    return 0
+        print(f"{train}\n{test}")
+        return 0
+
+    return _tool.run("convert_cifar10", body)
 
 
 if __name__ == "__main__":

@@ -12,22 +12,15 @@ Example:
 
 from __future__ import annotations
 
-import argparse
-import logging
 import sys
-from pathlib import Path
 
-try:
-    from pycaffe_mpi import datasets, errors
-except ImportError:  # run from a checkout that is not installed
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from pycaffe_mpi import datasets, errors
+import _tool
+
+from pycaffe_mpi import datasets
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 epilog=__doc__.split("\n\n", 1)[1],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = _tool.parser(__doc__)
     ap.add_argument("input_image_file", help="IDX images, N x H x W uint8 (.gz or raw)")
     ap.add_argument("input_label_file", help="IDX labels, N (.gz or raw)")
     ap.add_argument("output_db", help="LMDB directory to create")
@@ -35,15 +28,14 @@ def main(argv: list[str] | None = None) -> int:
                     help="database type; only lmdb is supported (default: %(default)s)")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing output_db")
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
+
+    def body() -> int:
         n = datasets.convert_idx(args.input_image_file, args.input_label_file, args.output_db,
                                  overwrite=args.overwrite)
-    except errors.PycaffeError as e:
-        print(f"convert_idx: error: {e}", file=sys.stderr)
-        return 1
-    print(f"wrote {n} records to {args.output_db}")
-    return 0
+        print(f"wrote {n} records to {args.output_db}")
+        return 0
+
+    return _tool.run("convert_idx", body)
 
 
 if __name__ == "__main__":

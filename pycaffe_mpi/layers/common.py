@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -22,6 +23,14 @@ from pycaffe_mpi.registry import register_layer
 
 _count = layer_mod.count_of
 _canonical_axis = layer_mod.canonical_axis
+
+
+def _axis_fields(layer: Layer, p: Any, legacy_field: str, msg: str) -> tuple[int | None, int]:
+    """(legacy ``*_dim`` or None, ``axis``) of a Concat/Slice parameter; both set is an error."""
+    layer.require(not (p.HasField("axis") and p.HasField(legacy_field)), msg,
+                  f"either axis or {legacy_field} should be specified; not both")
+    legacy = int(getattr(p, legacy_field)) if p.HasField(legacy_field) else None
+    return legacy, int(p.axis)
 
 
 def _resolve_axis(layer: Layer, legacy_dim: int | None, axis: int, ndim: int, msg: str,
@@ -174,11 +183,8 @@ class Concat(Layer):
     exact_num_top = 1
 
     def setup(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
-        p = self.layer_param.concat_param
-        self.require(not (p.HasField("axis") and p.HasField("concat_dim")), "concat_param",
-                     "either axis or concat_dim should be specified; not both")
-        self.legacy_dim = int(p.concat_dim) if p.HasField("concat_dim") else None
-        self.axis_param = int(p.axis)
+        self.legacy_dim, self.axis_param = _axis_fields(
+            self, self.layer_param.concat_param, "concat_dim", "concat_param")
 
     def reshape(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
         shape0 = bottom[0].shape
@@ -226,10 +232,7 @@ class Slice(Layer):
 
     def setup(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
         p = self.layer_param.slice_param
-        self.require(not (p.HasField("axis") and p.HasField("slice_dim")), "slice_param",
-                     "either axis or slice_dim should be specified; not both")
-        self.legacy_dim = int(p.slice_dim) if p.HasField("slice_dim") else None
-        self.axis_param = int(p.axis)
+        self.legacy_dim, self.axis_param = _axis_fields(self, p, "slice_dim", "slice_param")
         self.slice_point = [int(s) for s in p.slice_point]
 
     def reshape(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
