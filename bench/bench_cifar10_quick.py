@@ -18,12 +18,13 @@ import sys
 import time
 
 import numpy as np
-from google.protobuf import text_format
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from pycaffe_mpi import prototxt, solvers  # noqa: E402
+import _nets  # noqa: E402
+
+from pycaffe_mpi import solvers  # noqa: E402
 from pycaffe_mpi.proto import caffe_pb2  # noqa: E402
 
 NET = os.path.join(ROOT, "models", "cifar10_quick", "train_test.prototxt")
@@ -31,19 +32,7 @@ NET = os.path.join(ROOT, "models", "cifar10_quick", "train_test.prototxt")
 
 def bench_net(batch: int) -> caffe_pb2.NetParameter:
     """CIFAR10-Quick with its Data layers swapped for synthetic DummyData of the same shape."""
-    param, _ = prototxt.read_net(NET)
-    keep = [lp for lp in param.layer if lp.type != "Data"]
-    dummy = text_format.Merge(f"""
-        name: "data" type: "DummyData" top: "data" top: "label"
-        dummy_data_param {{
-          shape {{ dim: {batch} dim: 3 dim: 32 dim: 32 }} shape {{ dim: {batch} }}
-          data_filler {{ type: "gaussian" std: 50 }}
-          data_filler {{ type: "uniform" min: 0 max: 9.99 }}
-        }}""", caffe_pb2.LayerParameter())
-    del param.layer[:]
-    param.layer.add().CopyFrom(dummy)
-    param.layer.extend(keep)
-    return param
+    return _nets.with_dummy_data(NET, batch)
 
 
 def make_solver(batch: int) -> solvers.Solver:

@@ -35,11 +35,11 @@ sys.path.insert(0, ROOT)
 import pycaffe_mpi  # noqa: E402,F401
 
 # isort: split
+import _nets  # noqa: E402
 import numpy as np  # noqa: E402
-from google.protobuf import text_format  # noqa: E402
 
 from pycaffe_mpi import comm as comm_mod  # noqa: E402
-from pycaffe_mpi import prototxt, solvers  # noqa: E402
+from pycaffe_mpi import solvers  # noqa: E402
 from pycaffe_mpi.net import COMM_TYPES  # noqa: E402
 from pycaffe_mpi.proto import caffe_pb2  # noqa: E402
 
@@ -67,26 +67,7 @@ def launch(argv: list[str]) -> int:
 def bench_net(batch: int) -> caffe_pb2.NetParameter:
     """The TreeNet with its TRAIN Data layer swapped for DummyData (same tops, same rank rule)
     and its TEST Data layer dropped."""
-    param, _ = prototxt.read_net(NET)
-    layers = []
-    for lp in param.layer:
-        if lp.type != "Data":
-            layers.append(lp)
-            continue
-        if not any(r.HasField("phase") and r.phase == caffe_pb2.TRAIN for r in lp.include):
-            continue
-        dummy = text_format.Merge(f"""
-            name: "data" type: "DummyData" top: "data" top: "label"
-            dummy_data_param {{
-              shape {{ dim: {batch} dim: 3 dim: 32 dim: 32 }} shape {{ dim: {batch} }}
-              data_filler {{ type: "gaussian" std: 50 }}
-              data_filler {{ type: "uniform" min: 0 max: 9.99 }}
-            }}""", caffe_pb2.LayerParameter())
-        dummy.include.extend(lp.include)
-        layers.append(dummy)
-    del param.layer[:]
-    param.layer.extend(layers)
-    return param
+    return _nets.with_dummy_data(NET, batch)
 
 
 def make_solver(batch: int, comm: Any) -> solvers.Solver:

@@ -384,8 +384,28 @@ class Eltwise(Layer):
                 b.diff[...] = dy * (self._winner == i)
 
 
+class _SameData(Layer):
+    """Base of layers whose top holds the bottom's values in another shape.
+
+    The top owns its memory (a copy, so in-place writes through another consumer never reach
+    the bottom). Subclasses only shape the top in ``reshape``.
+    """
+
+    exact_num_bottom = 1
+    exact_num_top = 1
+
+    def forward(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
+        top[0].data[...] = bottom[0].data.reshape(top[0].shape)
+
+    def backward(
+        self, top: Sequence[Blob], propagate_down: Sequence[bool], bottom: Sequence[Blob]
+    ) -> None:
+        if propagate_down[0]:
+            bottom[0].diff[...] = top[0].diff.reshape(bottom[0].shape)
+
+
 @register_layer("Flatten")
-class Flatten(Layer):
+class Flatten(_SameData):
     """Merges the axes axis … end_axis into one.
 
     Params (``flatten_param``): axis (1), end_axis (−1); negative values count from the end.
@@ -395,9 +415,6 @@ class Flatten(Layer):
 
     Forward: top = bottom, reshaped. Backward: dE/dbottom = dE/dtop, reshaped.
     """
-
-    exact_num_bottom = 1
-    exact_num_top = 1
 
     def setup(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
         p = self.layer_param.flatten_param
@@ -413,18 +430,10 @@ class Flatten(Layer):
                      f"end_axis {end} comes before axis {start} (bottom shape {shape})")
         top[0].reshape(*shape[:start], _count(shape, start, end + 1), *shape[end + 1:])
 
-    def forward(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
-        top[0].data[...] = bottom[0].data.reshape(top[0].shape)
-
-    def backward(
-        self, top: Sequence[Blob], propagate_down: Sequence[bool], bottom: Sequence[Blob]
-    ) -> None:
-        if propagate_down[0]:
-            bottom[0].diff[...] = top[0].diff.reshape(bottom[0].shape)
 
 
 @register_layer("Reshape")
-class Reshape(Layer):
+class Reshape(_SameData):
     """Gives the bottom a new shape without changing its data (Caffe's ReshapeLayer).
 
     Params (``reshape_param``): shape (dims; 0 = copy the bottom's dim at that position,
@@ -437,9 +446,6 @@ class Reshape(Layer):
 
     Forward: top = bottom, reshaped. Backward: dE/dbottom = dE/dtop, reshaped.
     """
-
-    exact_num_bottom = 1
-    exact_num_top = 1
 
     def setup(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
         p = self.layer_param.reshape_param
@@ -486,11 +492,3 @@ class Reshape(Layer):
                      f"the new shape {out} has {_count(out)}")
         return out
 
-    def forward(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
-        top[0].data[...] = bottom[0].data.reshape(top[0].shape)
-
-    def backward(
-        self, top: Sequence[Blob], propagate_down: Sequence[bool], bottom: Sequence[Blob]
-    ) -> None:
-        if propagate_down[0]:
-            bottom[0].diff[...] = top[0].diff.reshape(bottom[0].shape)

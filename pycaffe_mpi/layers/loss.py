@@ -82,8 +82,19 @@ def _normalization(layer: Layer) -> int:
     return int(lp.normalization)
 
 
+class _LabelledLoss(Layer):
+    """Base of losses over (predictions, labels): a loss (top 0 weighs 1 by default) whose
+    label bottom takes no gradient."""
+
+    exact_num_bottom = 2
+    is_loss = True
+
+    def allow_force_backward(self, bottom_index: int) -> bool:
+        return bottom_index != 1
+
+
 @register_layer("SoftmaxWithLoss")
-class SoftmaxWithLoss(Layer):
+class SoftmaxWithLoss(_LabelledLoss):
     """Softmax over an axis followed by the multinomial logistic loss, computed stably.
 
     Params: ``softmax_param.axis`` (1); ``loss_param.ignore_label`` (unset = none),
@@ -106,13 +117,8 @@ class SoftmaxWithLoss(Layer):
         is ignored.
     """
 
-    exact_num_bottom = 2
     min_top = 1
     max_top = 2
-    is_loss = True
-
-    def allow_force_backward(self, bottom_index: int) -> bool:
-        return bottom_index != 1
 
     def setup(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
         lp = self.layer_param.loss_param
@@ -293,7 +299,7 @@ class EuclideanLoss(Layer):
 
 
 @register_layer("MultinomialLogisticLoss")
-class MultinomialLogisticLoss(Layer):
+class MultinomialLogisticLoss(_LabelledLoss):
     """Negative log-likelihood of given probabilities: loss = −Σ_n log(max(p[n, y_n], 1e-20)) / N.
 
     Params: none (``loss_param`` is not read, as in Caffe).
@@ -307,12 +313,7 @@ class MultinomialLogisticLoss(Layer):
     Backward: dp[n, y_n] = −top[0].diff / (N · max(p[n, y_n], 1e-20)), 0 elsewhere.
     """
 
-    exact_num_bottom = 2
     exact_num_top = 1
-    is_loss = True
-
-    def allow_force_backward(self, bottom_index: int) -> bool:
-        return bottom_index != 1
 
     def reshape(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
         _check_same_num(self, bottom)
