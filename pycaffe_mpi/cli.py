@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import re
 import signal
 import sys
@@ -224,6 +225,7 @@ def cmd_test(args: argparse.Namespace, comm: Any) -> int:
     names: list[tuple[str, int]] = []
     total_loss = 0.0
     try:
+        net.begin_test_pass()
         for i in range(args.iterations):
             loss = net.forward_loss()
             total_loss += loss
@@ -237,6 +239,9 @@ def cmd_test(args: argparse.Namespace, comm: Any) -> int:
                     sums[k] += float(v)
                     log.info("Batch %d, %s = %g", i, name, v)
                     k += 1
+        prefix = os.path.splitext(args.weights)[0] if args.weights else "test"
+        for path in net.end_test_pass(prefix):
+            log.info("Wrote %s", path)
     finally:
         net.close()
     log.info("Loss: %g", total_loss / max(args.iterations, 1))

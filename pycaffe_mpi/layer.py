@@ -106,6 +106,15 @@ class Layer:
     def allow_force_backward(self, bottom_index: int) -> bool:
         return True
 
+    def begin_test_pass(self) -> None:
+        """Called before the forward passes of one test pass (``Solver.test``, ``pycaffe-mpi
+        test``); metric layers that accumulate over the whole pass reset here."""
+
+    def end_test_pass(self, prefix: str) -> list[str]:
+        """Called after a test pass; may write reports named ``<prefix>_...`` and returns the
+        paths written."""
+        return []
+
     def new_blob(self, shape: Sequence[int]) -> Blob:
         """A fresh blob on this layer's device and dtype (for parameters or buffers)."""
         return Blob(shape, self.dtype, self.backend)

@@ -363,7 +363,8 @@ class Net:
         available: dict[str, None] = {}
         # NOTE: a layer's generator is seeded by (seed, layer name), not by its position, so a
         # layer draws the same initial weights wherever it sits: in a rank's pruned net or in the
-        # single-process net, with or without other layers before it.
+        # single-process net, with or without other layers before it. ``seed_key``, when set,
+        # replaces the name, so differently named layers (ensemble members) can start identical.
         entropy = np.random.SeedSequence(seed).entropy
         if len({lp.name for lp in param.layer}) != len(param.layer):
             seen: set[str] = set()
@@ -374,7 +375,7 @@ class Net:
             cls = registry.layer_class(lp.type, errors.layer_where(lp, loc))
             lp.phase = self.phase
             layer = cls(lp, phase=self.phase, backend=self.backend, dtype=self.dtype,
-                        rng=_layer_rng(entropy, lp.name), ctx=self.ctx)
+                        rng=_layer_rng(entropy, lp.seed_key or lp.name), ctx=self.ctx)
             layer.location = loc
             if lp.name in self._groups:  # comm layers get their group and its root
                 layer.comm, layer.comm_root, layer.comm_ranks = self._groups[lp.name]
@@ -726,6 +727,15 @@ class Net:
         for name, state in states:
             if name in self.layer_dict:
                 self.layer_dict[name].set_state(state)
+
+    def begin_test_pass(self) -> None:
+        """Tell every layer a test pass starts (see :meth:`Layer.begin_test_pass`)."""
+        for layer in self.layers:
+            layer.begin_test_pass()
+
+    def end_test_pass(self, prefix: str) -> list[str]:
+        """Tell every layer the test pass ended; returns the report files they wrote."""
+        return [path for layer in self.layers for path in layer.end_test_pass(prefix)]
 
     def close(self) -> None:
         """Stop background work (data prefetch threads)."""

@@ -532,6 +532,7 @@ class Solver:
         scores: np.ndarray | None = None
         names: list[tuple[str, int]] = []
         loss = 0.0
+        test_net.begin_test_pass()
         for i in range(n_iter):
             request = self._requested_action()
             while request != NONE:
@@ -564,6 +565,10 @@ class Solver:
             split.append((name, means[k:k + n]))
             k += n
         self._log_outputs(test_net, "Test", split)
+        suffix = f"_test{test_net_id}" if len(self.test_nets) > 1 else ""
+        prefix = f"{self.param.snapshot_prefix}_iter_{self.iter}{suffix}"
+        for path in test_net.end_test_pass(prefix):
+            self.log.info("Wrote %s", path, extra={"all_ranks": True})
         self.mean_scores[test_net_id] = means
         return means
 
