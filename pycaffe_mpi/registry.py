@@ -18,6 +18,7 @@ _FAMILIES = (
     "pycaffe_mpi.layers.data",
     "pycaffe_mpi.layers.python",
     "pycaffe_mpi.layers.comm",
+    "pycaffe_mpi.layers.ensemble",
 )
 _loaded = False
 
