@@ -35,7 +35,7 @@ from pycaffe_mpi.layer import TEST, TRAIN
 
 log = logging.getLogger("pycaffe_mpi")
 
-COMMANDS = ("train", "test", "time", "device_query")
+COMMANDS = ("train", "test", "time", "device_query", "ensemble")
 _EFFECTS = ("stop", "snapshot", "none")
 
 ENVIRONMENT = """\
@@ -52,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="pycaffe-mpi",
         description="Caffe-compatible training and testing. Commands: train (train or finetune "
                     "a model), test (score a model), time (benchmark a model's execution time), "
-                    "device_query (show device information).",
+                    "device_query (show device information), ensemble (write an ensemble or "
+                    "TreeNet of a single model's net and solver).",
         epilog=ENVIRONMENT,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -78,6 +79,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sighup_effect", default="snapshot", choices=_EFFECTS,
                    help="what SIGHUP does while training (default snapshot)")
     p.add_argument("--log_level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
+    e = p.add_argument_group("ensemble", "pycaffe-mpi ensemble --model NET [--solver S] "
+                             "--output_dir DIR: writes DIR/train_test.prototxt (and "
+                             "DIR/solver.prototxt) for an ensemble of the single model NET")
+    e.add_argument("--members", type=int, default=4, help="ensemble members M (default 4)")
+    e.add_argument("--split", default="", help="members share every layer up to and including "
+                   "this one (a TreeNet); default: independent members")
+    e.add_argument("--loss", default="independent",
+                   help="independent, score-avg, prob-avg or mcl (default independent)")
+    e.add_argument("--k", type=int, default=1, help="mcl: members each example is assigned to")
+    e.add_argument("--ce_weight", type=float, default=0.0,
+                   help="mcl: weight of plain cross-entropy over all members (default 0)")
+    e.add_argument("--normalization", default="BATCH", help="mcl: BATCH or ASSIGNED")
+    e.add_argument("--composed", action="store_true", help="averaged losses from stock Caffe "
+                   "layers instead of one fused layer")
+    e.add_argument("--ranks", type=int, default=1, help="place the members over this many MPI "
+                   "ranks (member i on rank i %% ranks; default 1)")
+    e.add_argument("--bagging", action="store_true",
+                   help="each member trains on its own bootstrap sample of the TRAIN data")
+    e.add_argument("--same_init", action="store_true",
+                   help="members start from identical weights")
+    e.add_argument("--lr_scale", type=float, default=None, help="multiplies the solver's "
+                   "base_lr (default: M for score-avg/prob-avg, else 1)")
+    e.add_argument("--output_dir", default="", help="where the ensemble files are written")
     return p
 
 
@@ -326,6 +350,35 @@ def cmd_device_query(args: argparse.Namespace, comm: Any) -> int:
     return 0
 
 
+def cmd_ensemble(args: argparse.Namespace, comm: Any) -> int:
+    from pycaffe_mpi import ensemble, prototxt
+
+    if not args.model or not args.output_dir:
+        raise errors.PycaffeError("ensemble needs --model (the single model's train/test net) "
+                                  "and --output_dir")
+    spec = ensemble.EnsembleSpec(
+        members=args.members, split=args.split or None, loss=args.loss, k=args.k,
+        ce_weight=args.ce_weight, normalization=args.normalization.upper(),
+        fused=not args.composed, ranks=args.ranks, bagging=args.bagging,
+        same_init=args.same_init)
+    net_path, solver_path = ensemble.write_ensemble(args.model, args.solver or None,
+                                                    args.output_dir, spec,
+                                                    lr_scale=args.lr_scale)
+    for path in (net_path, solver_path):
+        if path:
+            print(f"wrote {path}")
+    try:
+        print(ensemble.parameters_line(prototxt.read_net(args.model)[0],
+                                       prototxt.read_net(net_path)[0]))
+    except errors.DataError as e:  # the base net is built for its shapes
+        print(f"parameters: not counted ({e})")
+    if spec.ranks > 1 and solver_path:
+        same = " --same_seed" if spec.same_init else ""
+        print(f"train with: mpiexec -n {spec.ranks} pycaffe-mpi train --solver {solver_path}"
+              f"{same}")
+    return 0
+
+
 def _say(line: str) -> None:
     """One line to stderr in one write, so mpiexec never splits it from its newline."""
     sys.stderr.write(line + "\n")
@@ -333,7 +386,7 @@ def _say(line: str) -> None:
 
 
 _DISPATCH = {"train": cmd_train, "test": cmd_test, "time": cmd_time,
-             "device_query": cmd_device_query}
+             "device_query": cmd_device_query, "ensemble": cmd_ensemble}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
