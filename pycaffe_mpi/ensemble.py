@@ -617,8 +617,8 @@ def write_ensemble(model: str, solver: str | None, out_dir: str, spec: EnsembleS
     """Write ``out_dir/<name>.prototxt`` (and ``out_dir/solver.prototxt`` from ``solver``).
 
     The solver's ``net`` is the written net's path as given (Caffe resolves it against the
-    working directory) and its ``snapshot_prefix`` is ``out_dir/<basename of the base
-    snapshot_prefix, or "ensemble">``. Returns the paths written (solver path None without
+    working directory) and its ``snapshot_prefix`` is ``out_dir/<name of out_dir>`` (e.g.
+    ``models/cifar10_mcl/cifar10_mcl``). Returns the paths written (solver path None without
     ``solver``).
     """
     base, _ = prototxt.read_net(model)
@@ -635,8 +635,8 @@ def write_ensemble(model: str, solver: str | None, out_dir: str, spec: EnsembleS
     if solver:  # everything is checked before anything is written
         base_solver = prototxt.read_solver(solver)
         param = make_ensemble_solver(base_solver, net_path, spec, lr_scale)
-        param.snapshot_prefix = os.path.join(
-            out_dir, os.path.basename(base_solver.snapshot_prefix) or "ensemble")
+        stem = os.path.basename(os.path.normpath(os.path.abspath(out_dir))) or "ensemble"
+        param.snapshot_prefix = os.path.join(out_dir, stem)
         solver_path = os.path.join(out_dir, "solver.prototxt")
     os.makedirs(out_dir, exist_ok=True)
     _write(net_path, header, net)

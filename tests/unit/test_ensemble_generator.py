@@ -446,7 +446,7 @@ def test_cli_writes_net_and_solver(tmp_path, lmdb_base, capsys):
     sp = prototxt.read_solver(str(out / "solver.prototxt"))
     assert sp.net == str(out / "train_test.prototxt")
     assert sp.base_lr == pytest.approx(0.15)  # x M for an averaged loss
-    assert sp.snapshot_prefix == str(out / "tiny")
+    assert sp.snapshot_prefix == str(out / out.name)
     solver = solvers.Solver(str(out / "solver.prototxt"))
     try:
         solver.step(2)
@@ -482,4 +482,4 @@ def test_cli_names_the_model_file_and_hints_mpiexec(tmp_path, input_base, capsys
                          f"{out / 'solver.prototxt'} --same_seed")
     assert lines[-2] == "parameters: 560 (4 independent models: 560, 1.00x)"
     assert prototxt.read_solver(str(out / "solver.prototxt")).snapshot_prefix == \
-        str(out / "ensemble")
+        str(out / "placed")
