@@ -89,9 +89,16 @@ class _MemberLayer(Layer):
         """log p_m[i, y_i] as (M, N) from log-probabilities (M, N, C)."""
         return self.xp.take_along_axis(logp, label[None, :, None], axis=2)[:, :, 0]
 
-    def _write_member_diffs(self, bottom: Sequence[Blob], propagate_down: Sequence[bool],
-                            grad: Any) -> None:
-        """Write grad (M, N, C) into the member bottoms whose ``propagate_down`` is set."""
+    def _backward_members(self, top: Sequence[Blob], propagate_down: Sequence[bool],
+                          bottom: Sequence[Blob], coef: Any) -> None:
+        """ds_m[i] = top[0].diff · coef[m, i] · (softmax(s_m)[i] − onehot(y_i)) into the member
+        bottoms whose ``propagate_down`` is set; needs ``self.prob`` (M, N, C) and
+        ``self.label`` from forward."""
+        self._no_label_backward(propagate_down)
+        if not any(propagate_down[:self.n_members]):
+            return
+        onehot = _onehot(self.xp, self.label, self.channels)
+        grad = (self.prob - onehot[None]) * (coef[:, :, None] * top[0].diff)
         for m in range(self.n_members):
             if propagate_down[m]:
                 bottom[m].diff[...] = grad[m].reshape(bottom[m].shape)
@@ -189,12 +196,7 @@ class MultipleChoiceLoss(_MemberLayer):
 
     def backward(self, top: Sequence[Blob], propagate_down: Sequence[bool],
                  bottom: Sequence[Blob]) -> None:
-        self._no_label_backward(propagate_down)
-        if not any(propagate_down[:self.n_members]):
-            return
-        onehot = _onehot(self.xp, self.label, self.channels)
-        grad = (self.prob - onehot[None]) * (self.coef[:, :, None] * top[0].diff)
-        self._write_member_diffs(bottom, propagate_down, grad)
+        self._backward_members(top, propagate_down, bottom, self.coef)
 
 
 class _AveragedLoss(_MemberLayer):
@@ -291,13 +293,7 @@ class ProbabilityAverageLoss(_AveragedLoss):
 
     def backward(self, top: Sequence[Blob], propagate_down: Sequence[bool],
                  bottom: Sequence[Blob]) -> None:
-        self._no_label_backward(propagate_down)
-        if not any(propagate_down[:self.n_members]):
-            return
-        onehot = _onehot(self.xp, self.label, self.channels)
-        grad = (self.prob - onehot[None]) * (self.weight[:, :, None]
-                                             * (top[0].diff / self.normalizer))
-        self._write_member_diffs(bottom, propagate_down, grad)
+        self._backward_members(top, propagate_down, bottom, self.weight / self.normalizer)
 
 
 def _top1_correct(xp: Any, scores: Any, label: Any) -> Any:

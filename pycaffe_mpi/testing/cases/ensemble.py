@@ -206,12 +206,6 @@ _AVERAGED = (
     ("m2_normalize_false", 2, 6, 3, 2, "normalize: false", BATCH_SIZE, ()),
 )
 
-for _id, _m, _n, _c, _ignore, _ntext, _norm, _trailing in _AVERAGED:
-    add_case(LayerCase(
-        type="ScoreAverageLoss", id=_id, proto=_loss_proto(_ignore, _ntext),
-        bottoms=[*_members(_m, (_n, _c, *_trailing)), _labels(_c, _n)],
-        reference=_score_average_ref(_ignore, _norm),
-        reshape=[*_members(_m, (_n + 1, _c, *_trailing)), _labels(_c, _n + 1)]))
 
 add_case(LayerCase(
     type="ScoreAverageLoss", id="large_scores",
@@ -237,12 +231,14 @@ def _probability_average_ref(ignore: int | None = None, norm: int = VALID):
     return ref
 
 
-for _id, _m, _n, _c, _ignore, _ntext, _norm, _trailing in _AVERAGED:
-    add_case(LayerCase(
-        type="ProbabilityAverageLoss", id=_id, proto=_loss_proto(_ignore, _ntext),
-        bottoms=[*_members(_m, (_n, _c, *_trailing)), _labels(_c, _n)],
-        reference=_probability_average_ref(_ignore, _norm),
-        reshape=[*_members(_m, (_n + 1, _c, *_trailing)), _labels(_c, _n + 1)]))
+for _type, _ref in (("ScoreAverageLoss", _score_average_ref),
+                   ("ProbabilityAverageLoss", _probability_average_ref)):
+    for _id, _m, _n, _c, _ignore, _ntext, _norm, _trailing in _AVERAGED:
+        add_case(LayerCase(
+            type=_type, id=_id, proto=_loss_proto(_ignore, _ntext),
+            bottoms=[*_members(_m, (_n, _c, *_trailing)), _labels(_c, _n)],
+            reference=_ref(_ignore, _norm),
+            reshape=[*_members(_m, (_n + 1, _c, *_trailing)), _labels(_c, _n + 1)]))
 
 add_case(LayerCase(
     type="ProbabilityAverageLoss", id="scaled_scores",
