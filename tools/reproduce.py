@@ -60,7 +60,7 @@ class Experiment:
     pretrain: int | None = None  # fine-tune from the random-init ensemble at this iteration
 
 
-def experiments(tables: Sequence[str]) -> list[Experiment]:
+def experiments(tables: Sequence[str], scale: float = 1.0) -> list[Experiment]:
     """The experiments of the requested tables ("1", "3", "4", "5", "ce", "split")."""
     def ens(**kw: object) -> EnsembleSpec:
         return EnsembleSpec(members=MEMBERS, **kw)  # type: ignore[arg-type]
@@ -93,7 +93,8 @@ def experiments(tables: Sequence[str]) -> list[Experiment]:
     if "5" in tables:
         paper5 = (94.21, 94.21, 94.65, 95.75, 96.00)
         for p, oracle in zip(PRETRAIN_POINTS, paper5):
-            out.append(Experiment(f"mcl_k1_pre{p}", "5", f"MCL k=1 after {p} CE iterations",
+            label = f"MCL k=1 after {scaled(p, scale)} CE iterations (paper: {p})"
+            out.append(Experiment(f"mcl_k1_pre{p}", "5", label,
                                   ens(loss="mcl", k=1), {"oracle_accuracy": oracle}, pretrain=p))
     if "ce" in tables:
         out.append(Experiment("mcl_ce", "ce", "MCL k=1 + CE (ce_weight 0.5)",
@@ -356,12 +357,11 @@ def main(argv: list[str] | None = None) -> int:
                                       "`python tools/get_cifar10.py` first")
         out = Path(args.out).resolve()
         out.mkdir(parents=True, exist_ok=True)
-        exps = experiments(args.tables)
+        exps = experiments(args.tables, args.scale)
         jobs = [j for t in range(args.trials) for e in exps for j in prepare(e, t, args, out)]
         print(f"{len(jobs)} training runs, {args.jobs} at a time, in {out}", flush=True)
         if args.dry_run:
             return 0
-        start = time.monotonic()
         failed = run_jobs(jobs, args.jobs)
         rows = collect(exps, args.trials, out)
         with open(out / "results.csv", "w", newline="") as fh:
@@ -370,10 +370,12 @@ def main(argv: list[str] | None = None) -> int:
             w.writerows(rows)
         cmd = " ".join(["python tools/reproduce.py", *(argv if argv is not None
                                                         else sys.argv[1:])])
+        minutes = sum(float(j.done_marker.read_text()) for j in jobs
+                      if j.done_marker.exists()) / 60
         header = (f"CIFAR10-Quick x{MEMBERS}, schedule scale {args.scale:g} "
                   f"({scaled(5000, args.scale)} iterations), {args.trials} trial(s); "
-                  f"accuracies in %. Command: `{cmd}`; "
-                  f"{(time.monotonic() - start) / 60:.0f} min.")
+                  f"accuracies in %. Command: `{cmd}`; {len(jobs)} training runs, "
+                  f"{minutes:.0f} min of training in all, {args.jobs} at a time.")
         (out / "table.md").write_text(table(exps, rows, header))
         print((out / "table.md").read_text())
         if failed:
