@@ -37,16 +37,8 @@ test_outputs.__test__ = False  # a helper, not a test
 
 
 @pytest.mark.slow
-def test_cifar10_mcl_main_job(tmp_path):
-    if not (ROOT / "data" / "cifar10" / "cifar10_train_lmdb").is_dir():
-        pytest.skip("real CIFAR-10 not prepared (python tools/get_cifar10.py)")
-    reason = mpirun.mpi_unavailable_reason()
-    if reason:
-        pytest.skip(reason)
-    solver = tmp_path / "solver.prototxt"
-    text = (ROOT / "solvers" / "cifar10_mcl.prototxt").read_text()
-    solver.write_text(text.replace('snapshot_prefix: "models/cifar10_mcl/cifar10_mcl"',
-                                   f'snapshot_prefix: "{tmp_path}/mcl"'))
+def test_cifar10_mcl_main_job(tmp_path, cifar10, mpi, solver_copy):
+    solver = solver_copy("solvers/cifar10_mcl.prototxt", "mcl")
     out = mpirun.run_mpi(3, [sys.executable, "-m", "pycaffe_mpi.cli", "train", "--solver",
                              str(solver)], timeout=5400, cwd=str(ROOT))
     assert out.returncode == 0, out.stderr[-3000:]

@@ -19,16 +19,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.slow
-def test_cifar10_treenet_over_three_ranks(tmp_path):
-    if not (ROOT / "data" / "cifar10" / "cifar10_train_lmdb").is_dir():
-        pytest.skip("real CIFAR-10 not prepared (python tools/get_cifar10.py)")
-    reason = mpirun.mpi_unavailable_reason()
-    if reason:
-        pytest.skip(reason)
-    solver = tmp_path / "solver.prototxt"
-    text = (ROOT / "models" / "cifar10_mpi" / "solver.prototxt").read_text()
-    solver.write_text(text.replace('snapshot_prefix: "models/cifar10_mpi/cifar10_mpi"',
-                                   f'snapshot_prefix: "{tmp_path}/mpi"'))
+def test_cifar10_treenet_over_three_ranks(tmp_path, cifar10, mpi, solver_copy):
+    solver = solver_copy("models/cifar10_mpi/solver.prototxt", "mpi")
     out = mpirun.run_mpi(3, [sys.executable, "-m", "pycaffe_mpi.cli", "train", "--solver",
                              str(solver)], timeout=3600, cwd=str(ROOT))
     assert out.returncode == 0, out.stderr[-3000:]

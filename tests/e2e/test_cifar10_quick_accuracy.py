@@ -17,13 +17,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.slow
-def test_cifar10_quick_reaches_74_percent(tmp_path):
-    if not (ROOT / "data" / "cifar10" / "cifar10_train_lmdb").is_dir():
-        pytest.skip("real CIFAR-10 not prepared (python tools/get_cifar10.py)")
-    solver = tmp_path / "solver.prototxt"
-    text = (ROOT / "models" / "cifar10_quick" / "solver.prototxt").read_text()
-    solver.write_text(text.replace('snapshot_prefix: "models/cifar10_quick/cifar10_quick"',
-                                   f'snapshot_prefix: "{tmp_path}/quick"'))
+def test_cifar10_quick_reaches_74_percent(tmp_path, cifar10, solver_copy):
+    solver = solver_copy("models/cifar10_quick/solver.prototxt", "quick")
     out = subprocess.run([sys.executable, "-m", "pycaffe_mpi.cli", "train", "--solver",
                           str(solver)], cwd=ROOT, capture_output=True, text=True, timeout=3600)
     assert out.returncode == 0, out.stderr[-3000:]

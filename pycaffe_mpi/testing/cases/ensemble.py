@@ -174,19 +174,27 @@ add_case(LayerCase(
 # -- ScoreAverageLoss --------------------------------------------------------------------------
 
 
-def _score_average_ref(ignore: int | None = None, norm: int = VALID):
+def _averaged_ref(example_loss, ignore: int | None, norm: int):
+    """Reference of an averaged loss: Σ over non-ignored examples of ``example_loss(member
+    score rows, label)``, normalised as SoftmaxWithLoss."""
     def ref(bottoms, layer):
         scores, label = _split(bottoms)
-        m, n = len(scores), len(label)
+        n = len(label)
         loss, n_valid = 0.0, 0
         for i in range(n):
             if label[i] == ignore:
                 continue
             n_valid += 1
-            mean = [sum(scores[j][i][c] for j in range(m)) / m for c in range(scores[0].shape[1])]
-            loss -= max(_log_softmax_row(mean)[label[i]], math.log(FLT_MIN))
+            loss += example_loss([s[i] for s in scores], label[i])
         return [np.array(loss / _normalizer(norm, n, n_valid))]
     return ref
+
+
+def _score_average_ref(ignore: int | None = None, norm: int = VALID):
+    def example_loss(rows, y):
+        mean = [sum(r[c] for r in rows) / len(rows) for c in range(len(rows[0]))]
+        return -max(_log_softmax_row(mean)[y], math.log(FLT_MIN))
+    return _averaged_ref(example_loss, ignore, norm)
 
 
 def _loss_proto(ignore: int | None, norm: str) -> str:
@@ -217,18 +225,10 @@ add_case(LayerCase(
 
 
 def _probability_average_ref(ignore: int | None = None, norm: int = VALID):
-    def ref(bottoms, layer):
-        scores, label = _split(bottoms)
-        m, n = len(scores), len(label)
-        loss, n_valid = 0.0, 0
-        for i in range(n):
-            if label[i] == ignore:
-                continue
-            n_valid += 1
-            mean_p = sum(math.exp(_log_softmax_row(scores[j][i])[label[i]]) for j in range(m))
-            loss -= math.log(mean_p / m)
-        return [np.array(loss / _normalizer(norm, n, n_valid))]
-    return ref
+    def example_loss(rows, y):
+        mean_p = sum(math.exp(_log_softmax_row(r)[y]) for r in rows) / len(rows)
+        return -math.log(mean_p)
+    return _averaged_ref(example_loss, ignore, norm)
 
 
 for _type, _ref in (("ScoreAverageLoss", _score_average_ref),

@@ -1,0 +1,40 @@
+"""What the end-to-end tests need: the real CIFAR-10 LMDBs (skip without them) and MPI, and a
+copy of a shipped solver whose snapshots go to the test's own folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pycaffe_mpi import prototxt
+from pycaffe_mpi.testing import mpirun
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture()
+def cifar10() -> Path:
+    if not (ROOT / "data" / "cifar10" / "cifar10_train_lmdb").is_dir():
+        pytest.skip("real CIFAR-10 not prepared (python tools/get_cifar10.py)")
+    return ROOT / "data" / "cifar10"
+
+
+@pytest.fixture()
+def mpi() -> None:
+    reason = mpirun.mpi_unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+
+
+@pytest.fixture()
+def solver_copy(tmp_path: Path):
+    """``solver_copy(repo-relative solver, stem)``: the solver with snapshot_prefix
+    ``tmp_path/stem``, written to ``tmp_path/solver.prototxt``."""
+    def make(path: str, stem: str) -> Path:
+        param = prototxt.read_solver(str(ROOT / path))
+        param.snapshot_prefix = str(tmp_path / stem)
+        out = tmp_path / "solver.prototxt"
+        out.write_text(str(param))
+        return out
+    return make
