@@ -3,6 +3,8 @@ copy of a shipped solver whose snapshots go to the test's own folder."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -38,3 +40,16 @@ def solver_copy(tmp_path: Path):
         out.write_text(str(param))
         return out
     return make
+
+
+@pytest.fixture()
+def train_over_three_ranks(mpi: None):
+    """``train_over_three_ranks(solver, timeout)``: ``mpiexec -n 3 pycaffe-mpi train --solver
+    solver`` from the repository root; asserts it exited 0 (showing the end of its log
+    otherwise) and returns the finished process."""
+    def run(solver: Path, timeout: float) -> subprocess.CompletedProcess:
+        out = mpirun.run_mpi(3, [sys.executable, "-m", "pycaffe_mpi.cli", "train", "--solver",
+                                 str(solver)], timeout=timeout, cwd=str(ROOT))
+        assert out.returncode == 0, out.stderr[-3000:]
+        return out
+    return run

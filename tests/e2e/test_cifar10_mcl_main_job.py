@@ -10,12 +10,9 @@ from __future__ import annotations
 
 import csv
 import re
-import sys
 from pathlib import Path
 
 import pytest
-
-from pycaffe_mpi.testing import mpirun
 
 ROOT = Path(__file__).resolve().parents[2]
 METRIC = re.compile(r"\[rank 0/3\]\s+Test net output #\d+: (\w+) = (\S+)")
@@ -37,11 +34,9 @@ test_outputs.__test__ = False  # a helper, not a test
 
 
 @pytest.mark.slow
-def test_cifar10_mcl_main_job(tmp_path, cifar10, mpi, solver_copy):
+def test_cifar10_mcl_main_job(tmp_path, cifar10, solver_copy, train_over_three_ranks):
     solver = solver_copy("solvers/cifar10_mcl.prototxt", "mcl")
-    out = mpirun.run_mpi(3, [sys.executable, "-m", "pycaffe_mpi.cli", "train", "--solver",
-                             str(solver)], timeout=5400, cwd=str(ROOT))
-    assert out.returncode == 0, out.stderr[-3000:]
+    out = train_over_three_ranks(solver, timeout=5400)
     passes = test_outputs(out.stderr)
     assert len(passes) == 11  # iterations 0, 500, ..., 5000
     last = passes[-1]

@@ -8,22 +8,18 @@ Slow (about ten minutes on 2 cores): run with ``python -m pytest -m slow``. Need
 from __future__ import annotations
 
 import re
-import sys
 from pathlib import Path
 
 import pytest
-
-from pycaffe_mpi.testing import mpirun
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.slow
-def test_cifar10_treenet_over_three_ranks(tmp_path, cifar10, mpi, solver_copy):
+def test_cifar10_treenet_over_three_ranks(tmp_path, cifar10, solver_copy,
+                                          train_over_three_ranks):
     solver = solver_copy("models/cifar10_mpi/solver.prototxt", "mpi")
-    out = mpirun.run_mpi(3, [sys.executable, "-m", "pycaffe_mpi.cli", "train", "--solver",
-                             str(solver)], timeout=3600, cwd=str(ROOT))
-    assert out.returncode == 0, out.stderr[-3000:]
+    out = train_over_three_ranks(solver, timeout=3600)
     acc = [float(a) for a in re.findall(r"\[rank 0/3\]\s+Test net output #0: accuracy = (\S+)",
                                         out.stderr)]
     assert acc and acc[-1] >= 0.70, acc
