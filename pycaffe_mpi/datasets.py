@@ -48,7 +48,7 @@ from typing import Any
 import numpy as np
 
 from pycaffe_mpi import errors
-from pycaffe_mpi import io as pio
+from pycaffe_mpi import snapshot as pio
 from pycaffe_mpi.proto import caffe_pb2
 
 log = logging.getLogger(__name__)

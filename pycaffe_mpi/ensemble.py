@@ -48,7 +48,8 @@ from typing import Any
 
 from google.protobuf import text_format
 
-from pycaffe_mpi import errors, io, prototxt
+from pycaffe_mpi import errors, prototxt
+from pycaffe_mpi import snapshot as io
 from pycaffe_mpi.layer import TEST, TRAIN
 from pycaffe_mpi.net import COMM_TYPES, Net, filter_net, layer_kept, upgrade_input_fields
 from pycaffe_mpi.proto import caffe_pb2

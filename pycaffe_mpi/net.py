@@ -654,7 +654,7 @@ class Net:
 
     def copy_trained_layers_from(self, source: str | Any) -> None:
         """Caffe's ``CopyTrainedLayersFrom``: copy parameter blobs by layer name."""
-        from pycaffe_mpi import io
+        from pycaffe_mpi import snapshot as io
 
         if isinstance(source, (str, os.PathLike)):
             path = str(source)
@@ -674,7 +674,7 @@ class Net:
 
     def _load_layer_blobs(self, layer: Layer, blob_protos: Sequence[Any], path: str) -> None:
         """Copy saved blobs into ``layer``'s parameters, with Caffe's checks."""
-        from pycaffe_mpi import io
+        from pycaffe_mpi import snapshot as io
 
         name = layer.name
         if len(blob_protos) != len(layer.blobs):
@@ -700,7 +700,7 @@ class Net:
 
     def to_proto(self, write_diff: bool = False) -> Any:
         """The net as a NetParameter with each layer's blobs (a .caffemodel's content)."""
-        from pycaffe_mpi import io
+        from pycaffe_mpi import snapshot as io
 
         out = caffe_pb2.NetParameter(name=self.name)
         for lp, layer in zip(self.param.layer, self.layers):
@@ -715,7 +715,7 @@ class Net:
 
     def save(self, path: str) -> None:
         """Write the weights as a binary .caffemodel (atomically)."""
-        from pycaffe_mpi import io
+        from pycaffe_mpi import snapshot as io
 
         io.write_proto_binary(path, self.to_proto())
 

@@ -3,7 +3,7 @@
 A BVLC pycaffe layer module (``import caffe`` then ``class MyLoss(caffe.Layer)``) runs unchanged:
 before a ``type: "Python"`` layer imports its module, ``caffe``, ``caffe.proto`` and
 ``caffe.proto.caffe_pb2`` are aliased to this module, :mod:`pycaffe_mpi.proto` and its
-``caffe_pb2`` (:func:`pycaffe_mpi.layers.python.install_caffe_alias`; never when another
+``caffe_pb2`` (:func:`pycaffe_mpi.layer_types.python.install_caffe_alias`; never when another
 ``caffe`` is importable).
 
 Provided: ``Layer`` (= :class:`pycaffe_mpi.layer.Layer`), ``TRAIN`` = 0, ``TEST`` = 1,

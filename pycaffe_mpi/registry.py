@@ -11,14 +11,21 @@ _LAYERS: dict[str, type] = {}
 
 # Modules that register the built-in layer families (imported on first lookup).
 _FAMILIES = (
-    "pycaffe_mpi.layers.common",
-    "pycaffe_mpi.layers.neuron",
-    "pycaffe_mpi.layers.vision",
-    "pycaffe_mpi.layers.loss",
-    "pycaffe_mpi.layers.data",
-    "pycaffe_mpi.layers.python",
-    "pycaffe_mpi.layers.comm",
-    "pycaffe_mpi.layers.ensemble",
+    "pycaffe_mpi.layer_types.common",
+    "pycaffe_mpi.layer_types.neuron",
+    "pycaffe_mpi.layer_types.vision",
+    "pycaffe_mpi.layer_types.loss",
+    "pycaffe_mpi.layer_types.data",
+    "pycaffe_mpi.layer_types.python",
+    "pycaffe_mpi.layer_types.comm",
+    "pycaffe_mpi.layer_types.ensemble",
+    "pycaffe_mpi.layer_types.conv",
+    "pycaffe_mpi.layer_types.normalization",
+    "pycaffe_mpi.layer_types.utility",
+    "pycaffe_mpi.layer_types.more_loss",
+    "pycaffe_mpi.layer_types.recurrent",
+    "pycaffe_mpi.layer_types.hdf5",
+    "pycaffe_mpi.layer_types.input_data",
 )
 _loaded = False
 

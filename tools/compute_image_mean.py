@@ -17,7 +17,7 @@ import sys
 import _tool
 
 from pycaffe_mpi import datasets
-from pycaffe_mpi import io as pio
+from pycaffe_mpi import snapshot as pio
 
 
 def main(argv: list[str] | None = None) -> int:

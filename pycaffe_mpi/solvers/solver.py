@@ -38,7 +38,8 @@ from typing import Any
 import numpy as np
 from google.protobuf import text_format
 
-from pycaffe_mpi import errors, io, prototxt
+from pycaffe_mpi import errors, prototxt
+from pycaffe_mpi import snapshot as io
 from pycaffe_mpi.proto import caffe_pb2
 from pycaffe_mpi.solvers import lr_policy, rules
 

@@ -3,7 +3,7 @@
 Use them from a prototxt as ``type: "Python"`` with
 ``python_param { module: "pycaffe_mpi.testing.pylayers" layer: "TimesTenLayer" }``. Importing
 this module directly needs ``import caffe`` to resolve: call
-``pycaffe_mpi.layers.python.install_caffe_alias()`` first (the Python layer type does that
+``pycaffe_mpi.layer_types.python.install_caffe_alias()`` first (the Python layer type does that
 itself before importing a user module).
 """
 

@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pycaffe_mpi import datasets, io, solvers
+from pycaffe_mpi import datasets, solvers
+from pycaffe_mpi import snapshot as io
 from pycaffe_mpi.proto import caffe_pb2
 from pycaffe_mpi.testing import mpirun
 

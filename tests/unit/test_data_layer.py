@@ -10,10 +10,10 @@ import pytest
 from google.protobuf import text_format
 
 from pycaffe_mpi import datasets, errors, registry
-from pycaffe_mpi import io as pio
+from pycaffe_mpi import snapshot as pio
 from pycaffe_mpi.blob import Blob
 from pycaffe_mpi.layer import TEST, TRAIN
-from pycaffe_mpi.layers import data as data_layers
+from pycaffe_mpi.layer_types import data as data_layers
 from pycaffe_mpi.proto import caffe_pb2
 
 

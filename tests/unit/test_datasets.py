@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from pycaffe_mpi import datasets, errors
-from pycaffe_mpi import io as pio
+from pycaffe_mpi import snapshot as pio
 
 REPO = Path(__file__).resolve().parents[2]
 PER_BATCH = 3  # synthetic records per CIFAR batch

@@ -18,7 +18,8 @@ from types import ModuleType
 import numpy as np
 import pytest
 
-from pycaffe_mpi import cli, datasets, ensemble, io, prototxt, solvers
+from pycaffe_mpi import cli, datasets, ensemble, prototxt, solvers
+from pycaffe_mpi import snapshot as io
 from pycaffe_mpi.proto import caffe_pb2
 
 REPO = Path(__file__).resolve().parents[2]

@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pycaffe_mpi import datasets, io
+from pycaffe_mpi import datasets
+from pycaffe_mpi import snapshot as io
 from pycaffe_mpi.net import Net
 
 ROOT = Path(__file__).resolve().parents[2]

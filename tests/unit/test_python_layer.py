@@ -15,7 +15,7 @@ from google.protobuf import text_format
 
 from pycaffe_mpi import backend, errors, layer, registry
 from pycaffe_mpi.blob import Blob
-from pycaffe_mpi.layers import python as python_layer
+from pycaffe_mpi.layer_types import python as python_layer
 from pycaffe_mpi.proto import caffe_pb2
 
 REPO = Path(__file__).resolve().parents[2]

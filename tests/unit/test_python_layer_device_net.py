@@ -10,7 +10,7 @@ import numpy as np
 from google.protobuf import text_format
 
 from pycaffe_mpi import backend as backend_mod
-from pycaffe_mpi.layers.python import HostLayerAdapter
+from pycaffe_mpi.layer_types.python import HostLayerAdapter
 from pycaffe_mpi.net import Net
 from pycaffe_mpi.proto import caffe_pb2
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from pycaffe_mpi.kernels import pooling as pooling_kernels
-from pycaffe_mpi.layers import vision
+from pycaffe_mpi.layer_types import vision
 from pycaffe_mpi.testing.cases import vision as vision_cases
 from pycaffe_mpi.testing.layer_cases import LayerCase, build_layer
 

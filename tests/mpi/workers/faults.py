@@ -12,7 +12,7 @@ fails once, in ``phase``:
 - ``setup``: raises in ``setup`` (while the other ranks build their nets and meet in the comm
   layers' collectives);
 - ``forward`` / ``backward``: raises in the ``iter``-th (0-based) forward / backward call;
-- ``snapshot``: makes ``pycaffe_mpi.io.write_proto_binary`` raise ``OSError`` on that rank, so
+- ``snapshot``: makes ``pycaffe_mpi.snapshot.write_proto_binary`` raise ``OSError`` on that rank, so
   its first snapshot fails (as a full disk or a vanished directory would);
 - ``kill``: the process kills itself with SIGKILL in the ``iter``-th forward (no message, no
   clean-up: what the OOM killer or a node failure does);
@@ -29,7 +29,7 @@ import signal
 import caffe
 
 from pycaffe_mpi import comm as comm_mod
-from pycaffe_mpi import io as io_mod
+from pycaffe_mpi import snapshot as io_mod
 
 PHASES = ("none", "setup", "forward", "backward", "snapshot", "kill")
 

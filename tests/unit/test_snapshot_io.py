@@ -1,4 +1,4 @@
-"""pycaffe_mpi.io: BlobProto / Datum conversion, binaryproto files, atomic writes."""
+"""pycaffe_mpi.snapshot: BlobProto / Datum conversion, binaryproto files, atomic writes."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from pycaffe_mpi import errors
-from pycaffe_mpi import io as pio
+from pycaffe_mpi import snapshot as pio
 from pycaffe_mpi.proto import caffe_pb2
 
 

@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from pycaffe_mpi import errors, fillers
-from pycaffe_mpi import io as pio
+from pycaffe_mpi import snapshot as pio
 from pycaffe_mpi.blob import Blob
 from pycaffe_mpi.layer import TRAIN, Layer
 from pycaffe_mpi.proto import caffe_pb2

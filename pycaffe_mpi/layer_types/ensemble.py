@@ -23,12 +23,12 @@ from typing import Any
 import numpy as np
 
 from pycaffe_mpi import errors
-from pycaffe_mpi import io as io_mod
+from pycaffe_mpi import snapshot as io_mod
 from pycaffe_mpi.blob import Blob
 from pycaffe_mpi.heatmap import heatmap_png
 from pycaffe_mpi.kernels import softmax as softmax_kernel
 from pycaffe_mpi.layer import Layer
-from pycaffe_mpi.layers import loss as loss_mod
+from pycaffe_mpi.layer_types import loss as loss_mod
 from pycaffe_mpi.proto import caffe_pb2
 from pycaffe_mpi.registry import register_layer
 
