@@ -9,9 +9,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from pycaffe_mpi.kernels import im2col as im2col_kernels
 from pycaffe_mpi.kernels import pooling as pooling_kernels
-from pycaffe_mpi.layer_types import vision
-from pycaffe_mpi.testing.cases import vision as vision_cases
+from pycaffe_mpi.testing.cases import conv as conv_cases
 from pycaffe_mpi.testing.layer_cases import LayerCase, build_layer
 
 
@@ -40,9 +40,9 @@ def test_conv_in_small_chunks_equals_one_chunk_and_reference(monkeypatch, proto)
     x = np.random.default_rng(0).standard_normal((7, 4, 9, 8))
     case = LayerCase("Convolution", "chunks", proto, bottoms=[x.shape])
     whole = _run(case, x)
-    monkeypatch.setattr(vision, "CHUNK_BYTES", 1)  # one image per chunk
+    monkeypatch.setattr(im2col_kernels, "CHUNK_BYTES", 1)  # one image per chunk
     chunked = _run(case, x)
-    monkeypatch.setattr(vision, "CHUNK_BYTES", 3 * 8 * 4 * 9 * 8 * 25)  # a few images
+    monkeypatch.setattr(im2col_kernels, "CHUNK_BYTES", 3 * 8 * 4 * 9 * 8 * 25)  # a few images
     some = _run(case, x)
     for got in (chunked, some):
         for a, b in zip(got[0] + [got[1]] + got[2], whole[0] + [whole[1]] + whole[2]):
@@ -51,7 +51,7 @@ def test_conv_in_small_chunks_equals_one_chunk_and_reference(monkeypatch, proto)
     w, bias = whole[3][0], (whole[3][1] if len(whole[3]) > 1 else None)
     stride = [p.stride[0]] * 2 if len(p.stride) else [1, 1]
     pad = [p.pad[0]] * 2 if len(p.pad) else [0, 0]
-    want = vision_cases.conv_reference(x, w, bias, stride, pad, [1, 1], p.group or 1)
+    want = conv_cases.conv_reference(x, w, bias, stride, pad, [1, 1], p.group or 1)
     np.testing.assert_allclose(whole[0][0], want, rtol=1e-10, atol=1e-10)
 
 

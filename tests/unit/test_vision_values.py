@@ -10,7 +10,7 @@ from google.protobuf import text_format
 from pycaffe_mpi import errors, registry
 from pycaffe_mpi.blob import Blob
 from pycaffe_mpi.proto import caffe_pb2
-from pycaffe_mpi.testing.cases.vision import conv_reference
+from pycaffe_mpi.testing.cases.conv import conv_reference
 
 F32 = np.float32
 

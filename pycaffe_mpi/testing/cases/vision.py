@@ -1,4 +1,4 @@
-"""Layer cases for the vision family: Convolution, Pooling, LRN.
+"""Layer cases for the vision family: Pooling, LRN, Crop, SPP.
 
 The references are deliberately naive loops over output positions (Caffe's CPU loops for pooling),
 independent of the vectorised kernels, and take the layer hyper-parameters from the case itself,
@@ -14,92 +14,6 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from pycaffe_mpi.testing.layer_cases import LayerCase, add_case
-
-# -- Convolution ----------------------------------------------------------------------------------
-
-
-def conv_reference(x: np.ndarray, w: np.ndarray, b: np.ndarray | None, stride: Sequence[int],
-                   pad: Sequence[int], dilation: Sequence[int], group: int = 1,
-                   axis: int = 1) -> np.ndarray:
-    """Direct convolution, zero padded:
-    ``y[n, o, pos] = b[o] + Σ_{c, k} w[o, c, k] · x[n, g·Cg + c, pos·s − p + k·d]``."""
-    lead, c_in, spatial = x.shape[:axis], x.shape[axis], x.shape[axis + 1:]
-    x = x.reshape(math.prod(lead), c_in, *spatial)
-    o_num, cg, *kernel = w.shape
-    og = o_num // group
-    out = [(s + 2 * p - (d * (k - 1) + 1)) // st + 1
-           for s, k, st, p, d in zip(spatial, kernel, stride, pad, dilation)]
-    xpad = np.pad(x, [(0, 0), (0, 0), *[(p, p) for p in pad]])
-    y = np.zeros((x.shape[0], o_num, *out))
-    for n in range(x.shape[0]):
-        for o in range(o_num):
-            g = o // og
-            for pos in itertools.product(*(range(v) for v in out)):
-                win = tuple(slice(q * st, q * st + d * (k - 1) + 1, d)
-                            for q, st, d, k in zip(pos, stride, dilation, kernel))
-                patch = xpad[(n, slice(g * cg, (g + 1) * cg), *win)]
-                y[(n, o, *pos)] = np.sum(patch * w[o]) + (b[o] if b is not None else 0.0)
-    return y.reshape(*lead, o_num, *out)
-
-
-def _conv_case(cid: str, shape: Sequence[int], proto: str, stride: Sequence[int],
-               pad: Sequence[int], dilation: Sequence[int], group: int = 1, axis: int = 1,
-               bias: bool = True, nbottom: int = 1) -> None:
-    fillers = ('weight_filler { type: "gaussian" std: 0.5 } '
-               'bias_filler { type: "gaussian" std: 0.5 }')
-
-    def reference(bottoms: list[np.ndarray], layer) -> list[np.ndarray]:
-        w = np.asarray(layer.blobs[0].data, np.float64)
-        b = np.asarray(layer.blobs[1].data, np.float64) if bias else None
-        return [conv_reference(x, w, b, stride, pad, dilation, group, axis) for x in bottoms]
-
-    add_case(LayerCase(
-        type="Convolution", id=cid,
-        proto=f"convolution_param {{ {proto} {fillers} }}",
-        bottoms=[tuple(shape)] * nbottom, ntop=nbottom, reference=reference,
-        rtol=1e-7, atol=1e-9))
-
-
-_conv_case("basic", (2, 3, 5, 5), "num_output: 2 kernel_size: 3", (1, 1), (0, 0), (1, 1))
-_conv_case("stride2", (2, 3, 6, 5), "num_output: 2 kernel_size: 3 stride: 2",
-           (2, 2), (0, 0), (1, 1))
-_conv_case("pad1", (1, 3, 5, 5), "num_output: 2 kernel_size: 3 pad: 1", (1, 1), (1, 1), (1, 1))
-_conv_case("stride2_pad2", (1, 2, 6, 6), "num_output: 2 kernel_size: 3 stride: 2 pad: 2",
-           (2, 2), (2, 2), (1, 1))
-_conv_case("rect_hw", (2, 2, 5, 4),
-           "num_output: 3 kernel_h: 3 kernel_w: 2 stride_h: 2 stride_w: 1 pad_h: 1 pad_w: 0",
-           (2, 1), (1, 0), (1, 1))
-_conv_case("rect_repeated", (1, 2, 5, 6),
-           "num_output: 2 kernel_size: 2 kernel_size: 3 stride: 1 stride: 2 pad: 0 pad: 1",
-           (1, 2), (0, 1), (1, 1))
-_conv_case("dilation2", (1, 2, 7, 7), "num_output: 2 kernel_size: 3 dilation: 2",
-           (1, 1), (0, 0), (2, 2))
-_conv_case("group2", (1, 4, 4, 4), "num_output: 4 kernel_size: 3 pad: 1 group: 2",
-           (1, 1), (1, 1), (1, 1), group=2)
-_conv_case("group3", (2, 3, 4, 4), "num_output: 3 kernel_size: 3 group: 3",
-           (1, 1), (0, 0), (1, 1), group=3)
-_conv_case("no_bias", (2, 3, 4, 4), "num_output: 2 kernel_size: 3 bias_term: false",
-           (1, 1), (0, 0), (1, 1), bias=False)
-_conv_case("1x1", (2, 4, 3, 3), "num_output: 3 kernel_size: 1", (1, 1), (0, 0), (1, 1))
-_conv_case("1x1_group2_no_bias", (2, 4, 3, 3),
-           "num_output: 2 kernel_size: 1 group: 2 bias_term: false", (1, 1), (0, 0), (1, 1),
-           group=2, bias=False)
-_conv_case("1x1_stride2", (2, 3, 5, 5), "num_output: 2 kernel_size: 1 stride: 2",
-           (2, 2), (0, 0), (1, 1))
-_conv_case("more_outputs", (1, 2, 4, 4), "num_output: 3 kernel_size: 3 pad: 1", (1, 1), (1, 1),
-           (1, 1))
-_conv_case("k1_pad1", (1, 3, 3, 3), "num_output: 2 kernel_size: 1 pad: 1", (1, 1), (1, 1), (1, 1))
-_conv_case("k2_pad2_dil1", (1, 3, 3, 4), "num_output: 2 kernel_size: 2 pad: 2", (1, 1), (2, 2),
-           (1, 1))
-_conv_case("axis_default_explicit", (2, 3, 4, 4), "num_output: 2 kernel_size: 3 axis: 1",
-           (1, 1), (0, 0), (1, 1))
-_conv_case("axis2", (2, 2, 2, 4, 4), "num_output: 2 kernel_size: 3 axis: 2",
-           (1, 1), (0, 0), (1, 1), axis=2)
-_conv_case("3d", (1, 2, 3, 4, 4), "num_output: 2 kernel_size: 2 pad: 0 pad: 1 pad: 0",
-           (1, 1, 1), (0, 1, 0), (1, 1, 1))
-_conv_case("two_bottoms", (1, 2, 4, 4), "num_output: 2 kernel_size: 3 pad: 1",
-           (1, 1), (1, 1), (1, 1), nbottom=2)
-
 
 # -- Pooling --------------------------------------------------------------------------------------
 
