@@ -3,10 +3,13 @@
 The Python face follows pycaffe::
 
     import pycaffe_mpi as caffe
+    from pycaffe_mpi import layers as L, params as P
     net = caffe.Net("deploy.prototxt", caffe.TEST, weights="model.caffemodel")
     solver = caffe.get_solver("solver.prototxt")
 
-Neither CuPy nor mpi4py is needed to import the package.
+Every pycaffe name lives in :mod:`pycaffe_mpi.pycaffe` (also what ``import caffe`` gives Python
+layers); the package forwards to it, so ``pycaffe_mpi.X is pycaffe_mpi.pycaffe.X``. Neither CuPy
+nor mpi4py is needed to import the package.
 """
 
 from __future__ import annotations
@@ -18,33 +21,35 @@ from pycaffe_mpi import _threads
 # before NumPy (imported below) loads OpenBLAS: under mpiexec, share the cores between ranks
 _threads.share_cores_between_ranks()
 
-from pycaffe_mpi.layer import TEST, TRAIN, Layer  # noqa: E402
-from pycaffe_mpi.registry import layer_type_list, register_layer  # noqa: E402
+from pycaffe_mpi import pycaffe as _face  # noqa: E402
+from pycaffe_mpi.pycaffe import (  # noqa: E402
+    TEST,
+    TRAIN,
+    Layer,
+    Settings,
+    layer_type_list,
+    proto,
+    register_layer,
+    set_device,
+    set_mode_cpu,
+    set_mode_gpu,
+    set_random_seed,
+)
 
 __version__ = "0.1.0"
 
-_LAZY = {
-    "Net": ("pycaffe_mpi.net", "Net"),
-    "Blob": ("pycaffe_mpi.blob", "Blob"),
-    "get_solver": ("pycaffe_mpi.solvers", "get_solver"),
-    "Solver": ("pycaffe_mpi.solvers", "Solver"),
-    "SGDSolver": ("pycaffe_mpi.solvers", "SGDSolver"),
-    "NesterovSolver": ("pycaffe_mpi.solvers", "NesterovSolver"),
-    "AdaGradSolver": ("pycaffe_mpi.solvers", "AdaGradSolver"),
-    "RMSPropSolver": ("pycaffe_mpi.solvers", "RMSPropSolver"),
-    "AdaDeltaSolver": ("pycaffe_mpi.solvers", "AdaDeltaSolver"),
-    "AdamSolver": ("pycaffe_mpi.solvers", "AdamSolver"),
-    "io": ("pycaffe_mpi.io", None),
-}
-
-__all__ = ["TEST", "TRAIN", "Layer", "layer_type_list", "register_layer", *_LAZY]
+__all__ = ["TEST", "TRAIN", "Layer", "Settings", "layer_type_list", "proto", "register_layer",
+           "set_device", "set_mode_cpu", "set_mode_gpu", "set_random_seed", "settings",
+           *_face.LAZY]
 
 
 def __getattr__(name: str) -> Any:
-    if name not in _LAZY:
-        raise AttributeError(f"module 'pycaffe_mpi' has no attribute {name!r}")
-    import importlib
+    # NOTE: nothing is cached here: ``settings`` (replaceable in tests) and the lazy names are
+    # always the pycaffe module's own objects.
+    if name == "settings":
+        return _face.settings
+    return _face.lazy_attribute(name, "pycaffe_mpi")
 
-    mod_name, attr = _LAZY[name]
-    mod = importlib.import_module(mod_name)
-    return mod if attr is None else getattr(mod, attr)
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_face.LAZY, "settings"])

@@ -1,24 +1,26 @@
-"""What ``import caffe`` gives pycaffe code when no other Caffe is installed.
+"""pycaffe's ``caffe`` module: the one owner of the face ``import pycaffe_mpi as caffe`` shows.
 
-A BVLC pycaffe layer module (``import caffe`` then ``class MyLoss(caffe.Layer)``) runs unchanged:
+The package :mod:`pycaffe_mpi` forwards every name it does not define itself to this module, and
+a BVLC pycaffe layer module (``import caffe`` then ``class MyLoss(caffe.Layer)``) runs unchanged:
 before a ``type: "Python"`` layer imports its module, ``caffe``, ``caffe.proto`` and
 ``caffe.proto.caffe_pb2`` are aliased to this module, :mod:`pycaffe_mpi.proto` and its
 ``caffe_pb2`` (:func:`pycaffe_mpi.layer_types.python.install_caffe_alias`; never when another
-``caffe`` is importable).
+``caffe`` is importable). So ``caffe.X`` is the same object whichever way it was reached.
 
-Provided: ``Layer`` (= :class:`pycaffe_mpi.layer.Layer`), ``TRAIN`` = 0, ``TEST`` = 1,
-``layer_type_list()``, ``proto``; loaded on first use (PEP 562): ``Net``, ``SGDSolver``,
-``NesterovSolver``, ``AdaGradSolver``, ``RMSPropSolver``, ``AdaDeltaSolver``, ``AdamSolver``,
-``get_solver`` and ``io``; and the mode setters below. Anything else of pycaffe (NetSpec,
-``caffe.layers``/``params``, NCCL, Classifier, Detector, draw, ...) raises AttributeError
-saying it is not provided, rather than pretending.
+Provided at once: ``Layer`` (= :class:`pycaffe_mpi.layer.Layer`), ``TRAIN`` = 0, ``TEST`` = 1,
+``layer_type_list()``, ``proto`` and the mode setters below. Loaded on first use (PEP 562), so
+importing the package stays cheap: ``Net``, ``Blob``, ``SGDSolver``, ``NesterovSolver``,
+``AdaGradSolver``, ``RMSPropSolver``, ``AdaDeltaSolver``, ``AdamSolver``, ``get_solver``, ``io``,
+``NetSpec``, ``layers``, ``params``, ``to_proto``, ``Classifier`` and ``Detector``. The rest of
+pycaffe (``NCCL``, ``Timer``, ``draw``, ``init_log``, ``solver_count``, ...) raises
+AttributeError saying it is not provided, rather than pretending.
 
 Mode settings: ``set_mode_cpu()``, ``set_mode_gpu()``, ``set_device(i)`` and
 ``set_random_seed(s)`` record the choice in :data:`settings`, a :class:`Settings` object (fields
 ``mode`` "cpu"/"gpu", ``device_id``, ``random_seed`` (None = unset)). It is the only state
-here; the Net and solvers read it for their defaults (``settings.backend()`` gives the chosen
-:class:`~pycaffe_mpi.backend.Backend`). ``set_mode_gpu``/``set_device`` fail at once, with the
-reason, when no usable GPU is present (BVLC fails later, on first use).
+here; ``settings.backend()`` gives the chosen :class:`~pycaffe_mpi.backend.Backend`.
+``set_mode_gpu``/``set_device`` fail at once, with the reason, when no usable GPU is present
+(BVLC fails later, on first use).
 """
 
 from __future__ import annotations
@@ -38,9 +40,13 @@ Layer = _layer.Layer
 TRAIN = 0
 TEST = 1
 layer_type_list = _registry.layer_type_list
+register_layer = _registry.register_layer
 
-__all__ = ["TEST", "TRAIN", "Layer", "Settings", "layer_type_list", "proto", "set_device",
-           "set_mode_cpu", "set_mode_gpu", "set_random_seed", "settings"]
+__all__ = ["TEST", "TRAIN", "Layer", "Settings", "layer_type_list", "proto", "register_layer",
+           "set_device", "set_mode_cpu", "set_mode_gpu", "set_random_seed", "settings"]
+
+#: names defined in this module itself (the package imports these eagerly)
+EAGER = __all__
 
 
 @dataclasses.dataclass
@@ -60,10 +66,12 @@ settings = Settings()
 
 
 def set_mode_cpu() -> None:
+    """Run on the CPU (the default)."""
     settings.mode = "cpu"
 
 
 def set_mode_gpu() -> None:
+    """Run on the GPU chosen by :func:`set_device`; fails now when none is usable."""
     if not _backend.gpu_available():
         raise _errors.PycaffeError("caffe.set_mode_gpu(): no usable GPU (CuPy and a CUDA "
                                    "device are needed; install the 'gpu' extra)")
@@ -71,6 +79,7 @@ def set_mode_gpu() -> None:
 
 
 def set_device(device_id: int) -> None:
+    """Choose the CUDA device used in GPU mode."""
     n = _backend.gpu_count()
     if not 0 <= int(device_id) < n:
         raise _errors.PycaffeError(f"caffe.set_device({device_id}): "
@@ -79,30 +88,41 @@ def set_device(device_id: int) -> None:
 
 
 def set_random_seed(seed: int) -> None:
+    """Record the seed nets and solvers use when they are given none."""
     settings.random_seed = int(seed)
 
 
-# name -> (module, attribute); imported on first access.
-_LAZY = {
+# name -> (module, attribute or None for the module itself); imported on first access.
+LAZY: dict[str, tuple[str, str | None]] = {
     "Net": ("pycaffe_mpi.net", "Net"),
+    "Blob": ("pycaffe_mpi.blob", "Blob"),
     "io": ("pycaffe_mpi.io", None),
     "get_solver": ("pycaffe_mpi.solvers", "get_solver"),
+    "Solver": ("pycaffe_mpi.solvers", "Solver"),
     **{n: ("pycaffe_mpi.solvers", n) for n in (
         "SGDSolver", "NesterovSolver", "AdaGradSolver", "RMSPropSolver", "AdaDeltaSolver",
         "AdamSolver")},
+    **{n: ("pycaffe_mpi.net_spec", n) for n in ("NetSpec", "layers", "params", "to_proto")},
+    "Classifier": ("pycaffe_mpi.classifier", "Classifier"),
+    "Detector": ("pycaffe_mpi.classifier", "Detector"),
 }
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _LAZY:
-        raise AttributeError(f"caffe.{name} is not provided by pycaffe-mpi's caffe module "
-                             f"(it offers: {', '.join(sorted([*__all__, *_LAZY]))})")
-    module, attr = _LAZY[name]
+def lazy_attribute(name: str, owner: str = "caffe") -> Any:
+    """Import and return the lazily loaded ``name`` (AttributeError naming ``owner`` if none)."""
+    if name not in LAZY:
+        raise AttributeError(f"{owner}.{name} is not provided by pycaffe-mpi's caffe module "
+                             f"(it offers: {', '.join(sorted([*EAGER, *LAZY]))})")
+    module, attr = LAZY[name]
     mod = importlib.import_module(module)
-    value = mod if attr is None else getattr(mod, attr)
+    return mod if attr is None else getattr(mod, attr)
+
+
+def __getattr__(name: str) -> Any:
+    value = lazy_attribute(name)
     globals()[name] = value
     return value
 
 
 def __dir__() -> list[str]:
-    return sorted([*globals(), *_LAZY])
+    return sorted([*globals(), *LAZY])
