@@ -46,6 +46,8 @@ class LayerCase:
         in_place: also run with top 0 = bottom 0 and compare.
         stochastic: reseed ``layer.rng`` before every forward.
         rtol, atol: forward comparison tolerances.
+        prepare: called with the layer after setup, before reshape (e.g. to hand a
+            MemoryData layer its arrays); None = nothing.
     """
 
     type: str
@@ -66,6 +68,7 @@ class LayerCase:
     stochastic: bool = False
     rtol: float = 1e-5
     atol: float = 1e-6
+    prepare: Callable[[Layer], None] | None = None
 
     @property
     def test_id(self) -> str:
@@ -138,6 +141,8 @@ def build_layer(case: LayerCase, bottoms: list[np.ndarray], dtype: Any = np.floa
     tblobs = [Blob((), dtype, backend) for _ in range(case.ntop)]
     layer.check_counts(len(bblobs), len(tblobs))
     layer.setup(bblobs, tblobs)
+    if case.prepare is not None:
+        case.prepare(layer)
     layer.reshape(bblobs, tblobs)
     return layer, bblobs, tblobs
 
