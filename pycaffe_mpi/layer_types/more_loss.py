@@ -9,6 +9,7 @@ and one outside the valid range (and not the ``ignore_label``) is a clear error 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -21,7 +22,8 @@ from pycaffe_mpi.layer_types import loss as loss_mod
 from pycaffe_mpi.registry import register_layer
 
 FULL, VALID, BATCH_SIZE, NONE = loss_mod.FULL, loss_mod.VALID, loss_mod.BATCH_SIZE, loss_mod.NONE
-LOG_THRESHOLD = loss_mod.LOG_THRESHOLD  # Caffe's kLOG_THRESHOLD (1e-20)
+# log of Caffe's kLOG_THRESHOLD (1e-20): log(max(p, 1e-20)) = max(log p, this)
+LOG_LOG_THRESHOLD = math.log(loss_mod.LOG_THRESHOLD)
 # ContrastiveLoss's guard against dividing by a zero distance (Caffe's constant, kept so the
 # gradients agree with Caffe's to the last digit).
 DIST_EPS = 1e-4
@@ -113,7 +115,7 @@ class ContrastiveLoss(Layer):
         xp = self.xp
         if self.legacy:
             mdist = self.margin - self.dist_sq
-            beta = xp.where(mdist > 0, -1.0, 0.0)
+            beta = -(mdist > 0).astype(mdist.dtype)
         else:
             dist = xp.sqrt(self.dist_sq)
             mdist = self.margin - dist
@@ -280,7 +282,7 @@ class InfogainLoss(loss_mod._LabelledLoss):
         self.label, self.valid = loss_mod._labels(self, bottom[1], (self.outer, self.inner),
                                                   self.channels, self.ignore_label)
         # Caffe's log(max(p, kLOG_THRESHOLD)), evaluated from log p so it cannot underflow
-        logp = xp.maximum(logp, float(xp.log(LOG_THRESHOLD)))
+        logp = xp.maximum(logp, LOG_LOG_THRESHOLD)
         h_rows = xp.moveaxis(self._h(bottom)[self.label], 2, 1)  # (outer, C, inner)
         per_pos = (h_rows * logp).sum(axis=1)  # (outer, inner)
         if self.valid is None:
