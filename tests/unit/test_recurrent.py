@@ -272,3 +272,16 @@ def test_lstm_in_a_net_trains_and_round_trips(tmp_path):
     other.copy_trained_layers_from(path)
     for a, b in zip(other.params["lstm"], net.params["lstm"]):
         np.testing.assert_array_equal(a.data, b.data)
+
+
+def test_lstm_unit_gradient_exact_for_fractional_cont():
+    """The forget-gate gradient is the derivative of cont · σ(f'), also for cont outside {0, 1}
+    (Caffe's f · (1 − f) with f = cont · σ(f') agrees only for binary cont)."""
+    from pycaffe_mpi.testing import gradient_check
+
+    rng = np.random.default_rng(5)
+    case = LayerCase(type="LSTMUnit", id="t", ntop=2)
+    layer, bb, tb = build_layer(case, [rng.standard_normal((1, 2, H)),
+                                       rng.standard_normal((1, 2, 4 * H)),
+                                       np.array([[0.5, 0.25]])])
+    assert not gradient_check.check_gradient(layer, bb, tb, [0, 1])
