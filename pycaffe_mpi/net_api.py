@@ -192,43 +192,41 @@ class NetApi:
                 {n: _concat(p)[:num] for n, p in all_diffs.items()})
 
     # -- MemoryData ------------------------------------------------------------------------------
-    def set_input_arrays(self, data: Any, labels: Any) -> Any:
+    def set_input_arrays(self, data: Any, labels: Any) -> None:
         """Give the MemoryData layer (the net's first layer) new ``data`` and ``labels``.
 
-        ``labels`` of shape (N,) become (N, 1, 1, 1). As in Caffe, ``data`` must be a
-        C-contiguous N x C x H x W array of the net's dtype matching the layer's
-        ``memory_data_param`` channels/height/width, ``labels`` N x 1 x 1 x 1, and N a multiple
-        of ``batch_size``. The layer keeps the arrays (no copy), so keep them unchanged while
-        the net reads them.
+        ``labels`` of shape (N,) become (N, 1, 1, 1). As in Caffe, ``data`` must be
+        N x C x H x W with the layer's ``memory_data_param`` channels/height/width, ``labels``
+        N x 1 x 1 x 1, and N a multiple of the batch size. Unlike Caffe, any float dtype (or
+        uint8) is taken, C-contiguous or not: the layer copies the arrays.
         """
         labels = np.asarray(labels)
         if labels.ndim == 1:
             labels = np.ascontiguousarray(labels[:, np.newaxis, np.newaxis, np.newaxis])
-        return self._set_input_arrays(data, labels)
+        self._set_input_arrays(data, labels)
 
-    def _set_input_arrays(self, data: Any, labels: Any) -> Any:
+    def _set_input_arrays(self, data: Any, labels: Any) -> None:
         if not self.layers or self.layers[0].type != "MemoryData":
             raise errors.NetError("set_input_arrays may only be called if the first layer is a "
                                   "MemoryDataLayer")
+        layer = self.layers[0]
         mp = self.param.layer[0].memory_data_param
-        _check_array(data, "data array", (mp.channels, mp.height, mp.width), self.dtype)
-        _check_array(labels, "labels array", (1, 1, 1), self.dtype)
+        data, labels = np.asarray(data), np.asarray(labels)
+        _check_array(data, "data array", (mp.channels, mp.height, mp.width))
+        _check_array(labels, "labels array", (1, 1, 1))
         if data.shape[0] != labels.shape[0]:
             raise errors.NetError("data and labels must have the same first dimension")
-        if mp.batch_size == 0 or data.shape[0] % mp.batch_size:
+        batch_size = int(getattr(layer, "batch_size", mp.batch_size))
+        if data.shape[0] % batch_size:
             raise errors.NetError("first dimensions of input arrays must be a multiple of batch "
-                                  f"size ({mp.batch_size}), got {data.shape[0]}")
-        return self.layers[0].reset(data, labels)
+                                  f"size ({batch_size}), got {data.shape[0]}")
+        layer.reset(data, labels)
 
 
-def _check_array(arr: Any, name: str, chw: tuple[int, int, int], dtype: Any) -> None:
-    """Caffe's CheckContiguousArray, with the net's dtype in place of float32."""
-    if not isinstance(arr, np.ndarray) or not arr.flags.c_contiguous:
-        raise errors.NetError(f"{name} must be C contiguous")
+def _check_array(arr: np.ndarray, name: str, chw: tuple[int, int, int]) -> None:
+    """Caffe's CheckContiguousArray, less its contiguity and float32 tests."""
     if arr.ndim != 4:
-        raise errors.NetError(f"{name} must be 4-d")
-    if arr.dtype != np.dtype(dtype):
-        raise errors.NetError(f"{name} must be {np.dtype(dtype).name}")
+        raise errors.NetError(f"{name} must be 4-d, got shape {arr.shape}")
     for axis, what, want in zip((1, 2, 3), ("number of channels", "height", "width"), chw):
         if arr.shape[axis] != want:
             raise errors.NetError(f"{name} has wrong {what}: {arr.shape[axis]}, the layer "
