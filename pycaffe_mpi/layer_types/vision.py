@@ -1,12 +1,13 @@
-"""Vision layers: Convolution, Pooling, LRN (Caffe's conv, pooling and lrn layers).
+"""Vision layers: Pooling, LRN, SPP, Crop (Caffe's pooling, lrn, spp and crop layers).
 
-The heavy lifting lives in :mod:`pycaffe_mpi.kernels.im2col` and
-:mod:`pycaffe_mpi.kernels.pooling`; these classes read the proto parameters, check shapes, own the
-scratch buffers and call the kernels.
+Convolution, Deconvolution and Im2col live in :mod:`pycaffe_mpi.layer_types.conv`. The heavy
+lifting lives in :mod:`pycaffe_mpi.kernels.pooling`; these classes read the proto parameters,
+check shapes, own the scratch buffers and call the kernels.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -15,7 +16,7 @@ import numpy as np
 from pycaffe_mpi.blob import Blob
 from pycaffe_mpi.kernels import im2col as im2col_k
 from pycaffe_mpi.kernels import pooling as pool_k
-from pycaffe_mpi.layer import Layer
+from pycaffe_mpi.layer import Layer, canonical_axis
 from pycaffe_mpi.registry import register_layer
 
 MAX, AVE, STOCHASTIC = 0, 1, 2
@@ -253,3 +254,176 @@ class LRNLayer(Layer):
         t *= -2.0 * self.beta * self.coef
         xp.multiply(dy, spow, out=bottom[0].diff)
         bottom[0].diff[...] += t
+
+
+@register_layer("SPP")
+class SPPLayer(Layer):
+    """Spatial pyramid pooling (Caffe's ``SPP``): pooling over 1, 2×2, 4×4, … bins of the whole
+    image, flattened and concatenated.
+
+    Shapes:
+        bottom: ``(N, C, H, W)``.
+        top: ``(N, C·Σ_{l<L} 4^l)`` (level ``l``'s ``(N, C, 2^l, 2^l)`` pooled map flattened,
+        levels in order), or ``(N, C, 1, 1)`` when ``L = 1`` (Caffe's plain pooling).
+
+    Params (``spp_param``): pyramid_height L (required, ≥ 1), pool MAX (default) / AVE
+    (STOCHASTIC is not supported).
+
+    Level ``l`` is a Pooling with ``b = 2^l`` bins per axis: ``kernel = stride = ceil(H / b)``,
+    ``pad = (kernel·b − H + 1) // 2`` (the same along W); Caffe requires ``pad < kernel``, so
+    small images allow only a few levels.
+
+    Forward / backward: the levels' Pooling forward and backward (see :class:`PoolingLayer`);
+    ``dx`` is the sum of the levels' input gradients.
+    """
+
+    exact_num_bottom = 1
+    exact_num_top = 1
+
+    def setup(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
+        p = self.layer_param.spp_param
+        self.height = int(p.pyramid_height)
+        self.require(self.height >= 1, "spp_param.pyramid_height",
+                     f"pyramid_height must be at least 1, got {self.height}")
+        self.pool = int(p.pool)
+        self.require(self.pool in (MAX, AVE), "spp_param.pool",
+                     "only MAX and AVE are supported (STOCHASTIC is not)")
+        self._hw: tuple[int, int] | None = None
+        self._dx = self.new_blob(())  # the levels' input gradients after the first
+
+    def _level_param(self, level: int, h: int, w: int) -> Any:
+        """The Pooling parameter of ``level`` for an ``h × w`` image, as Caffe computes it."""
+        from pycaffe_mpi.proto import caffe_pb2
+
+        bins = 2**level
+        lp = caffe_pb2.LayerParameter(name=f"{self.name}_level{level}", type="Pooling")
+        pp = lp.pooling_param
+        pp.pool = self.pool
+        for axis, size in (("h", h), ("w", w)):
+            k = -(-size // bins)
+            pad = (k * bins - size + 1) // 2
+            self.require(pad < k, "spp_param.pyramid_height",
+                         f"a {h}×{w} input is too small for pyramid_height {self.height}: "
+                         f"level {level} needs {bins} bins of {k} cells with pad {pad} "
+                         "(Caffe's pooling needs pad < kernel)")
+            setattr(pp, f"kernel_{axis}", k)
+            setattr(pp, f"stride_{axis}", k)
+            setattr(pp, f"pad_{axis}", pad)
+        return lp
+
+    def reshape(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
+        shape = tuple(bottom[0].shape)
+        self.require(len(shape) == 4, "bottom",
+                     f"input must have 4 axes (num, channels, height, width), got {shape}")
+        n, _, h, w = shape
+        self.require(h > 0 and w > 0, "bottom", f"input dimensions cannot be zero, got {shape}")
+        if self._hw != (h, w):  # Caffe rebuilds the levels when the image size changes
+            self._hw = (h, w)
+            self.levels = []
+            for level in range(self.height):
+                pool = PoolingLayer(self._level_param(level, h, w), phase=self.phase,
+                                    backend=self.backend, dtype=self.dtype, rng=self.rng)
+                pool.location = self.location
+                pool.setup(bottom, [self.new_blob(())])
+                self.levels.append((pool, self.new_blob(())))
+        for pool, out in self.levels:
+            pool.reshape(bottom, [out])
+        if self.height == 1:
+            top[0].reshape(self.levels[0][1].shape)
+        else:
+            top[0].reshape(n, sum(math.prod(out.shape[1:]) for _, out in self.levels))
+        if self.height > 1:
+            self._dx.reshape(shape)
+
+    def _slices(self) -> list[slice]:
+        """Columns of the top holding each level."""
+        out, lo = [], 0
+        for _, blob in self.levels:
+            size = math.prod(blob.shape[1:])
+            out.append(slice(lo, lo + size))
+            lo += size
+        return out
+
+    def forward(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
+        n = bottom[0].shape[0]
+        y = top[0].data.reshape(n, -1)
+        for (pool, out), cols in zip(self.levels, self._slices()):
+            pool.forward(bottom, [out])
+            y[:, cols] = out.data.reshape(n, -1)
+
+    def backward(self, top: Sequence[Blob], propagate_down: Sequence[bool],
+                 bottom: Sequence[Blob]) -> None:
+        if not propagate_down[0]:
+            return
+        n = bottom[0].shape[0]
+        dy = top[0].diff.reshape(n, -1)
+        for i, ((pool, out), cols) in enumerate(zip(self.levels, self._slices())):
+            out.diff.reshape(n, -1)[...] = dy[:, cols]
+            # NOTE: level 0 writes dx, the others write a scratch diff that is added to it
+            pool.backward([out], [True], [bottom[0] if i == 0 else self._dx])
+            if i > 0:
+                bottom[0].diff[...] += self._dx.diff
+
+
+@register_layer("Crop")
+class CropLayer(Layer):
+    """Crop bottom 0 to the shape of bottom 1 from the axis ``axis`` on (Caffe's ``Crop``).
+
+    Shapes:
+        bottom 0: ``(d_0, …, d_{A−1})``, the data.
+        bottom 1: same number of axes; only its shape is read (axes ``≥ axis``).
+        top: ``d_i`` for ``i < axis``, bottom 1's size for ``i ≥ axis``.
+
+    Params (``crop_param``): axis (2; negative counts from the end), offset (repeated, default
+    none = 0): one value for every cropped axis, or one per axis from ``axis`` on. Requires
+    ``offset_i + top_i ≤ d_i``.
+
+    Forward: ``y[i] = x[i + offset]`` (offset 0 on the axes before ``axis``).
+
+    Backward: ``dx`` is ``dy`` at the cropped region and 0 elsewhere. Bottom 1 has no gradient
+    (only its shape is used; Caffe writes none): it cannot be forced, and where propagate_down
+    asks for it anyway its diff is set to zero.
+    """
+
+    exact_num_bottom = 2
+    exact_num_top = 1
+
+    def setup(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
+        p = self.layer_param.crop_param
+        nd = bottom[0].num_axes
+        self.axis = canonical_axis(self, p.axis, nd, "crop_param.axis")
+        self.offsets = [int(v) for v in p.offset]
+        self.require(len(self.offsets) <= 1 or self.axis + len(self.offsets) == nd,
+                     "crop_param.offset",
+                     f"give one offset, or one per axis from axis {self.axis} on "
+                     f"({nd - self.axis}), got {len(self.offsets)}")
+
+    def allow_force_backward(self, bottom_index: int) -> bool:
+        return bottom_index == 0
+
+    def reshape(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
+        data, ref = tuple(bottom[0].shape), tuple(bottom[1].shape)
+        self.require(len(ref) == len(data), "bottom",
+                     f"bottom 1 must have as many axes as bottom 0 ({len(data)}), got {ref}")
+        region, shape = [], list(data)
+        for i in range(self.axis, len(data)):
+            off = 0 if not self.offsets else self.offsets[
+                0 if len(self.offsets) == 1 else i - self.axis]
+            self.require(data[i] - off >= ref[i], "crop_param.offset",
+                         f"the crop for axis {i} is out of bounds: size {ref[i]} at offset "
+                         f"{off} does not fit bottom 0's {data[i]}")
+            region.append(slice(off, off + ref[i]))
+            shape[i] = ref[i]
+        self.region = (*[slice(None)] * self.axis, *region)
+        top[0].reshape(shape)
+
+    def forward(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
+        top[0].data[...] = bottom[0].data[self.region]
+
+    def backward(self, top: Sequence[Blob], propagate_down: Sequence[bool],
+                 bottom: Sequence[Blob]) -> None:
+        if propagate_down[0]:
+            bottom[0].diff[...] = 0
+            bottom[0].diff[self.region] = top[0].diff
+        if len(propagate_down) > 1 and propagate_down[1]:
+            bottom[1].diff[...] = 0

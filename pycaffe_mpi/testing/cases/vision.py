@@ -137,3 +137,84 @@ _lrn_case("across5_defaults", (2, 7, 2, 3), 5, 1.0, 0.75, 1.0)
 _lrn_case("across5_alexnet", (1, 6, 3, 3), 5, 1e-1, 0.75, 1.0)
 _lrn_case("within3", (2, 2, 4, 4), 3, 0.8, 0.6, 1.0, within=True)
 _lrn_case("within5", (1, 2, 5, 6), 5, 2.0, 0.75, 3.0, within=True)
+
+
+# -- SPP ------------------------------------------------------------------------------------------
+
+def spp_reference(x: np.ndarray, height: int, pool: str) -> np.ndarray:
+    """Each level pooled with Caffe's bins (``k = ceil(H / 2^l)``, stride k,
+    ``pad = (k·2^l − H + 1) // 2``), flattened and concatenated; one level stays 4-D."""
+    n_num, _, h, w = x.shape
+    flat = []
+    for level in range(height):
+        bins = 2**level
+        kh, kw = math.ceil(h / bins), math.ceil(w / bins)
+        ph, pw = (kh * bins - h + 1) // 2, (kw * bins - w + 1) // 2
+        y = pool_reference(x, (kh, kw), (kh, kw), (ph, pw), pool)[0]
+        if height == 1:
+            return y
+        flat.append(y.reshape(n_num, -1))
+    return np.concatenate(flat, axis=1)
+
+
+def _spp_case(cid: str, shape: Sequence[int], height: int, pool: str,
+              grown: Sequence[int]) -> None:
+    def reference(bottoms: list[np.ndarray], layer) -> list[np.ndarray]:
+        return [spp_reference(bottoms[0], height, pool)]
+
+    is_max = pool == "MAX"
+    add_case(LayerCase(
+        type="SPP", id=cid, proto=f"spp_param {{ pyramid_height: {height} pool: {pool} }}",
+        bottoms=[permuted(shape) if is_max else tuple(shape)], reference=reference,
+        reshape=[permuted(grown) if is_max else tuple(grown)],
+        stepsize=1e-3 if is_max else 1e-4))
+
+
+_spp_case("max3", (2, 2, 7, 6), 3, "MAX", (3, 2, 8, 9))
+_spp_case("ave3", (2, 2, 7, 6), 3, "AVE", (1, 2, 9, 8))
+_spp_case("max1", (2, 3, 5, 4), 1, "MAX", (3, 3, 4, 6))
+_spp_case("ave1", (2, 3, 5, 4), 1, "AVE", (1, 3, 3, 3))
+_spp_case("ave2", (1, 3, 5, 5), 2, "AVE", (2, 3, 6, 4))
+_spp_case("max2_small", (2, 2, 3, 3), 2, "MAX", (2, 2, 4, 3))
+
+
+# -- Crop -----------------------------------------------------------------------------------------
+
+def crop_reference(x: np.ndarray, like: Sequence[int], axis: int,
+                   offsets: Sequence[int]) -> np.ndarray:
+    """``y[i] = x[i + off]`` with ``off_d = 0`` before ``axis``, else the one offset given or
+    the offset of axis d."""
+    axis %= x.ndim
+    off = [0] * x.ndim
+    for d in range(axis, x.ndim):
+        if len(offsets) == 1:
+            off[d] = offsets[0]
+        elif offsets:
+            off[d] = offsets[d - axis]
+    shape = [x.shape[d] if d < axis else like[d] for d in range(x.ndim)]
+    y = np.zeros(shape)
+    for idx in np.ndindex(*shape):
+        y[idx] = x[tuple(i + o for i, o in zip(idx, off))]
+    return y
+
+
+def _crop_case(cid: str, shapes: Sequence[Sequence[int]], axis: int | None,
+               offsets: Sequence[int]) -> None:
+    proto = "" if axis is None else f"axis: {axis} "
+    proto += " ".join(f"offset: {o}" for o in offsets)
+
+    def reference(bottoms: list[np.ndarray], layer) -> list[np.ndarray]:
+        return [crop_reference(bottoms[0], bottoms[1].shape, 2 if axis is None else axis,
+                               offsets)]
+
+    add_case(LayerCase(type="Crop", id=cid, proto=f"crop_param {{ {proto} }}",
+                       bottoms=[tuple(s) for s in shapes], reference=reference,
+                       rtol=0, atol=0))
+
+
+_crop_case("defaults", [(2, 3, 5, 6), (1, 1, 3, 4)], None, [])
+_crop_case("one_offset", [(2, 3, 5, 6), (2, 3, 3, 4)], None, [2])
+_crop_case("offset_per_axis", [(2, 4, 5, 6), (1, 2, 3, 4)], 1, [1, 2, 0])
+_crop_case("negative_axis", [(2, 3, 5, 6), (1, 1, 1, 3)], -1, [3])
+_crop_case("axis0_2d", [(6, 7), (4, 3)], 0, [1, 4])
+_crop_case("same_size", [(2, 2, 3, 3), (2, 2, 3, 3)], 2, [0])
