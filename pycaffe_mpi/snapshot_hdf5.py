@@ -75,7 +75,7 @@ def _atomic_h5(path: str | os.PathLike) -> Iterator[Any]:
 def _open(path: str | os.PathLike, what: str) -> Any:
     path = os.fspath(path)
     if not os.path.exists(path):
-        raise errors.SnapshotError(f"{what} file {path!r} does not exist")
+        raise errors.SnapshotError(f"HDF5 {what} file {path!r} does not exist")
     try:
         return _h5py().File(path, "r")
     except OSError as e:
