@@ -210,7 +210,7 @@ class Dropout(Neuron):
         self.xp.multiply(dy, self._mask, out=dx)
 
 
-def _no_backward(layer: Layer, propagate_down: Sequence[bool]) -> None:
+def refuse_backward(layer: Layer, propagate_down: Sequence[bool]) -> None:
     """Caffe's ``NOT_IMPLEMENTED`` backward: refuse when a gradient is asked for."""
     if any(propagate_down):
         where = errors.layer_where(layer.layer_param, layer.location)
@@ -559,4 +559,4 @@ class Threshold(Neuron):
     def backward(
         self, top: Sequence[Blob], propagate_down: Sequence[bool], bottom: Sequence[Blob]
     ) -> None:
-        _no_backward(self, propagate_down)
+        refuse_backward(self, propagate_down)
