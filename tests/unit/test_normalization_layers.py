@@ -274,3 +274,38 @@ def test_layer_types_registered():
 
         types = registry.layer_type_list()
     assert {"BatchNorm", "MVN", "Bias", "Scale"} <= set(types)
+
+
+# -- BatchNorm under a solver ---------------------------------------------------------------------
+def test_solver_leaves_batchnorm_statistics_to_the_forward_passes():
+    """With momentum and weight decay, the update never moves the statistics (lr_mult 0); the
+    test net shares them and normalizes with them."""
+    from pycaffe_mpi import solvers
+
+    p = caffe_pb2.SolverParameter(type="SGD", base_lr=0.1, momentum=0.9, weight_decay=0.01,
+                                  lr_policy="fixed", random_seed=3, display=0, max_iter=2,
+                                  test_iter=[1], test_interval=100, snapshot_after_train=False)
+    text_format.Parse("""
+      layer { name: 'data' type: 'DummyData' top: 'data' top: 'label'
+              dummy_data_param { shape { dim: 4 dim: 2 dim: 3 dim: 3 } shape { dim: 4 }
+                                 data_filler { type: 'gaussian' }
+                                 data_filler { type: 'constant' value: 1 } } }
+      layer { name: 'bn' type: 'BatchNorm' bottom: 'data' top: 'data' }
+      layer { name: 'sc' type: 'Scale' bottom: 'data' top: 'data'
+              scale_param { bias_term: true } }
+      layer { name: 'ip' type: 'InnerProduct' bottom: 'data' top: 'ip'
+              inner_product_param { num_output: 3 weight_filler { type: 'gaussian' } } }
+      layer { name: 'loss' type: 'SoftmaxWithLoss' bottom: 'ip' bottom: 'label' top: 'loss' }
+    """, p.net_param)
+    solver = solvers.Solver(p, dtype=np.float64)
+    before = [np.array(b.data) for b in solver.net.params["sc"]]
+    solver.step(2)
+    bn = solver.net.params["bn"]
+    maf = float(np.float32(0.999))
+    np.testing.assert_allclose(bn[2].data, [1 + maf], rtol=1e-12)  # two forwards, no update
+    assert any(not np.array_equal(a, b.data) for a, b in zip(before, solver.net.params["sc"]))
+    test_bn = solver.test_nets[0].layer_dict["bn"]
+    assert test_bn.use_global_stats
+    np.testing.assert_array_equal(test_bn.blobs[2].data, bn[2].data)
+    scores = solver.test(0)
+    assert scores is None or all(np.isfinite(scores))
