@@ -658,9 +658,11 @@ class Net:
 
         if isinstance(source, (str, os.PathLike)):
             path = str(source)
-            if path.endswith(".h5"):
-                raise errors.SnapshotError(f"{path}: HDF5 weights are not supported; use a "
-                                           "binary .caffemodel")
+            from pycaffe_mpi import snapshot_hdf5
+
+            if snapshot_hdf5.is_hdf5(path):  # by content, as Caffe's H5Fis_hdf5
+                snapshot_hdf5.load_caffemodel(self, path)
+                return
             src = io.read_proto_binary(path, caffe_pb2.NetParameter())
         else:
             path, src = "<NetParameter>", source

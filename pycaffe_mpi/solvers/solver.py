@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 from google.protobuf import text_format
 
-from pycaffe_mpi import errors, prototxt
+from pycaffe_mpi import errors, prototxt, snapshot_hdf5
 from pycaffe_mpi import snapshot as io
 from pycaffe_mpi.proto import caffe_pb2
 from pycaffe_mpi.solvers import lr_policy, rules
@@ -318,11 +318,10 @@ class Solver:
         return nets
 
     def _check_snapshot_settings(self) -> None:
-        """Caffe's ``CheckSnapshotWritePermissions``, plus the HDF5 refusal."""
+        """Caffe's ``CheckSnapshotWritePermissions``."""
         p = self.param
         if not p.snapshot:
             return
-        self._refuse_hdf5()
         if not p.HasField("snapshot_prefix"):
             raise errors.SolverError(
                 "In solver params, snapshot is specified but snapshot_prefix is not")
@@ -335,12 +334,6 @@ class Solver:
             raise errors.SolverError(
                 f"Cannot write to snapshot prefix '{p.snapshot_prefix}'.  Make sure that the "
                 "directory exists and is writeable.") from None
-
-    def _refuse_hdf5(self) -> None:
-        if self.param.snapshot_format == caffe_pb2.SolverParameter.HDF5:
-            raise errors.SolverError(
-                "snapshot_format: HDF5 is not supported; use snapshot_format: BINARYPROTO "
-                "(the default) for .caffemodel/.solverstate snapshots")
 
     # -- pycaffe surface ----------------------------------------------------------------------
     @property
@@ -392,8 +385,6 @@ class Solver:
         p = self.param
         self.log.info("Solving %s", self.net.name)
         self.log.info("Learning Rate Policy: %s", p.lr_policy)
-        if p.snapshot_after_train:
-            self._refuse_hdf5()
         self.requested_early_exit = False
         if resume_file:
             self.log.info("Restoring previous solver status from %s", resume_file)
@@ -579,9 +570,11 @@ class Solver:
         return f"{self.param.snapshot_prefix}_iter_{self.iter}{rank}{extension}"
 
     def snapshot(self) -> str:
-        """Write ``<prefix>_iter_<N>.caffemodel`` then ``.solverstate`` (both atomically);
-        returns the ``.solverstate`` path."""
-        self._refuse_hdf5()
+        """Write ``<prefix>_iter_<N>.caffemodel`` then ``.solverstate`` (both atomically;
+        ``.caffemodel.h5`` / ``.solverstate.h5`` with snapshot_format HDF5); returns the
+        solver state's path."""
+        if self.param.snapshot_format == caffe_pb2.SolverParameter.HDF5:
+            return snapshot_hdf5.snapshot(self, self._snapshot_filename)
         model_filename = self._snapshot_filename(".caffemodel")
         self.log.info("Snapshotting to binary proto file %s", model_filename)
         io.write_proto_binary(model_filename, self.net.to_proto(self.param.snapshot_diff))
@@ -611,11 +604,10 @@ class Solver:
     def restore(self, path: str) -> None:
         """Resume from a ``.solverstate``: weights (``learned_net``), iteration, lr step,
         update history and layer run-time states."""
-        if path.endswith(".h5"):
-            raise errors.SnapshotError(
-                f"{path}: HDF5 solver states are not supported; resume from a binary "
-                ".solverstate (snapshot_format: BINARYPROTO)")
-        state = io.read_proto_binary(path, caffe_pb2.SolverState())
+        if path.endswith(".h5"):  # Caffe picks the format by this suffix
+            state = snapshot_hdf5.read_solverstate(path)
+        else:
+            state = io.read_proto_binary(path, caffe_pb2.SolverState())
         if state.learned_net:
             self.net.copy_trained_layers_from(_resolve_learned_net(state.learned_net, path))
         self._restore_history(state, path)
