@@ -1,4 +1,6 @@
-"""Convolution and pooling over several cache-sized chunks, and MAX pooling ties.
+"""Convolution, Deconvolution and pooling over several cache-sized chunks, MAX pooling ties,
+and the convolution family's contracts the generic layer suite does not see (Deconvolution as
+Convolution's adjoint, Caffe's weight shapes, Crop's second bottom, SPP's size limit).
 
 The layer cases are too small to span more than one chunk, so these tests shrink the chunk
 sizes and compare against the naive references and against one-chunk runs.
@@ -9,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from pycaffe_mpi import errors
 from pycaffe_mpi.kernels import im2col as im2col_kernels
 from pycaffe_mpi.kernels import pooling as pooling_kernels
 from pycaffe_mpi.testing.cases import conv as conv_cases
@@ -89,3 +92,97 @@ def test_max_pool_ties_go_to_the_first_maximum(monkeypatch, chunk):
         for c in range(2):
             np.add.at(want_dx[n, c], idx[n, c], dy.reshape(3, 2, -1)[n, c])
     np.testing.assert_allclose(dx, want_dx.reshape(x.shape), rtol=1e-12)
+
+
+@pytest.mark.parametrize("proto", [
+    "convolution_param { num_output: 6 kernel_size: 3 stride: 2 pad: 1 group: 2 "
+    "weight_filler { type: 'gaussian' } bias_filler { type: 'gaussian' } }",
+    "convolution_param { num_output: 2 kernel_size: 3 pad: 1 weight_filler { type: 'gaussian' } }",
+])
+def test_deconv_in_small_chunks_equals_one_chunk_and_reference(monkeypatch, proto):
+    x = np.random.default_rng(0).standard_normal((7, 4, 5, 4))
+    case = LayerCase("Deconvolution", "chunks", proto, bottoms=[x.shape])
+    whole = _run(case, x)
+    monkeypatch.setattr(im2col_kernels, "CHUNK_BYTES", 1)
+    chunked = _run(case, x)
+    for a, b in zip(chunked[0] + [chunked[1]] + chunked[2], whole[0] + [whole[1]] + whole[2]):
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
+    p = build_layer(case, [x])[0].layer_param.convolution_param
+    w, bias = whole[3][0], (whole[3][1] if len(whole[3]) > 1 else None)
+    s, q = (p.stride[0] if len(p.stride) else 1), (p.pad[0] if len(p.pad) else 0)
+    want = conv_cases.deconv_reference(x, w, bias, (s, s), (q, q), (1, 1), p.group or 1)
+    np.testing.assert_allclose(whole[0][0], want, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("geometry", [
+    "kernel_size: 3 stride: 2 pad: 1 group: 2", "kernel_size: 3", "kernel_size: 2 dilation: 2",
+    "kernel_size: 1 stride: 2", "kernel_size: 1",
+])
+def test_deconv_is_the_adjoint_of_conv_with_the_same_weights(geometry):
+    """<conv(x), z> = <x, deconv(z)> with one weight blob: Caffe's (C_in, O/group, *k) for the
+    Deconvolution is the (O', C'/group, *k) of the Convolution from its top to its bottom."""
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((2, 4, 7, 5))  # no trailing rows/columns that a stride skips
+    conv_case = LayerCase("Convolution", "c", "convolution_param { num_output: 6 bias_term: false "
+                          f"{geometry} weight_filler {{ type: 'gaussian' }} }}", bottoms=[x.shape])
+    conv, cb, ct = build_layer(conv_case, [x])
+    conv.forward(cb, ct)
+    z = rng.standard_normal(ct[0].shape)
+    de_case = LayerCase("Deconvolution", "d", "convolution_param { num_output: 4 bias_term: false "
+                        f"{geometry} }}", bottoms=[z.shape])
+    de, db, dt = build_layer(de_case, [z])
+    assert de.blobs[0].shape == conv.blobs[0].shape == (6, 4 // de.group, *conv.geom.kernel)
+    de.blobs[0].data[...] = conv.blobs[0].data
+    de.forward(db, dt)
+    assert dt[0].shape == x.shape
+    np.testing.assert_allclose(np.sum(ct[0].data * z), np.sum(x * dt[0].data), rtol=1e-10)
+
+
+def test_im2col_top_times_weights_is_the_convolution():
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((2, 3, 6, 5))
+    geometry = "kernel_size: 3 stride: 2 pad: 1 dilation: 1"
+    case = LayerCase("Im2col", "i", f"convolution_param {{ {geometry} }}", bottoms=[x.shape])
+    layer, bb, tb = build_layer(case, [x])
+    layer.forward(bb, tb)
+    w = rng.standard_normal((4, 3, 3, 3))
+    got = np.einsum("ok,nkhw->nohw", w.reshape(4, -1), tb[0].data)
+    want = conv_cases.conv_reference(x, w, None, (2, 2), (1, 1), (1, 1))
+    np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_crop_second_bottom_takes_no_gradient():
+    rng = np.random.default_rng(0)
+    x, like = rng.standard_normal((2, 3, 5, 6)), rng.standard_normal((2, 3, 3, 4))
+    case = LayerCase("Crop", "c", "crop_param { offset: 1 }", bottoms=[x.shape, like.shape])
+    layer, bb, tb = build_layer(case, [x, like])
+    layer.forward(bb, tb)
+    assert not layer.allow_force_backward(1) and layer.allow_force_backward(0)
+    tb[0].diff[...] = rng.standard_normal(tb[0].shape)
+    bb[1].diff[...] = np.nan
+    layer.backward(tb, [True, False], bb)
+    assert np.isnan(bb[1].diff).all()
+    layer.backward(tb, [True, True], bb)
+    np.testing.assert_array_equal(bb[1].diff, 0)
+    want = np.zeros_like(x)
+    want[:, :, 1:4, 1:5] = tb[0].diff
+    np.testing.assert_array_equal(bb[0].diff, want)
+
+
+@pytest.mark.parametrize(("type_name", "proto", "shapes", "match"), [
+    ("SPP", "spp_param { pyramid_height: 3 }", [(1, 2, 5, 8)], "too small"),
+    ("SPP", "spp_param { pyramid_height: 2 pool: STOCHASTIC }", [(1, 2, 4, 4)], "STOCHASTIC"),
+    ("SPP", "spp_param { }", [(1, 2, 4, 4)], "pyramid_height"),
+    ("Crop", "crop_param { offset: 3 }", [(1, 2, 5, 5), (1, 2, 3, 3)], "out of bounds"),
+    ("Crop", "crop_param { axis: 1 offset: 1 offset: 1 }", [(1, 2, 5, 5), (1, 1, 3, 3)],
+     "one per axis"),
+    ("Deconvolution", "convolution_param { num_output: 3 kernel_size: 2 group: 2 }",
+     [(1, 4, 3, 3)], "multiple of group"),
+    ("Deconvolution", "convolution_param { num_output: 2 kernel_size: 1 pad: 1 }",
+     [(1, 2, 2, 2)], "not positive"),
+    ("Im2col", "convolution_param { kernel_size: 4 }", [(1, 2, 3, 3)], "smaller than"),
+])
+def test_clear_errors(type_name, proto, shapes, match):
+    case = LayerCase(type_name, "e", proto, bottoms=shapes)
+    with pytest.raises(errors.NetError, match=match):
+        build_layer(case, [np.zeros(s) for s in shapes])
