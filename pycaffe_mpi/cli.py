@@ -53,7 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Caffe-compatible training and testing. Commands: train (train or finetune "
                     "a model), test (score a model), time (benchmark a model's execution time), "
                     "device_query (show device information), ensemble (write an ensemble or "
-                    "TreeNet of a single model's net and solver).",
+                    "TreeNet of a single model's net and solver). Also: pycaffe-mpi "
+                    "upgrade-net IN OUT and pycaffe-mpi upgrade-solver IN OUT (old formats to "
+                    "the current one; see their --help).",
         epilog=ENVIRONMENT,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -389,9 +391,101 @@ _DISPATCH = {"train": cmd_train, "test": cmd_test, "time": cmd_time,
              "device_query": cmd_device_query, "ensemble": cmd_ensemble}
 
 
+# -- upgrade-net / upgrade-solver (Caffe's upgrade_net_proto_text|binary, upgrade_solver_proto_text)
+UPGRADE_COMMANDS = {
+    "upgrade-net": "Upgrade a net from an old format (V0 or V1 'layers', net-level input "
+                   "fields, old data transformation fields, old BatchNorm params) to the "
+                   "current one. A text prototxt gives a text prototxt; a binary NetParameter "
+                   "(.caffemodel, judged by content) gives a binary one.",
+    "upgrade-solver": "Upgrade a solver prototxt's deprecated solver_type enum to the type "
+                      "string.",
+}
+
+
+def build_upgrade_parser(command: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=f"pycaffe-mpi {command}",
+                                description=UPGRADE_COMMANDS[command],
+                                epilog="Exit status: 0 when upgraded without problems (or "
+                                       "already current), 1 when parts could not be upgraded "
+                                       "(the file is written anyway), 2 when IN cannot be read.")
+    p.add_argument("input", metavar="IN", help="the file to upgrade")
+    p.add_argument("output", metavar="OUT", help="where the upgraded file is written")
+    p.add_argument("--log_level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
+    return p
+
+
+def _is_binary_file(path: str) -> bool:
+    """A binary protobuf, judged by content: text prototxt is UTF-8 without NUL bytes."""
+    with open(path, "rb") as f:
+        head = f.read(1 << 16)
+    if b"\0" in head:
+        return True
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return e.start < len(head) - 4  # not just a character cut at the end of the chunk
+    return False
+
+
+def cmd_upgrade(command: str, args: argparse.Namespace) -> int:
+    from google.protobuf import text_format
+
+    from pycaffe_mpi import prototxt, upgrade
+    from pycaffe_mpi import snapshot as io
+    from pycaffe_mpi.proto import caffe_pb2
+
+    src, dst = args.input, args.output
+    is_net = command == "upgrade-net"
+    what = "NetParameter" if is_net else "SolverParameter"
+    binary = is_net and os.path.isfile(src) and _is_binary_file(src)
+    message = caffe_pb2.NetParameter() if is_net else caffe_pb2.SolverParameter()
+    try:
+        if binary:
+            io.read_proto_binary(src, message)
+        else:
+            prototxt.parse_text(prototxt.read_text(src), message, src)
+    except errors.PycaffeError as e:
+        log.error("Failed to parse input %s file as %s: %s (%s)",
+                  "binary" if binary else "text", what, src, e)
+        return 2
+    if is_net:
+        needed = upgrade.net_needs_upgrade(message)
+        success = upgrade.upgrade_net_as_needed(src, message)[0] if needed else True
+    else:
+        needed = upgrade.solver_needs_type_upgrade(message)
+        success = upgrade.upgrade_solver_as_needed(src, message) if needed else True
+    if not needed:
+        log.error("File already in latest proto format: %s", src)
+    elif not success:
+        log.error("Encountered error(s) while upgrading prototxt; see details above.")
+    if binary:
+        io.write_proto_binary(dst, message)
+    else:
+        io.atomic_write(dst, text_format.MessageToString(message).encode())
+    log.info("Wrote upgraded %s %s proto to %s", what, "binary" if binary else "text", dst)
+    return 0 if success else 1
+
+
+def _main_upgrade(argv: Sequence[str]) -> int:
+    args = build_upgrade_parser(argv[0]).parse_args(argv[1:])
+    level = getattr(logging, args.log_level.upper(), None)
+    if not isinstance(level, int):
+        print(f'error: --log_level "{args.log_level}" is not a level', file=sys.stderr)
+        return 2
+    log_mod.setup(0, 1, level=level)
+    try:
+        return cmd_upgrade(argv[0], args)
+    except errors.PycaffeError as e:
+        _say(f"error: {e}")
+        return 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``pycaffe-mpi`` console script."""
-    argv = normalise_argv(sys.argv[1:] if argv is None else argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in UPGRADE_COMMANDS:
+        return _main_upgrade(argv)
+    argv = normalise_argv(argv)
     args = build_parser().parse_args(argv)
     level = getattr(logging, args.log_level.upper(), None)
     if not isinstance(level, int):

@@ -28,9 +28,10 @@ from typing import Any
 import numpy as np
 
 from pycaffe_mpi import backend as backend_mod
-from pycaffe_mpi import errors, prototxt, registry
+from pycaffe_mpi import errors, prototxt, registry, upgrade
 from pycaffe_mpi.blob import Blob
 from pycaffe_mpi.layer import TEST, TRAIN, Layer
+from pycaffe_mpi.net_api import NetApi
 from pycaffe_mpi.proto import caffe_pb2
 
 log = logging.getLogger("pycaffe_mpi")
@@ -39,27 +40,7 @@ log = logging.getLogger("pycaffe_mpi")
 # -- NetParameter transformations ------------------------------------------------------------
 def upgrade_input_fields(param: Any) -> None:
     """Turn ``input`` + ``input_shape``/``input_dim`` into a leading Input layer (in place)."""
-    if not len(param.input):
-        return
-    shapes = []
-    if len(param.input_shape):
-        if len(param.input_shape) not in (1, len(param.input)):
-            raise errors.PrototxtError("input_shape must be given once or once per input")
-        shapes = list(param.input_shape)
-    elif len(param.input_dim):
-        if len(param.input_dim) != 4 * len(param.input):
-            raise errors.PrototxtError("input_dim must give 4 dimensions for each input")
-        dims = list(param.input_dim)
-        shapes = [caffe_pb2.BlobShape(dim=dims[4 * i: 4 * i + 4]) for i in range(len(param.input))]
-    layer = caffe_pb2.LayerParameter(name="input", type="Input", top=list(param.input))
-    for s in shapes:
-        layer.input_param.shape.add().CopyFrom(s)
-    layers = [layer, *list(param.layer)]
-    del param.layer[:]
-    param.layer.extend(layers)
-    del param.input[:]
-    del param.input_shape[:]
-    del param.input_dim[:]
+    upgrade.upgrade_net_input(param)
 
 
 def state_meets_rule(state: Any, rule: Any, layer_name: str, rank: int | None = 0) -> bool:
@@ -241,7 +222,7 @@ def insert_splits(param: Any, locations: Sequence[str] = ()) -> tuple[Any, list[
 
 
 # -- the Net -----------------------------------------------------------------------------------
-class Net:
+class Net(NetApi):
     """A built network for one phase (and MPI rank).
 
     Args:
@@ -296,15 +277,10 @@ class Net:
             param.CopyFrom(model)
             if locations is None:
                 locations = [f"{source_path}:layer #{i}" if source_path else "" for i in
-                             range(len(param.layer))]
-        if len(param.layers):
-            raise errors.PrototxtError(
-                f"{source_path or 'net'}: legacy V1 'layers' blocks are not supported; write "
-                "'layer' blocks with string types (Caffe's upgrade_net_proto_text does this)")
+                             range(len(param.layer) or len(param.layers))]
+            _, locations = upgrade.upgrade_net_as_needed(source_path or "<NetParameter>",
+                                                         param, locations)
         self.source_path = source_path
-        upgrade_input_fields(param)
-        if len(locations) < len(param.layer):  # the Input layer made from `input:`
-            locations = [""] * (len(param.layer) - len(locations)) + list(locations)
         state = caffe_pb2.NetState()
         state.CopyFrom(param.state)
         state.phase = self.phase
@@ -665,9 +641,10 @@ class Net:
                 return
             src = io.read_proto_binary(path, caffe_pb2.NetParameter())
         else:
-            path, src = "<NetParameter>", source
-        src_layers = list(src.layer) or list(src.layers)
-        for sl in src_layers:
+            path, src = "<NetParameter>", caffe_pb2.NetParameter()
+            src.CopyFrom(source)
+        upgrade.upgrade_net_as_needed(path, src)  # V0/V1 .caffemodel files
+        for sl in src.layer:
             if sl.name not in self.layer_dict:
                 log.info("Ignoring source layer %s", sl.name)
                 continue

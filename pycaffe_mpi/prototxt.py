@@ -89,14 +89,21 @@ def read_text(path: str) -> str:
 
 
 def read_net(path: str) -> tuple[Any, list[str]]:
-    """Parse a net prototxt; returns (NetParameter, per-layer "file:line" locations)."""
+    """Parse a net prototxt and upgrade old formats (:mod:`pycaffe_mpi.upgrade`), as Caffe's
+    ``ReadNetParamsFromTextFileOrDie``; returns (NetParameter, per-layer "file:line"
+    locations)."""
+    from pycaffe_mpi import upgrade
+
     text = read_text(path)
     param = parse_text(text, caffe_pb2.NetParameter(), path)
-    return param, [f"{path}:{n}" for n in layer_lines(text)]
+    _, locations = upgrade.upgrade_net_as_needed(
+        path, param, [f"{path}:{n}" for n in layer_lines(text)])
+    return param, locations
 
 
 def read_solver(path: str) -> Any:
-    """Parse a solver prototxt into a SolverParameter."""
+    """Parse a solver prototxt into a SolverParameter (not upgraded: see
+    :func:`pycaffe_mpi.solvers.read_solver_param`)."""
     return parse_text(read_text(path), caffe_pb2.SolverParameter(), path)
 
 

@@ -449,15 +449,9 @@ class Data(Layer):
         self._start_prefetch(self._open_db(self.layer_param.data_param))
 
     def _transform_param(self) -> Any:
-        tp = caffe_pb2.TransformationParameter()
-        tp.CopyFrom(self.layer_param.transform_param)
-        dp = self.layer_param.data_param
-        for name in ("scale", "mean_file", "crop_size", "mirror"):
-            if dp.HasField(name) and not tp.HasField(name):
-                log.warning("%s: data_param.%s is deprecated; use transform_param.%s",
-                            errors.layer_where(self.layer_param), name, name)
-                setattr(tp, name, getattr(dp, name))
-        return tp
+        from pycaffe_mpi import upgrade  # nets arrive upgraded; a layer built alone may not
+
+        return upgrade.transform_param_of(self.layer_param)
 
     def _open_db(self, p: Any) -> Any:
         src = self.source

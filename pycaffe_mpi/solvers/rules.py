@@ -36,40 +36,24 @@ import math
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
-from pycaffe_mpi import backend, errors
+from pycaffe_mpi import backend, errors, upgrade
 
 LOG = logging.getLogger("pycaffe_mpi")
 
 # Deprecated SolverParameter.solver_type enum values -> the `type` string (UpgradeSolverType).
-SOLVER_TYPE_NAMES = {0: "SGD", 1: "Nesterov", 2: "AdaGrad", 3: "RMSProp", 4: "AdaDelta", 5: "Adam"}
+SOLVER_TYPE_NAMES = upgrade.SOLVER_TYPE_NAMES
 REGULARIZATION_TYPES = ("L2", "L1")
 
 
 def solver_type(param: Any) -> str:
-    """The update rule's name, honouring the deprecated ``solver_type`` enum.
-
-    Caffe's ``UpgradeSolverType``: an explicit ``solver_type`` becomes ``type`` when ``type`` is
-    not given; both given and disagreeing is an error.
-    """
-    if param.HasField("solver_type"):
-        legacy = SOLVER_TYPE_NAMES.get(int(param.solver_type))
-        if legacy is None:
-            raise errors.SolverError(f"Unknown SolverParameter solver_type: {param.solver_type}")
-        if param.HasField("type") and param.type != legacy:
-            raise errors.SolverError(
-                f'solver_type (deprecated enum) says {legacy} but type says "{param.type}"; '
-                "remove the solver_type field and keep type")
-        return legacy
-    return param.type
+    """The update rule's name, honouring the deprecated ``solver_type`` enum
+    (:func:`pycaffe_mpi.upgrade.solver_type_name`)."""
+    return upgrade.solver_type_name(param)
 
 
 def upgrade_solver_type(param: Any) -> bool:
     """Move a deprecated ``solver_type`` into ``type`` in place; True if it changed ``param``."""
-    if not param.HasField("solver_type"):
-        return False
-    param.type = solver_type(param)
-    param.ClearField("solver_type")
-    return True
+    return upgrade.upgrade_solver_type(param)
 
 
 class _Scratch:

@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 from google.protobuf import text_format
 
-from pycaffe_mpi import errors, prototxt, snapshot_hdf5
+from pycaffe_mpi import errors, prototxt, snapshot_hdf5, upgrade
 from pycaffe_mpi import snapshot as io
 from pycaffe_mpi.proto import caffe_pb2
 from pycaffe_mpi.solvers import lr_policy, rules
@@ -66,22 +66,8 @@ def read_solver_param(path: str, log: logging.Logger = LOGGER) -> Any:
     stem is appended (``snapshots/`` + ``solver.prototxt`` → ``snapshots/solver``).
     """
     param = prototxt.read_solver(path)
-    if param.HasField("solver_type"):
-        log.info("Attempting to upgrade input file specified using deprecated 'solver_type' "
-                 "field (enum)': %s", path)
-        try:
-            rules.upgrade_solver_type(param)
-        except errors.SolverError as e:
-            raise errors.SolverError(f"{path}: {e}") from None
-        log.warning("Note that future Caffe releases will only support 'type' field (string) "
-                    "for a solver's type.")
-    if not param.HasField("snapshot_prefix"):
-        param.snapshot_prefix = os.path.splitext(path)[0]
-        log.info("snapshot_prefix was not specified and is set to %s", param.snapshot_prefix)
-    elif os.path.isdir(param.snapshot_prefix):
-        stem = os.path.splitext(os.path.basename(path))[0]
-        param.snapshot_prefix = os.path.join(param.snapshot_prefix, stem)
-        log.info("snapshot_prefix was a directory and is replaced to %s", param.snapshot_prefix)
+    upgrade.upgrade_solver_as_needed(path, param, log)
+    upgrade.upgrade_snapshot_prefix(path, param, log)
     return param
 
 
