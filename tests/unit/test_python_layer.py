@@ -297,8 +297,11 @@ def test_pycaffe_module_surface(monkeypatch):
     import pycaffe_mpi.io
 
     assert pycaffe.io is pycaffe_mpi.io
+    import pycaffe_mpi.net_spec
+
+    assert pycaffe.NetSpec is pycaffe_mpi.net_spec.NetSpec
     with pytest.raises(AttributeError, match="not provided by pycaffe-mpi"):
-        pycaffe.NetSpec  # noqa: B018
+        pycaffe.NCCL  # noqa: B018
     monkeypatch.setattr(pycaffe, "settings", pycaffe.Settings())
     pycaffe.set_random_seed(42)
     pycaffe.set_mode_cpu()
