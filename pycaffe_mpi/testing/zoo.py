@@ -36,6 +36,17 @@ def _head(n: Any, top: Any, batch: int, num_classes: int, loss: bool) -> None:
         n.prob = L.Softmax(top)
 
 
+def _finish(n: Any, loss: bool) -> Any:
+    """The NetParameter; a training variant's BatchNorm layers use batch statistics (the
+    deploy files' ``use_global_stats: true`` needs trained statistics), as train_val files do."""
+    param = n.to_proto()
+    if loss:
+        for lp in param.layer:
+            if lp.type == "BatchNorm":
+                lp.batch_norm_param.ClearField("use_global_stats")
+    return param
+
+
 def _data(n: Any, batch: int, channels: int, size: int) -> Any:
     n.data = L.Input(shape={"dim": [batch, channels, size, size]})
     return n.data
@@ -90,7 +101,7 @@ def resnet50(batch: int = 1, size: int = 224, num_classes: int = 1000,
     n.pool5 = L.Pooling(x, pool=P.Pooling.AVE, kernel_size=7, stride=1)
     n.fc1000 = L.InnerProduct(n.pool5, num_output=num_classes, weight_filler=_MSRA)
     _head(n, n.fc1000, batch, num_classes, loss)
-    return n.to_proto()
+    return _finish(n, loss)
 
 
 # -- SqueezeNet v1.1 ---
@@ -176,7 +187,7 @@ def mobilenet_v1(batch: int = 1, size: int = 224, num_classes: int = 1000,
     n.fc7 = L.Convolution(n.pool6, num_output=num_classes, kernel_size=1, weight_filler=_MSRA,
                           bias_filler=_CONST0)
     _head(n, L.Flatten(n.fc7) if loss else n.fc7, batch, num_classes, loss)
-    return n.to_proto()
+    return _finish(n, loss)
 
 
 # -- DenseNet-121 ---
@@ -222,7 +233,7 @@ def densenet121(batch: int = 1, size: int = 224, num_classes: int = 1000,
     n.pool5 = L.Pooling(n["conv5_blk/bn"], pool=P.Pooling.AVE, global_pooling=True)
     n.fc6 = L.Convolution(n.pool5, num_output=num_classes, kernel_size=1, weight_filler=_MSRA)
     _head(n, L.Flatten(n.fc6) if loss else n.fc6, batch, num_classes, loss)
-    return n.to_proto()
+    return _finish(n, loss)
 
 
 # -- FCN-32s / FCN-8s (VGG-16 trunk, as the authors' voc-fcn deploy files) ---
@@ -379,28 +390,39 @@ def caffenet(batch: int = 1, size: int = 227, num_classes: int = 1000, width: in
     n = net_spec.NetSpec()
     data = _data(n, batch, 3, size)
     w = width
-    n.conv1 = L.Convolution(data, num_output=96 // w, kernel_size=11, stride=4)
+    # train_val's fillers: N(0, 0.01) convolutions, N(0, 0.005) fc6/fc7, biases 0 or 1
+    g01, g005 = {"type": "gaussian", "std": 0.01}, {"type": "gaussian", "std": 0.005}
+    b0, b1 = _CONST0, {"type": "constant", "value": 1}
+    n.conv1 = L.Convolution(data, num_output=96 // w, kernel_size=11, stride=4,
+                            weight_filler=g01, bias_filler=b0)
     n.relu1 = L.ReLU(n.conv1, in_place=True)
     n.pool1 = L.Pooling(n.conv1, pool=P.Pooling.MAX, kernel_size=3, stride=2)
     n.norm1 = L.LRN(n.pool1, local_size=5, alpha=0.0001, beta=0.75)
-    n.conv2 = L.Convolution(n.norm1, num_output=256 // w, pad=2, kernel_size=5, group=2)
+    n.conv2 = L.Convolution(n.norm1, num_output=256 // w, pad=2, kernel_size=5, group=2,
+                            weight_filler=g01, bias_filler=b1)
     n.relu2 = L.ReLU(n.conv2, in_place=True)
     n.pool2 = L.Pooling(n.conv2, pool=P.Pooling.MAX, kernel_size=3, stride=2)
     n.norm2 = L.LRN(n.pool2, local_size=5, alpha=0.0001, beta=0.75)
-    n.conv3 = L.Convolution(n.norm2, num_output=384 // w, pad=1, kernel_size=3)
+    n.conv3 = L.Convolution(n.norm2, num_output=384 // w, pad=1, kernel_size=3,
+                            weight_filler=g01, bias_filler=b0)
     n.relu3 = L.ReLU(n.conv3, in_place=True)
-    n.conv4 = L.Convolution(n.conv3, num_output=384 // w, pad=1, kernel_size=3, group=2)
+    n.conv4 = L.Convolution(n.conv3, num_output=384 // w, pad=1, kernel_size=3, group=2,
+                            weight_filler=g01, bias_filler=b1)
     n.relu4 = L.ReLU(n.conv4, in_place=True)
-    n.conv5 = L.Convolution(n.conv4, num_output=256 // w, pad=1, kernel_size=3, group=2)
+    n.conv5 = L.Convolution(n.conv4, num_output=256 // w, pad=1, kernel_size=3, group=2,
+                            weight_filler=g01, bias_filler=b1)
     n.relu5 = L.ReLU(n.conv5, in_place=True)
     n.pool5 = L.Pooling(n.conv5, pool=P.Pooling.MAX, kernel_size=3, stride=2)
-    n.fc6 = L.InnerProduct(n.pool5, num_output=4096 // w)
+    n.fc6 = L.InnerProduct(n.pool5, num_output=4096 // w, weight_filler=g005,
+                           bias_filler=b1)
     n.relu6 = L.ReLU(n.fc6, in_place=True)
     n.drop6 = L.Dropout(n.fc6, dropout_ratio=0.5, in_place=True)
-    n.fc7 = L.InnerProduct(n.fc6, num_output=4096 // w)
+    n.fc7 = L.InnerProduct(n.fc6, num_output=4096 // w, weight_filler=g005,
+                           bias_filler=b1)
     n.relu7 = L.ReLU(n.fc7, in_place=True)
     n.drop7 = L.Dropout(n.fc7, dropout_ratio=0.5, in_place=True)
-    n.fc8 = L.InnerProduct(n.fc7, num_output=num_classes)
+    n.fc8 = L.InnerProduct(n.fc7, num_output=num_classes, weight_filler=g01,
+                           bias_filler=b0)
     _head(n, n.fc8, batch, num_classes, loss)
     return n.to_proto()
 

@@ -98,7 +98,11 @@ def _fill_inputs(net, rng, num_classes):
 
 
 def _train_step(net, num_classes):
-    _fill_inputs(net, np.random.default_rng(0), num_classes)
+    rng = np.random.default_rng(0)
+    for layer in net.layers:  # FCN's deploy file has no fillers: its users start from VGG
+        if layer.type == "Convolution" and not np.any(layer.blobs[0].data):
+            layer.blobs[0].data[...] = 0.05 * rng.standard_normal(layer.blobs[0].shape)
+    _fill_inputs(net, rng, num_classes)
     loss = net.forward_loss()
     net.backward_all()
     assert np.isfinite(loss) and loss > 0
