@@ -287,3 +287,36 @@ def test_snapshot_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
         s.snapshot()
     assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+def test_cli_train_resume_and_test_with_hdf5_snapshots(tmp_path: Path) -> None:
+    import re
+    import subprocess
+    import sys
+
+    src, _ = _files(tmp_path)
+    (tmp_path / "net.prototxt").write_text(NET % src)
+    (tmp_path / "solver.prototxt").write_text(
+        f'net: "{tmp_path / "net.prototxt"}"\nbase_lr: 0.002\nmomentum: 0.9\n'
+        'lr_policy: "fixed"\ndisplay: 1\nmax_iter: 7\nsnapshot: 4\nsnapshot_format: HDF5\n'
+        f'snapshot_prefix: "{tmp_path / "s"}"\nrandom_seed: 3\nsolver_mode: CPU\n')
+
+    def cli(*args: str) -> str:
+        out = subprocess.run([sys.executable, "-m", "pycaffe_mpi.cli", *args],
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        return out.stderr
+
+    def losses(log: str) -> dict[int, str]:
+        return dict((int(m[1]), m[2]) for m in re.finditer(r"Iteration (\d+) \([^)]*\), "
+                                                           r"loss = (\S+)", log))
+
+    full = losses(cli("train", "--solver", str(tmp_path / "solver.prototxt")))
+    assert (tmp_path / "s_iter_7.caffemodel.h5").is_file()
+    resumed = losses(cli("train", "--solver", str(tmp_path / "solver.prototxt"),
+                         "--snapshot", str(tmp_path / "s_iter_4.solverstate.h5")))
+    assert sorted(resumed) == [4, 5, 6]
+    assert all(resumed[i] == full[i] for i in resumed)
+    log = cli("test", "--model", str(tmp_path / "net.prototxt"), "--weights",
+              str(tmp_path / "s_iter_7.caffemodel.h5"), "--iterations", "2")
+    assert re.search(r"loss = \S+", log)
