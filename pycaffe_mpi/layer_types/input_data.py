@@ -2,20 +2,22 @@
 
 Both have no bottoms and no gradient (``backward`` does nothing) and preprocess whole
 batches with the Data layer's :class:`~pycaffe_mpi.layer_types.data.DataTransformer`
-(``transform_param``: crop, mirror, mean, scale). WindowData (R-CNN windows) is not
-implemented.
+(``transform_param``: crop, mirror, mean, scale); WindowData (R-CNN windows) crops,
+warps and pads each sampled window itself, as Caffe's does.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 from pycaffe_mpi import errors
+from pycaffe_mpi import snapshot as pio
 from pycaffe_mpi.blob import Blob
 from pycaffe_mpi.layer import Layer
 from pycaffe_mpi.layer_types.data import DataTransformer
@@ -293,3 +295,222 @@ class ImageData(Layer):
         self.pos = int(s["pos"])
         self.order = np.asarray(s["order"], dtype=np.int64)
         self.rng.bit_generator.state = s["rng"]
+
+
+# == WindowData ================================================================================
+def _cround(x: float) -> int:
+    """C's ``round``: halves away from zero (Python's ``round`` goes to even)."""
+    return int(math.copysign(math.floor(abs(x) + 0.5), x))
+
+
+@register_layer("WindowData")
+class WindowData(Layer):
+    """R-CNN training windows: foreground and background boxes sampled from a window file.
+
+    Params (``window_data_param``): source (window file: per image ``# index``, path,
+    channels, height, width, number of windows, then per window ``label overlap x1 y1 x2
+    y2``, all whitespace separated), root_folder (""), batch_size, fg_threshold (0.5: windows
+    with overlap ≥ it are foreground, label > 0), bg_threshold (0.5: overlap < it are
+    background, label 0), fg_fraction (0.25), context_pad (0), crop_mode ("warp" or
+    "square"), cache_images (false: decode every image once at setup), scale (1; a
+    transform_param scale wins). ``transform_param``: crop_size (required), mirror,
+    mean_file or mean_value (one, or one per channel); the deprecated window_data_param
+    crop_size/mirror/mean_file are honoured when transform_param does not set them.
+
+    Shapes:
+        top[0]: (batch_size, 3, crop_size, crop_size), BGR; top[1]: labels, (batch_size,).
+
+    Forward (Caffe's ``load_batch``): batch_size − int(batch_size · fg_fraction) background
+    windows, then the foreground ones, each drawn uniformly with replacement from
+    ``self.rng`` (then a coin for mirroring when mirror is on). A window is grown by
+    context_pad pixels of output (scale crop/(crop − 2·context_pad) about its centre;
+    "square" first makes it square), clipped to the image, resized (bilinear, Pillow) to its
+    share of crop_size × crop_size and placed at its padding offset, mirrored with the
+    padding swapped; the rest of the output stays 0. Then y = (x − mean) · scale, with a
+    mean_file mean read at the same output position offset by (mean width − crop_size)/2.
+    Windows differ in size, so each is cut and resized on its own.
+    """
+
+    is_data = True
+    exact_num_bottom = 0
+    exact_num_top = 2
+
+    def setup(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
+        p = self.layer_param.window_data_param
+        tp = self.layer_param.transform_param
+
+        def pick(name: str) -> Any:  # transform_param first, else the deprecated field
+            return getattr(p if p.HasField(name) and not tp.HasField(name) else tp, name)
+        self.crop, self.mirror = int(pick("crop_size")), bool(pick("mirror"))
+        self.scale = float(tp.scale if tp.HasField("scale") else p.scale)
+        self.batch_size, self.context_pad = int(p.batch_size), int(p.context_pad)
+        self.fg_fraction = float(p.fg_fraction)
+        self.require(self.crop > 0, "transform_param.crop_size", "WindowData needs crop_size > 0")
+        self.require(self.batch_size > 0, "window_data_param.batch_size",
+                     f"expected a positive batch size, got {self.batch_size}")
+        self.require(p.crop_mode in ("warp", "square"), "window_data_param.crop_mode",
+                     f'expected "warp" or "square", got "{p.crop_mode}"')
+        self.require(self.crop > 2 * self.context_pad, "window_data_param.context_pad",
+                     f"context_pad {self.context_pad} leaves nothing of crop_size {self.crop}")
+        self.square = p.crop_mode == "square"
+        self.root_folder, self.source = p.root_folder, p.source
+        self.images, self.fg, self.bg = self._read_windows(p)
+        for what, pool in (("foreground", self.fg), ("background", self.bg)):
+            errors.require(len(pool), self.layer_param, "window_data_param.source",
+                           f"{self.source!r} has no {what} windows (overlap vs fg_threshold "
+                           f"{p.fg_threshold} / bg_threshold {p.bg_threshold})",
+                           exc=errors.DataError, location=self.location)
+        self._cache: dict[int, np.ndarray] = {}
+        if p.cache_images:
+            for index in self.images:
+                self._cache[index] = self._image(index)
+        self.mean_file = pick("mean_file")
+        self.mean = self._mean(self.mean_file, [float(v) for v in tp.mean_value])
+        self.reshape(bottom, top)
+
+    def _where(self) -> str:
+        return errors.layer_where(self.layer_param, self.location)
+
+    def _read_windows(self, p: Any) -> tuple[dict[int, tuple[str, int]], list, list]:
+        try:
+            with open(self.source) as f:
+                tokens = [(tok, no) for no, line in enumerate(f, 1) for tok in line.split()]
+        except OSError as e:
+            raise errors.DataError(f"{self._where()}, field window_data_param.source: "
+                                   f"failed to open window file {self.source!r}: {e}") from None
+        errors.require(tokens, self.layer_param, "window_data_param.source",
+                       f"window file {self.source!r} is empty", exc=errors.DataError,
+                       location=self.location)
+        images: dict[int, tuple[str, int]] = {}
+        fg, bg = [], []
+        pos = 0
+
+        def take(n: int) -> list[tuple[str, int]]:
+            nonlocal pos
+            if pos + n > len(tokens):
+                raise errors.DataError(f"{self.source}: ends in the middle of an image record "
+                                       f"(for {self._where()})")
+            pos += n
+            return tokens[pos - n:pos]
+        try:
+            while pos < len(tokens):
+                (hashtag, no), (index, _) = take(2)
+                if hashtag != "#":
+                    raise errors.DataError(f"{self.source}:{no}: expected '#', got {hashtag!r}")
+                (path, path_no), (chans, _), _, _, (nwin, _) = take(5)
+                if int(chans) != 3:
+                    raise errors.DataError(f"{self.source}:{path_no}: {int(chans)} channels; "
+                                           "WindowData reads colour (3-channel) images")
+                images[int(index)] = (self.root_folder + path, path_no)
+                for _ in range(int(nwin)):
+                    row = take(6)
+                    label, overlap = int(row[0][0]), float(row[1][0])
+                    box = [int(t) for t, _ in row[2:]]
+                    if overlap >= p.fg_threshold:
+                        if label <= 0:
+                            raise errors.DataError(f"{self.source}:{row[0][1]}: a foreground "
+                                                   f"window needs a label > 0, got {label}")
+                        fg.append((int(index), label, *box))
+                    elif overlap < p.bg_threshold:
+                        bg.append((int(index), 0, *box))
+        except ValueError as e:
+            raise errors.DataError(f"{self.source}: not a window file ({e}) (for "
+                                   f"{self._where()})") from None
+        return images, fg, bg
+
+    def _mean(self, mean_file: str, values: list[float]) -> np.ndarray | None:
+        self.require(not (mean_file and values), "transform_param.mean_value",
+                     "give mean_file or mean_value, not both")
+        if mean_file:
+            mean = pio.read_binaryproto(mean_file).astype(np.float64)
+            mean = mean.reshape(mean.shape[-3:])
+            self.require(mean.shape[0] == 3 and min(mean.shape[1:]) >= self.crop,
+                         "transform_param.mean_file",
+                         f"mean of shape {mean.shape} needs 3 channels and at least "
+                         f"{self.crop}x{self.crop} pixels")
+            self.mean_off = (mean.shape[2] - self.crop) // 2
+            return mean
+        if values:
+            self.require(len(values) in (1, 3), "transform_param.mean_value",
+                         f"give 1 mean_value or one per channel (3); got {len(values)}")
+            return np.asarray(values * (3 if len(values) == 1 else 1)).reshape(3, 1, 1)
+        return None
+
+    def _image(self, index: int) -> np.ndarray:
+        if index in self._cache:
+            return self._cache[index]
+        path, no = self.images[index]
+        try:
+            from PIL import Image
+
+            with Image.open(path) as img:
+                return np.asarray(img.convert("RGB"))[:, :, ::-1]  # H, W, BGR
+        except OSError as e:
+            raise errors.DataError(f"{self.source}:{no}: could not load image {path!r} (for "
+                                   f"{self._where()}): {e}") from None
+
+    def _geometry(self, box: Sequence[int], rows: int, cols: int, mirror: bool
+                  ) -> tuple[tuple[int, int, int, int], tuple[int, int], tuple[int, int]]:
+        """(x1, y1, x2, y2) clipped source box, (height, width) to resize it to, and the
+        (pad_h, pad_w) offset of the result in the output (Caffe's context/square maths)."""
+        x1, y1, x2, y2 = box
+        crop = self.crop
+        if not (self.context_pad > 0 or self.square):
+            return (x1, y1, x2, y2), (crop, crop), (0, 0)
+        context = crop / (crop - 2 * self.context_pad)
+        half_h, half_w = (y2 - y1 + 1) / 2.0, (x2 - x1 + 1) / 2.0
+        cx, cy = x1 + half_w, y1 + half_h
+        if self.square:
+            half_h = half_w = max(half_h, half_w)
+        x1, x2 = _cround(cx - half_w * context), _cround(cx + half_w * context)
+        y1, y2 = _cround(cy - half_h * context), _cround(cy + half_h * context)
+        unclipped_h, unclipped_w = y2 - y1 + 1, x2 - x1 + 1
+        px1, py1 = max(0, -x1), max(0, -y1)
+        px2, py2 = max(0, x2 - cols + 1), max(0, y2 - rows + 1)
+        x1, x2, y1, y2 = x1 + px1, x2 - px2, y1 + py1, y2 - py2
+        sx, sy = crop / unclipped_w, crop / unclipped_h
+        out_w, out_h = _cround((x2 - x1 + 1) * sx), _cround((y2 - y1 + 1) * sy)
+        pad_h = _cround(py1 * sy)
+        pad_w = _cround((px2 if mirror else px1) * sx)
+        out_h, out_w = min(out_h, crop - pad_h), min(out_w, crop - pad_w)
+        return (x1, y1, x2, y2), (out_h, out_w), (pad_h, pad_w)
+
+    def _window(self, window: Sequence[int], mirror: bool) -> tuple[np.ndarray, int, int]:
+        """The window's pixels (3, h, w) float64, resized and mirrored, and its offset."""
+        img = self._image(window[0])
+        (x1, y1, x2, y2), (h, w), (pad_h, pad_w) = self._geometry(
+            window[2:], img.shape[0], img.shape[1], mirror)
+        roi = np.ascontiguousarray(img[y1:y2 + 1, x1:x2 + 1])
+        if roi.shape[:2] != (h, w):
+            from PIL import Image
+
+            roi = np.asarray(Image.fromarray(roi).resize((max(w, 1), max(h, 1)),
+                                                         Image.BILINEAR))
+        if mirror:
+            roi = roi[:, ::-1]
+        return roi.transpose(2, 0, 1).astype(np.float64), pad_h, pad_w
+
+    def reshape(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
+        top[0].reshape(self.batch_size, 3, self.crop, self.crop)
+        top[1].reshape(self.batch_size)
+
+    def forward(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
+        out = np.zeros((self.batch_size, 3, self.crop, self.crop))
+        labels = np.zeros(self.batch_size)
+        n_fg = int(self.batch_size * self.fg_fraction)
+        item = 0
+        for pool, n in ((self.bg, self.batch_size - n_fg), (self.fg, n_fg)):
+            for _ in range(n):  # windows differ in size: each is cut and resized alone
+                window = pool[int(self.rng.integers(len(pool)))]
+                mirror = self.mirror and bool(self.rng.integers(2))
+                pix, ph, pw = self._window(window, mirror)
+                h, w = pix.shape[1:]
+                if self.mean is not None and self.mean_file:
+                    o = self.mean_off
+                    pix -= self.mean[:, o + ph:o + ph + h, o + pw:o + pw + w]
+                elif self.mean is not None:
+                    pix -= self.mean
+                out[item, :, ph:ph + h, pw:pw + w] = pix * self.scale
+                labels[item] = window[1]
+                item += 1
+        _put(self, top, (out.astype(self.dtype), labels.astype(self.dtype)))

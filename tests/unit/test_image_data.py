@@ -219,3 +219,78 @@ def test_memory_data_mirror_and_batch_size() -> None:
     layer.reshape([], top)
     layer.forward([], top)
     assert top[0].shape == (1, 1, 2, 3)
+
+
+# -- WindowData --------------------------------------------------------------------------------
+def _window_layer(tmp_path: Path, windows: str, extra: str = "", transform: str = "",
+                  **kw: Any) -> tuple[Any, list[Blob]]:
+    Image.new("RGB", (10, 10), (100, 100, 100)).save(tmp_path / "const.png")
+    src = tmp_path / "windows.txt"
+    src.write_text(windows)
+    return _layer("WindowData", f'window_data_param {{ source: "{src}" root_folder: '
+                  f'"{tmp_path}/" {extra} }} transform_param {{ {transform} }}', **kw)
+
+
+CONST = "# 0\nconst.png\n3 10 10\n2\n1 0.9 0 0 3 3\n0 0.1 0 0 3 3\n"
+
+
+def test_window_context_pad_geometry(tmp_path: Path) -> None:
+    # box 4x4 at the corner, crop 8, context_pad 2: grown ×2 about its centre to x, y in
+    # [-2, 6]; the 2 pixels outside the image become round(2·8/9) = 2 rows/columns of zeros
+    # and the clipped 7x7 part is resized to round(7·8/9) = 6
+    layer, top = _window_layer(tmp_path, CONST, "batch_size: 2 fg_fraction: 1 context_pad: 2",
+                               "crop_size: 8")
+    layer.forward([], top)
+    want = np.zeros((3, 8, 8))
+    want[:, 2:, 2:] = 100
+    np.testing.assert_array_equal(top[0].data[0], want)
+    np.testing.assert_array_equal(top[1].data, [1, 1])
+    mirrored, mtop = _window_layer(tmp_path, CONST, "batch_size: 8 fg_fraction: 1 "
+                                   "context_pad: 2", "crop_size: 8 mirror: true")
+    mirrored.forward([], mtop)
+    flipped = np.zeros((3, 8, 8))
+    flipped[:, 2:, :6] = 100  # the padding moves to the right
+    seen = {bool((d == flipped).all()) for d in mtop[0].data}
+    assert seen == {True, False}
+    assert all((d == flipped).all() or (d == want).all() for d in mtop[0].data)
+
+
+def test_window_square_mode_and_sampling(tmp_path: Path) -> None:
+    wins = "# 0\nconst.png\n3 10 10\n2\n1 0.9 2 4 7 5\n0 0.1 0 0 3 3\n"
+    layer, top = _window_layer(tmp_path, wins, 'batch_size: 4 fg_fraction: 0.5 '
+                               'crop_mode: "square"', "crop_size: 6")
+    layer.forward([], top)
+    np.testing.assert_array_equal(top[1].data, [0, 0, 1, 1])  # background first
+    # the 6x2 box made square (6x6, rows 1.5..7.5) fits the image: all pixels filled
+    assert (top[0].data[2] == 100).all()
+
+
+def test_window_state_and_errors(tmp_path: Path) -> None:
+    wins = CONST + "# 1\nconst.png\n3 10 10\n1\n2 0.8 2 2 9 9\n"
+    a, ta = _window_layer(tmp_path, wins, "batch_size: 3", "crop_size: 5 mirror: true")
+    a.forward([], ta)
+    state = a.get_state()
+    want = []
+    for _ in range(3):
+        a.forward([], ta)
+        want.append((ta[0].data.copy(), ta[1].data.copy()))
+    b, tb = _window_layer(tmp_path, wins, "batch_size: 3", "crop_size: 5 mirror: true", seed=9)
+    b.set_state(state)
+    for d, lab in want:
+        b.forward([], tb)
+        np.testing.assert_array_equal(tb[0].data, d)
+        np.testing.assert_array_equal(tb[1].data, lab)
+    with pytest.raises(errors.NetError, match="crop_size > 0"):
+        _window_layer(tmp_path, CONST, "batch_size: 1")
+    with pytest.raises(errors.DataError, match="no background windows"):
+        _window_layer(tmp_path, "# 0\nconst.png\n3 10 10\n1\n1 0.9 0 0 3 3\n",
+                      "batch_size: 1", "crop_size: 4")
+    with pytest.raises(errors.DataError, match=r"windows\.txt:5: a foreground window needs"):
+        _window_layer(tmp_path, "# 0\nconst.png\n3 10 10\n2\n0 0.9 0 0 3 3\n0 0.1 0 0 3 3\n",
+                      "batch_size: 1", "crop_size: 4")
+    with pytest.raises(errors.DataError, match=r"windows\.txt:1: expected '#'"):
+        _window_layer(tmp_path, "0\nconst.png\n", "batch_size: 1", "crop_size: 4")
+    missing, mtop = _window_layer(tmp_path, CONST.replace("const.png", "gone.png"),
+                                  "batch_size: 1", "crop_size: 4")
+    with pytest.raises(errors.DataError, match=r"windows\.txt:2: could not load image"):
+        missing.forward([], mtop)

@@ -122,3 +122,49 @@ add_case(LayerCase(
     proto=(f'image_data_param {{ source: "{_LIST}" root_folder: "{_DIR}/" batch_size: 2 '
            "is_color: false }"),
     reference=_image_ref(2, color=False)))
+
+# -- WindowData --------------------------------------------------------------------------------
+# one 8x10 image, one foreground and one background window, both crop_size (4x4) large, so
+# sampling is certain and no resizing happens: the reference cuts the boxes out by hand
+_WIN_RGB = np.random.default_rng(33).integers(0, 256, (8, 10, 3)).astype(np.uint8)
+_WINDOWS = os.path.join(_DIR, "windows.txt")
+_FG_BOX, _BG_BOX = (1, 2, 4, 5), (5, 3, 8, 6)  # x1 y1 x2 y2
+
+
+def _write_windows() -> None:
+    from PIL import Image
+
+    Image.fromarray(_WIN_RGB, "RGB").save(os.path.join(_DIR, "imgs", "win.png"))
+    with open(_WINDOWS, "w") as f:
+        f.write("# 0\nimgs/win.png\n3\n8\n10\n3\n")
+        f.write("3 0.9 {} {} {} {}\n".format(*_FG_BOX))
+        f.write("5 0.1 {} {} {} {}\n".format(*_BG_BOX))
+        f.write("2 0.3 0 0 3 3\n")  # between bg_threshold 0.2 and fg 0.5: never sampled
+
+
+_write_windows()
+
+
+def _window_ref(batch, n_fg, mean, scale):
+    def ref(bottoms, layer):
+        data = np.zeros((batch, 3, 4, 4))
+        labels = np.zeros(batch)
+        for i in range(batch):
+            fg = i >= batch - n_fg  # background windows come first
+            x1, y1, _, _ = _FG_BOX if fg else _BG_BOX
+            for c in range(3):
+                for y in range(4):
+                    for x in range(4):
+                        v = float(_WIN_RGB[y1 + y, x1 + x, 2 - c])  # BGR
+                        data[i, c, y, x] = (v - mean[c]) * scale
+            labels[i] = 3.0 if fg else 0.0
+        return [data, labels]
+    return ref
+
+
+add_case(LayerCase(
+    type="WindowData", id="fg_then_bg_no_resize", ntop=2, grad=False, reshape=(),
+    proto=(f'window_data_param {{ source: "{_WINDOWS}" root_folder: "{_DIR}/" batch_size: 4 '
+           "fg_fraction: 0.5 bg_threshold: 0.2 scale: 0.5 } "
+           "transform_param { crop_size: 4 mean_value: 10 mean_value: 20 mean_value: 30 }"),
+    reference=_window_ref(4, 2, [10.0, 20.0, 30.0], 0.5)))
