@@ -197,7 +197,7 @@ for _id, _beta in (("default", None), ("beta1.5", 1.5), ("large", 0.5)):
     add_case(LayerCase(
         type="Swish", id=_id, proto="" if _beta is None else f"swish_param {{ beta: {_bb} }}",
         bottoms=[SHAPE if _id != "large" else (lambda rng: 6 * rng.standard_normal((3, 7)))],
-        in_place=True,
+        in_place=True, reshape=None if _id != "large" else [(4, 7)],
         reference=_elementwise(lambda v, b=_bb: v / (1.0 + math.exp(-b * v)))))
 
 for _id, _thr in (("default", None), ("positive", 0.3)):
