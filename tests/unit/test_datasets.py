@@ -162,7 +162,7 @@ def test_npm_rebuild_rejects_wrong_sums(tmp_path):
 
 def test_get_cifar10_end_to_end_from_tarball(tmp_path, monkeypatch, caplog):
     b = synthetic_batches(3)
-    monkeypatch.setattr(datasets, "CIFAR10_SHA256", sums_of(b))
+    monkeypatch.setattr(datasets.cifar10, "CIFAR10_SHA256", sums_of(b))
     _tarball(tmp_path / "c.tar.gz", b)
     paths = datasets.get_cifar10(tmp_path / "cifar10", source="auto", tarball=tmp_path / "c.tar.gz")
     images, _ = datasets.read_cifar10_batches(tmp_path / "cifar10")
@@ -253,7 +253,7 @@ def test_convert_idx_records(tmp_path):
 
 def test_get_fashion_mnist(tmp_path, monkeypatch):
     data = _fashion_src(tmp_path / "src")
-    monkeypatch.setattr(datasets, "FASHION_MNIST_COUNTS", {"train": 6, "test": 4})
+    monkeypatch.setattr(datasets.idx, "FASHION_MNIST_COUNTS", {"train": 6, "test": 4})
     paths = datasets.get_fashion_mnist(tmp_path / "fm", tmp_path / "src")
     want = data["train"][0].sum(axis=0, dtype=np.float64).astype(np.float32) / np.float32(6)
     np.testing.assert_array_equal(pio.read_binaryproto(paths["mean"]), want[None, None])
