@@ -16,9 +16,9 @@ Here, as in BVLC's ``python/caffe/pycaffe.py`` and ``_caffe.cpp``:
   batch; ``arrays`` holds inputs (for forward) and output diffs (for backward); returns
   ``(outputs, input diffs)``.
 * ``set_input_arrays(data, labels)``: hands arrays to the first layer, which must be MemoryData.
-* ``share_with(other)``, ``_forward(start, end)``, ``_backward(start, end)``, ``_layer_names``,
-  ``_blob_names``, ``_blob_loss_weights``, ``_inputs``, ``_outputs``, ``_top_ids(i)``,
-  ``_bottom_ids(i)``.
+* ``share_with(other)``, ``save_hdf5(path)``, ``load_hdf5(path)``, ``_forward(start, end)``,
+  ``_backward(start, end)``, ``_layer_names``, ``_blobs``, ``_blob_names``,
+  ``_blob_loss_weights``, ``_inputs``, ``_outputs``, ``_top_ids(i)``, ``_bottom_ids(i)``.
 
 pycaffe has no batched ``backward_all``: ``Net.backward_all()`` is the full backward pass.
 """
@@ -55,6 +55,11 @@ class NetApi:
     def _layer_names(self) -> list[str]:
         """Layer names, in net order."""
         return list(self.layer_names)
+
+    @property
+    def _blobs(self) -> list[Any]:
+        """The blobs, in ``_blob_names`` order."""
+        return list(self.blobs.values())
 
     @property
     def _blob_names(self) -> list[str]:
@@ -99,6 +104,18 @@ class NetApi:
     def share_with(self, other: Any) -> None:
         """Caffe's ``ShareTrainedLayersWith``: use ``other``'s parameter blobs, by layer name."""
         self.share_trained_layers_with(other)  # type: ignore[attr-defined]
+
+    def save_hdf5(self, filename: str) -> None:
+        """Write the weights as an HDF5 ``.caffemodel.h5`` (Caffe's ``Net::ToHDF5``)."""
+        from pycaffe_mpi import snapshot_hdf5
+
+        snapshot_hdf5.write_caffemodel(filename, self)
+
+    def load_hdf5(self, filename: str) -> None:
+        """Copy weights from a ``.caffemodel.h5`` by layer name (``CopyTrainedLayersFromHDF5``)."""
+        from pycaffe_mpi import snapshot_hdf5
+
+        snapshot_hdf5.load_caffemodel(self, filename)
 
     # -- batching ------------------------------------------------------------------------------
     def _batch(self, arrays: Mapping[str, Any]) -> Iterator[dict[str, np.ndarray]]:

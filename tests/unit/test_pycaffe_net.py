@@ -57,6 +57,7 @@ def test_introspection_matches_pycaffe():
     assert list(net.layer_dict) == net._layer_names
     assert [layer.type for layer in net.layers] == ["Input", "InnerProduct", "TanH"]
     assert net._blob_names == list(net.blobs) == ["data", "ip", "act"]
+    assert net._blobs == list(net.blobs.values())
     assert net.inputs == ["data"] and net.outputs == ["act"]
     assert net._inputs == [0] and net._outputs == [2]
     assert net._top_ids(1) == [1] and net._bottom_ids(2) == [1]
@@ -131,6 +132,12 @@ def test_private_forward_backward_and_share_with(tmp_path):
     fresh = tiny()
     fresh.copy_from(str(path))
     assert (fresh.params["ip"][0].data == 5).all()
+    h5 = tmp_path / "w.caffemodel.h5"
+    net.save_hdf5(str(h5))
+    again = tiny()
+    again.load_hdf5(str(h5))
+    np.testing.assert_array_equal(again.params["ip"][1].data, net.params["ip"][1].data)
+    assert (again.params["ip"][0].data == 5).all()
     fresh.blobs["data"].reshape(7, 3)
     fresh.reshape()
     assert fresh.blobs["act"].data.shape == (7, 2)
