@@ -360,16 +360,21 @@ class ConvPlan:
         return self._cols(x, self.channels, self.spatial, self.out, self.pad, self.stride, "cols")
 
     # -- the products -----------------------------------------------------------------------------
-    def forward(self, x: Any, w: Any, y: Any, bias: Any = None) -> None:
-        """``y = conv(x, W) + bias`` (``bias`` ``(O,)`` or None), overwriting ``y``.
+    def forward(self, x: Any, w: Any, y: Any, bias: Any = None, dy: Any = None,
+                dw: Any = None) -> None:
+        """``y = conv(x, W) + bias`` (``bias`` ``(O,)`` or None), overwriting ``y``; with ``dy``
+        and ``dw`` also ``dW += ∂E/∂W`` for that ``dy = ∂E/∂y``, from the same cols
+        (Deconvolution's backward: one im2col of its top diff for both of its gradients).
 
         Per group g: ``y_g = cols_g @ W_gᵀ`` over chunks of images (channels-first: ``W_g @
         cols_g``); a 1×1 kernel with stride 1 and pad 0 skips im2col: ``y[n]_g = W_g @ x[n]_g``.
         """
         n, g, ckg, og, p, s = self._dims()
-        xp = self.xp
+        xp, cl = self.xp, self.channels_last
         bias = None if bias is None else bias.reshape(g, og, 1)
         if self.is_1x1:
+            if dw is not None:
+                self._backward_1x1(dy.reshape(n, g, og, p), x, w, dw, None)
             # NOTE: one GEMM per image (broadcast over N), written straight into the top.
             yv = xp.matmul(w.reshape(g, og, ckg), x.reshape(n, g, ckg, s),
                            out=y.reshape(n, g, og, p))
@@ -378,13 +383,19 @@ class ConvPlan:
             return
         wc = self._w_cols(w)
         x, y = x.reshape(n, self.channels, *self.spatial), y.reshape(n, g, og, p)
+        if dw is not None:
+            dy, dwm = dy.reshape(n, g, og, p), self._dw_sum()
         for lo, hi in self._chunks():
             cols, out = self._x_cols(x[lo:hi]), self._mat("out", hi - lo, og, p)
-            if self.channels_last:
+            if dw is not None:
+                self._dw_add(dwm, cols, from_blob(dy[lo:hi], self._mat("dy", hi - lo, og, p), cl))
+            if cl:
                 xp.matmul(cols, wc.transpose(0, 2, 1), out=out)  # (G, m·P, Og)
             else:
                 xp.matmul(wc, cols, out=out)  # (G, Og, m·P)
-            to_blob(xp, out, y[lo:hi], bias, self.channels_last)
+            to_blob(xp, out, y[lo:hi], bias, cl)
+        if dw is not None:
+            self._dw_finish(dwm, dw)
 
     def backward(self, dy: Any, x: Any, w: Any, dw: Any = None, dx: Any = None) -> None:
         """``dW += ∂E/∂W`` when ``dw`` is given (then ``x`` is needed) and ``dx = ∂E/∂x``
@@ -407,32 +418,45 @@ class ConvPlan:
     def _backward_x_cols(self, dy: Any, x: Any, w: Any, dw: Any, dx: Any) -> None:
         """``dW_g += dy_gᵀ @ cols_g`` (cols recomputed per chunk: cheaper than keeping them, see
         :meth:`reshape`) and ``dx = col2im(dy_g @ W_g)``, each if asked."""
-        n, g, ckg, og, p, _ = self._dims()
-        xp, cl, cg = self.xp, self.channels_last, self.channels // g
+        n, _, _, og, p, _ = self._dims()
+        cl = self.channels_last
         wc = self._w_cols(w) if dx is not None else None
         if dw is not None:
-            x = x.reshape(n, self.channels, *self.spatial)
-            dwm = self._bufs.get("dw", (g, ckg, og))  # Σ over chunks of cols_g · dy_g
-            dwm[...] = 0
+            x, dwm = x.reshape(n, self.channels, *self.spatial), self._dw_sum()
         if dx is not None:
             dx = dx.reshape(n, self.channels, *self.spatial)
         for lo, hi in self._chunks():
             dym = from_blob(dy[lo:hi], self._mat("out", hi - lo, og, p), cl)
             if dw is not None:
-                cols = self._x_cols(x[lo:hi])
-                if cl:
-                    dwm += xp.matmul(cols.transpose(0, 2, 1), dym)
-                else:
-                    dwm += xp.matmul(cols, dym.transpose(0, 2, 1))
+                self._dw_add(dwm, self._x_cols(x[lo:hi]), dym)
             if dx is not None:
                 self._col2im(wc, dym, dx[lo:hi])
-        if dw is None:
-            return
-        # rows of dw: (*K, Cg) channels-last, (Cg, *K) channels-first → (G, Og, Cg, *K)
+        if dw is not None:
+            self._dw_finish(dwm, dw)
+
+    def _dw_sum(self) -> Any:
+        """A zeroed ``(G, ΠK·Cg, Og)`` sum of ``cols_g · dy_g`` over chunks."""
+        _, g, ckg, og, _, _ = self._dims()
+        dwm = self._bufs.get("dw", (g, ckg, og))
+        dwm[...] = 0
+        return dwm
+
+    def _dw_add(self, dwm: Any, cols: Any, dym: Any) -> None:
+        """``dwm += cols_g · dy_g`` for one chunk (both in the product layout)."""
+        if self.channels_last:
+            dwm += self.xp.matmul(cols.transpose(0, 2, 1), dym)
+        else:
+            dwm += self.xp.matmul(cols, dym.transpose(0, 2, 1))
+
+    def _dw_finish(self, dwm: Any, dw: Any) -> None:
+        """``dw (O, Cg, *K) += dwm`` reordered."""
+        _, g, _, og, _, _ = self._dims()
+        cg, cl = self.channels // g, self.channels_last
+        # rows of dwm: (*K, Cg) channels-last, (Cg, *K) channels-first → (G, Og, Cg, *K)
         dwm = dwm.reshape(g, *self.kernel, cg, og) if cl else \
             dwm.reshape(g, cg, *self.kernel, og)
         dw.reshape(g, og, cg, *self.kernel)[...] += \
-            xp.moveaxis(dwm, (-1, -2), (1, 2)) if cl else xp.moveaxis(dwm, -1, 1)
+            self.xp.moveaxis(dwm, (-1, -2), (1, 2)) if cl else self.xp.moveaxis(dwm, -1, 1)
 
     def _backward_1x1(self, dy: Any, x: Any, w: Any, dw: Any, dx: Any) -> None:
         """1×1 kernel, stride 1, pad 0: ``dW_g += Σ_n dy[n]_g @ x[n]_gᵀ``,

@@ -251,9 +251,11 @@ class DeconvolutionLayer(_BaseConvolution):
             if self.bias_term:
                 dy = t.diff.reshape(self.num, self.num_output, -1)
                 self.blobs[1].diff[...] += dy.sum(axis=(0, 2))
-            self.plan.backward(b.data, t.diff, self.blobs[0].data, dw=self.blobs[0].diff)
-            if propagate_down[i]:
-                self.plan.forward(t.diff, self.blobs[0].data, b.diff)
+            w, dw = self.blobs[0].data, self.blobs[0].diff
+            if propagate_down[i]:  # dx and dW from one im2col of dy
+                self.plan.forward(t.diff, w, b.diff, dy=b.data, dw=dw)
+            else:
+                self.plan.backward(b.data, t.diff, w, dw=dw)
 
 
 @register_layer("Im2col")
