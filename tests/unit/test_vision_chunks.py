@@ -186,3 +186,17 @@ def test_clear_errors(type_name, proto, shapes, match):
     case = LayerCase(type_name, "e", proto, bottoms=shapes)
     with pytest.raises(errors.NetError, match=match):
         build_layer(case, [np.zeros(s) for s in shapes])
+
+
+def test_deconv_bilinear_upsampling_as_in_caffe_docs():
+    """Caffe's BilinearFiller example: factor-2 upsampling per channel (group = C) keeps a
+    constant image constant away from the border."""
+    x = np.ones((1, 3, 4, 5))
+    case = LayerCase("Deconvolution", "up", "convolution_param { num_output: 3 group: 3 "
+                     "kernel_size: 4 stride: 2 pad: 1 bias_term: false "
+                     "weight_filler { type: 'bilinear' } }", bottoms=[x.shape])
+    layer, bb, tb = build_layer(case, [x])
+    layer.forward(bb, tb)
+    assert layer.blobs[0].shape == (3, 1, 4, 4)
+    assert tb[0].shape == (1, 3, 8, 10)
+    np.testing.assert_allclose(tb[0].data[:, :, 1:-1, 1:-1], 1.0, rtol=1e-12)
