@@ -187,3 +187,29 @@ def test_set_input_arrays_feeds_the_memory_data_layer():
     np.testing.assert_array_equal(first["label"].ravel(), [3, 1])
     second = net.forward(blobs=["label"])
     np.testing.assert_array_equal(second["flat"], data[2:].reshape(2, 6))
+
+
+def test_backward_all_without_arguments_is_the_full_backward_pass():
+    # pycaffe has no batched backward_all; Net.backward_all() back-propagates every layer
+    net = tiny()
+    net.forward(data=np.ones((4, 3), np.float32))
+    net.blobs["act"].diff[...] = 1
+    net.clear_param_diffs()
+    net.backward_all()
+    assert np.abs(net.params["ip"][0].diff).sum() > 0 and np.abs(net.blobs["data"].diff).sum() > 0
+
+
+def test_forward_all_on_the_gpu_gives_host_arrays_equal_to_the_cpu():
+    from pycaffe_mpi import backend
+
+    if not backend.gpu_available():
+        pytest.skip("no usable GPU")
+    caffe.set_device(0)
+    x = np.random.default_rng(4).standard_normal((9, 3)).astype(np.float32)
+    cpu = tiny().forward_all(data=x)["act"]
+    gpu_net = tiny(backend=caffe.Settings(mode="gpu").backend())
+    gpu = gpu_net.forward_all(data=x)["act"]
+    assert isinstance(gpu, np.ndarray)
+    np.testing.assert_allclose(gpu, cpu, rtol=1e-5, atol=1e-6)
+    _, diffs = gpu_net.forward_backward_all(data=x, act=np.ones((9, 2), np.float32))
+    assert isinstance(diffs["data"], np.ndarray) and diffs["data"].shape == (9, 3)
