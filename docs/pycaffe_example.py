@@ -16,7 +16,7 @@ see tools/get_fashion_mnist.py), else a small synthetic 10-class set (a bright s
 place gives the class, plus noise) written to LMDBs the same way.
 
 Example:
-    python docs/pycaffe_example.py --workdir /tmp/lenet --iters 500
+    python docs/pycaffe_example.py --workdir /tmp/lenet --iters 200
 """
 
 from __future__ import annotations
@@ -107,7 +107,7 @@ solver_mode: CPU
 def main(argv: list[str] | None = None) -> dict[str, float]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workdir", default="lenet_example", help="where files go")
-    ap.add_argument("--iters", type=int, default=500, help="training iterations")
+    ap.add_argument("--iters", type=int, default=200, help="training iterations")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--synthetic", action="store_true",
                     help="use the synthetic set even if Fashion-MNIST is installed")
