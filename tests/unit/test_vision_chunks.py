@@ -200,3 +200,25 @@ def test_deconv_bilinear_upsampling_as_in_caffe_docs():
     assert layer.blobs[0].shape == (3, 1, 4, 4)
     assert tb[0].shape == (1, 3, 8, 10)
     np.testing.assert_allclose(tb[0].data[:, :, 1:-1, 1:-1], 1.0, rtol=1e-12)
+
+
+@pytest.mark.parametrize(("num_output", "group"), [(4, 1), (3, 3)])
+def test_deconv_caffe_setup_and_simple_values(num_output, group):
+    """Caffe's test_deconvolution_layer.cpp: two (2, 3, 6, 4) bottoms of ones, kernel 3,
+    stride 2, weights 1 and bias 0.1: (2, O, 13, 9) tops of 3.1, 6.1 where two windows overlap
+    along one axis and 12.1 along both (Caffe checks the values for group 1 only)."""
+    x = np.ones((2, 3, 6, 4))
+    case = LayerCase("Deconvolution", "simple", "convolution_param { kernel_size: 3 stride: 2 "
+                     f"num_output: {num_output} group: {group} "
+                     "weight_filler { type: 'constant' value: 1 } "
+                     "bias_filler { type: 'constant' value: 0.1 } }",
+                     bottoms=[x.shape, x.shape], ntop=2)
+    layer, bb, tb = build_layer(case, [x, x])
+    layer.forward(bb, tb)
+    h_over = np.array([h % 2 == 0 and 0 < h < 12 for h in range(13)])
+    w_over = np.array([w % 2 == 0 and 0 < w < 8 for w in range(9)])
+    fan = 3 // group  # input channels feeding each output
+    want = 0.1 + fan * (1 + h_over[:, None]) * (1 + w_over[None, :])
+    for t in tb:
+        assert t.shape == (2, num_output, 13, 9)
+        np.testing.assert_allclose(t.data, np.broadcast_to(want, t.shape), atol=1e-7)  # f32 0.1
