@@ -32,6 +32,7 @@ from pycaffe_mpi import backend as backend_mod
 from pycaffe_mpi import errors
 from pycaffe_mpi import log as log_mod
 from pycaffe_mpi.layer import TEST, TRAIN
+from pycaffe_mpi.proto import caffe_pb2
 
 log = logging.getLogger("pycaffe_mpi")
 
@@ -141,7 +142,7 @@ def choose_backend(gpu_flag: str, solver_param: Any = None) -> backend_mod.Backe
         except ValueError:
             raise errors.PycaffeError(f'--gpu expects a device id, got "{gpu_flag}"') from None
         return backend_mod.Backend("gpu", dev)
-    if solver_param is not None and solver_param.solver_mode == 1:  # GPU
+    if solver_param is not None and solver_param.solver_mode == caffe_pb2.SolverParameter.GPU:
         if backend_mod.gpu_available():
             return backend_mod.Backend("gpu", solver_param.device_id)
         log.warning("solver_mode is GPU but no usable GPU/CuPy was found; running on the CPU")

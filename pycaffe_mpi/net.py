@@ -1,10 +1,11 @@
 """Net: a directed acyclic graph of layers built from a NetParameter, with pycaffe's face.
 
-Building follows Caffe's ``Net::Init``: legacy ``input`` fields become an Input layer; layers are
-filtered by the NetState (phase, level, stage) and by MPI rank; Split layers are inserted where a
-blob feeds several layers; in-place layers reuse their bottom blob; parameters named alike in
-``param { name }`` are shared; loss weights are attached; and which layers need backward is worked
-out from the losses, ``lr_mult``, ``propagate_down`` and ``force_backward``.
+Building follows Caffe's ``Net::Init``. The definition is prepared first
+(:mod:`pycaffe_mpi.netparam`: old formats upgraded, layers filtered by the NetState and the MPI
+rank, Split layers inserted; the comm layers' groups planned by :mod:`pycaffe_mpi.comm.plan`).
+Then in-place layers reuse their bottom blob; parameters named alike in ``param { name }`` are
+shared; loss weights are attached; and which layers need backward is worked out from the losses,
+``lr_mult``, ``propagate_down`` and ``force_backward``.
 
 Python face (pycaffe)::
 
@@ -28,197 +29,28 @@ from typing import Any
 import numpy as np
 
 from pycaffe_mpi import backend as backend_mod
-from pycaffe_mpi import errors, prototxt, registry, upgrade
+from pycaffe_mpi import errors, netparam, registry, upgrade
 from pycaffe_mpi.blob import Blob
+from pycaffe_mpi.comm.plan import (
+    COMM_TYPES,
+    check_digests,
+    comm_digest,
+    comm_groups,
+    strip_for_rank,
+)
 from pycaffe_mpi.layer import TEST, TRAIN, Layer
 from pycaffe_mpi.net_api import NetApi
+from pycaffe_mpi.netparam import filter_net, insert_splits, layer_kept, state_meets_rule
 from pycaffe_mpi.proto import caffe_pb2
 
 log = logging.getLogger("pycaffe_mpi")
 
 
-# -- NetParameter transformations ------------------------------------------------------------
-def upgrade_input_fields(param: Any) -> None:
-    """Turn ``input`` + ``input_shape``/``input_dim`` into a leading Input layer (in place)."""
-    upgrade.upgrade_net_input(param)
-
-
-def state_meets_rule(state: Any, rule: Any, layer_name: str, rank: int | None = 0) -> bool:
-    """Caffe's ``StateMeetsRule`` plus the MPI rank test (evaluated first; skipped for
-    ``rank=None``)."""
-    if rank is not None and len(rule.mpi_rank) and rank not in rule.mpi_rank:
-        return False
-    if rule.HasField("phase") and rule.phase != state.phase:
-        return False
-    if rule.HasField("min_level") and state.level < rule.min_level:
-        return False
-    if rule.HasField("max_level") and state.level > rule.max_level:
-        return False
-    stages = set(state.stage)
-    if any(s not in stages for s in rule.stage):
-        return False
-    return not any(s in stages for s in rule.not_stage)
-
-
-def layer_kept(lp: Any, state: Any, rank: int | None, loc: str = "") -> bool:
-    """Caffe's FilterNet decision for one layer (include XOR exclude rules)."""
-    if len(lp.include) and len(lp.exclude):
-        raise errors.NetError(f"{errors.layer_where(lp, loc)}: specify either include rules "
-                              "or exclude rules; not both")
-    if len(lp.include):
-        return any(state_meets_rule(state, r, lp.name, rank) for r in lp.include)
-    return not any(state_meets_rule(state, r, lp.name, rank) for r in lp.exclude)
-
-
-def filter_net(param: Any, state: Any, rank: int | None = 0,
-               locations: Sequence[str] = ()) -> tuple[Any, list[str]]:
-    """The layers of ``param`` kept for ``state`` (and MPI ``rank``), with their locations."""
-    out = caffe_pb2.NetParameter()
-    out.CopyFrom(param)
-    del out.layer[:]
-    kept_locs = []
-    for i, lp in enumerate(param.layer):
-        loc = locations[i] if i < len(locations) else ""
-        if layer_kept(lp, state, rank, loc):
-            out.layer.add().CopyFrom(lp)
-            kept_locs.append(loc)
-    return out, kept_locs
-
-
-# -- MPI: groups of the comm layers ------------------------------------------------------------
-COMM_TYPES = ("MPIBroadcast", "MPIGather")
-
-
-def comm_groups(param: Any, state: Any, world_size: int,
-                locations: Sequence[str] = ()) -> list[tuple[Any, list[int], int, str]]:
-    """For every comm layer that exists on some rank for ``state``, in spec order:
-    ``(layer param, member world ranks, root world rank, location)``.
-
-    Members are the ranks that keep the layer, ordered as its ``include`` rules list them
-    (that order is the rank inside the group), the others in ascending order. The root
-    (``mpi_param.root``, a world rank) must be a member.
-    """
-    out = []
-    for i, lp in enumerate(param.layer):
-        if lp.type not in COMM_TYPES:
-            continue
-        loc = locations[i] if i < len(locations) else ""
-        kept = [r for r in range(world_size) if layer_kept(lp, state, r, loc)]
-        if not kept:
-            continue
-        listed = [r for rule in lp.include for r in rule.mpi_rank if r in kept]
-        members = list(dict.fromkeys(listed)) + [r for r in kept if r not in listed]
-        root = int(lp.mpi_param.root)
-        if root not in members:
-            raise errors.NetError(
-                f"{errors.layer_where(lp, loc)}, field mpi_param.root: root {root} is not a "
-                f"member of the layer's group (world ranks {members}); give one of those ranks")
-        out.append((lp, members, root, loc))
-    return out
-
-
-def comm_digest(groups: Sequence[tuple[Any, list[int], int, str]]) -> list[tuple]:
-    """What every rank must agree on before the first collective: names, types, groups, roots."""
-    return [(lp.name, lp.type, tuple(m), root) for lp, m, root, _ in groups]
-
-
-def check_digests(digests: Sequence[list[tuple]]) -> None:
-    """Raise, naming the first difference, unless every rank's digest agrees (entry 0 is the
-    net's force_backward, which decides whether comm layers run backward; then the comm layers)."""
-    ref = digests[0]
-    for r, d in enumerate(digests[1:], start=1):
-        if d == ref:
-            continue
-        for k in range(max(len(ref), len(d))):
-            a = ref[k] if k < len(ref) else None
-            b = d[k] if k < len(d) else None
-            if a != b:
-                def show(x: tuple | None) -> str:
-                    if x is None:
-                        return "nothing"
-                    if len(x) == 2:
-                        return f"{x[0]}: {x[1]}"
-                    return f'{x[1]} "{x[0]}" (group {list(x[2])}, root {x[3]})'
-
-                what = "on force_backward" if k == 0 else f"at comm layer #{k - 1}"
-                raise errors.NetError(
-                    f"the ranks' nets disagree {what}: rank 0 has {show(a)}, rank "
-                    f"{r} has {show(b)}; every rank must see the same MPIBroadcast/MPIGather "
-                    "layers in the same order (use one prototxt for all ranks)")
-
-
-def strip_for_rank(param: Any, rank: int) -> None:
-    """Off the root, MPIBroadcast loses its bottoms (a source) and MPIGather its tops (a sink)."""
-    for lp in param.layer:
-        if lp.type == "MPIBroadcast" and rank != lp.mpi_param.root:
-            del lp.bottom[:]
-            del lp.propagate_down[:]
-        elif lp.type == "MPIGather" and rank != lp.mpi_param.root:
-            del lp.top[:]
-            del lp.loss_weight[:]
-
-
-def _split_layer_name(blob: str, layer: str, idx: int) -> str:
-    return f"{blob}_{layer}_{idx}_split"
-
-
-def _split_blob_name(blob: str, layer: str, idx: int, k: int) -> str:
-    return f"{blob}_{layer}_{idx}_split_{k}"
-
-
-def insert_splits(param: Any, locations: Sequence[str] = ()) -> tuple[Any, list[str]]:
-    """Caffe's ``InsertSplits``: a Split layer after every top consumed more than once.
-
-    A top with a non-zero ``loss_weight`` counts as one extra consumer; its loss weight moves
-    to the first Split top.
-    """
-    last_top: dict[str, tuple[int, int]] = {}
-    source_of: dict[tuple[int, int], tuple[int, int]] = {}
-    consumers: collections.Counter = collections.Counter()
-    loss_w: dict[tuple[int, int], float] = {}
-    for i, lp in enumerate(param.layer):
-        loc = locations[i] if i < len(locations) else ""
-        for j, b in enumerate(lp.bottom):
-            if b not in last_top:
-                hint = errors.did_you_mean(b, last_top)
-                raise errors.NetError(f'{errors.layer_where(lp, loc)}: unknown bottom blob "{b}" '
-                                      f"(bottom index {j}){hint}")
-            source_of[(i, j)] = last_top[b]
-            consumers[last_top[b]] += 1
-        for j, t in enumerate(lp.top):
-            last_top[t] = (i, j)
-        for j, w in enumerate(lp.loss_weight):
-            loss_w[(i, j)] = w
-            if w:
-                consumers[(i, j)] += 1
-    out = caffe_pb2.NetParameter()
-    out.CopyFrom(param)
-    del out.layer[:]
-    out_locs: list[str] = []
-    next_split: collections.Counter = collections.Counter()
-    for i, lp in enumerate(param.layer):
-        loc = locations[i] if i < len(locations) else ""
-        new = out.layer.add()
-        new.CopyFrom(lp)
-        out_locs.append(loc)
-        for j, b in enumerate(lp.bottom):
-            src = source_of[(i, j)]
-            if consumers[src] > 1:
-                src_layer = param.layer[src[0]].name
-                new.bottom[j] = _split_blob_name(b, src_layer, src[1], next_split[src])
-                next_split[src] += 1
-        for j, t in enumerate(lp.top):
-            n = consumers[(i, j)]
-            if n <= 1:
-                continue
-            w = loss_w.get((i, j), 0.0)
-            split = out.layer.add(name=_split_layer_name(t, lp.name, j), type="Split", bottom=[t])
-            split.top.extend(_split_blob_name(t, lp.name, j, k) for k in range(n))
-            out_locs.append(loc)
-            if w:
-                split.loss_weight.extend([w] + [0.0] * (n - 1))
-                del new.loss_weight[:]
-    return out, out_locs
+# Kept importable from here for callers written before netparam.py and comm/plan.py existed.
+__all__ = ["COMM_TYPES", "Net", "check_digests", "comm_digest", "comm_groups", "filter_net",
+           "insert_splits", "layer_kept", "state_meets_rule", "strip_for_rank",
+           "upgrade_input_fields"]
+upgrade_input_fields = upgrade.upgrade_net_input
 
 
 # -- the Net -----------------------------------------------------------------------------------
@@ -226,7 +58,8 @@ class Net(NetApi):
     """A built network for one phase (and MPI rank).
 
     Args:
-        model: a prototxt path or a ``NetParameter``.
+        model: a prototxt path, a ``NetParameter`` or a :class:`~pycaffe_mpi.netparam.ParsedNet`
+            (old formats are upgraded, :mod:`pycaffe_mpi.upgrade`).
         phase: ``TRAIN`` (0) or ``TEST`` (1). pycaffe's legacy form ``Net(model, weights, phase)``
             is accepted too.
         weights: a ``.caffemodel`` (or comma-separated list) to copy layers from, by name.
@@ -238,7 +71,7 @@ class Net(NetApi):
             MPIBroadcast/MPIGather layers (default: ``comm.world()``).
         ctx: run-time context passed to layers.
         source_path, locations: where ``model`` (a NetParameter) came from and the "file:line"
-            of each of its layers, for error messages.
+            of each of its layers, for error messages (a ParsedNet carries its own).
     """
 
     def __init__(
@@ -269,49 +102,31 @@ class Net(NetApi):
         self.ctx = ctx
         self.comm = comm
         self.rank = rank if rank is not None else (comm.rank if comm is not None else 0)
-        if isinstance(model, (str, os.PathLike)):
-            source_path = str(model)
-            param, locations = prototxt.read_net(source_path)
-        else:
-            param = caffe_pb2.NetParameter()
-            param.CopyFrom(model)
-            if locations is None:
-                locations = [f"{source_path}:layer #{i}" if source_path else "" for i in
-                             range(len(param.layer) or len(param.layers))]
-            _, locations = upgrade.upgrade_net_as_needed(source_path or "<NetParameter>",
-                                                         param, locations)
-        self.source_path = source_path
-        state = caffe_pb2.NetState()
-        state.CopyFrom(param.state)
-        state.phase = self.phase
-        if level is not None:
-            state.level = level
-        for s in stages or ():
-            state.stage.append(s)
+        parsed = netparam.as_parsed(model, source_path, locations)
+        self.source_path = parsed.path
+        state = netparam.net_state(parsed.param, self.phase, level, stages)
         self._groups: dict[str, tuple[Any, int, list[int]]] = {}
-        if any(lp.type in COMM_TYPES for lp in param.layer):
-            self._make_groups(param, state, locations)
-        filtered, locations = filter_net(param, state, self.rank, locations)
-        strip_for_rank(filtered, self.rank)
-        filtered, locations = insert_splits(filtered, locations)
-        self.param = filtered
-        self.name = filtered.name
-        self.debug_info = filtered.debug_info
-        self._build(filtered, locations, seed)
+        if any(lp.type in COMM_TYPES for lp in parsed.param.layer):
+            self._make_groups(parsed, state)
+        prepared = netparam.prepare(parsed, state, self.rank)
+        self.param = prepared.param
+        self.name = prepared.param.name
+        self.debug_info = prepared.param.debug_info
+        self._build(prepared, seed)
         if weights:
             for w in str(weights).split(","):
                 self.copy_trained_layers_from(w)
 
     # -- construction -------------------------------------------------------------------------
-    def _make_groups(self, param: Any, state: Any, locations: Sequence[str]) -> None:
+    def _make_groups(self, parsed: netparam.ParsedNet, state: Any) -> None:
         """Agree on the comm layers across ranks, then create one communicator per layer
         (collective on every rank, in spec order, even where the layer is pruned)."""
         if self.comm is None:
             from pycaffe_mpi import comm as comm_mod
 
             self.comm = comm_mod.world()
-        groups = comm_groups(param, state, self.comm.size, locations)
-        digest = [("force_backward", bool(param.force_backward)), *comm_digest(groups)]
+        groups = comm_groups(parsed.param, state, self.comm.size, parsed.locations)
+        digest = [("force_backward", bool(parsed.param.force_backward)), *comm_digest(groups)]
         check_digests(self.comm.allgather_obj(digest))
         for lp, members, root, _ in groups:
             group = self.comm.create_group(members)
@@ -320,7 +135,8 @@ class Net(NetApi):
                 log.debug("Layer %s: MPI group of %d members, root %d", lp.name, len(members),
                           root)
 
-    def _build(self, param: Any, locations: Sequence[str], seed: int | None) -> None:
+    def _build(self, prepared: netparam.ParsedNet, seed: int | None) -> None:
+        param = prepared.param
         self.layers: list[Layer] = []
         self.layer_names: list[str] = []
         self.blobs: collections.OrderedDict[str, Blob] = collections.OrderedDict()
@@ -347,7 +163,7 @@ class Net(NetApi):
             dup = next(lp.name for lp in param.layer if lp.name in seen or seen.add(lp.name))
             raise errors.NetError(f'duplicate layer name "{dup}": layer names must be unique')
         for i, lp in enumerate(param.layer):
-            loc = locations[i] if i < len(locations) else ""
+            loc = prepared.location(i)
             cls = registry.layer_class(lp.type, errors.layer_where(lp, loc))
             lp.phase = self.phase
             layer = cls(lp, phase=self.phase, backend=self.backend, dtype=self.dtype,

@@ -353,3 +353,63 @@ def test_float64_net_saves_double_data_exactly(tmp_path):
     assert b.params["ip"][0].data[0, 0] == 1 / 3
     c = Net(netparam(TINY), pycaffe_mpi.TRAIN, seed=2, weights=path)  # float32 reads it too
     assert c.params["ip"][0].data[0, 0] == np.float32(1 / 3)
+
+
+# -- NetParameter preparation (pycaffe_mpi.netparam) --------------------------------------------
+def test_parsed_net_keeps_locations_through_input_filter_and_splits(tmp_path):
+    from pycaffe_mpi import netparam as prep
+
+    path = tmp_path / "net.prototxt"
+    path.write_text("name: 'n'\ninput: 'x' input_shape { dim: 2 dim: 3 }\n"
+                    "layer { name: 'a' type: 'ReLU' bottom: 'x' top: 'y' }\n"
+                    "layer { name: 'b' type: 'ReLU' bottom: 'y' top: 'z'\n"
+                    "        include { phase: TEST } }\n"
+                    "layer { name: 'c' type: 'ReLU' bottom: 'y' top: 'w' }\n")
+    parsed = prep.read_net(path)
+    assert [lp.name for lp in parsed.param.layer] == ["input", "a", "b", "c"]
+    assert parsed.locations == ["", f"{path}:3", f"{path}:4", f"{path}:6"]
+    test = prep.prepare(parsed, prep.net_state(parsed.param, pycaffe_mpi.TEST), rank=0)
+    names = [lp.name for lp in test.param.layer]
+    assert names == ["input", "a", "y_a_0_split", "b", "c"]
+    assert test.locations == ["", f"{path}:3", f"{path}:3", f"{path}:4", f"{path}:6"]
+    train = prep.prepare(parsed, prep.net_state(parsed.param, pycaffe_mpi.TRAIN), rank=0)
+    assert [lp.name for lp in train.param.layer] == ["input", "a", "c"]
+    assert train.location(2) == f"{path}:6" and train.location(9) == ""
+    # preparation never changes its input
+    assert len(parsed.param.layer) == 4 and not len(parsed.param.input)
+
+
+def test_solver_reads_its_net_file_once(tmp_path, monkeypatch):
+    from pycaffe_mpi import prototxt
+    from pycaffe_mpi.solvers import Solver
+
+    net = tmp_path / "net.prototxt"
+    net.write_text("layer { name: 'd' type: 'DummyData' top: 'x' "
+                   "dummy_data_param { shape { dim: 2 dim: 3 } } }\n"
+                   "layer { name: 'ip' type: 'InnerProduct' bottom: 'x' top: 'y' "
+                   "inner_product_param { num_output: 2 } }\n")
+    solver = tmp_path / "solver.prototxt"
+    solver.write_text(f'net: "{net}" base_lr: 0.1 lr_policy: "fixed" max_iter: 1 '
+                      "test_iter: 1 test_iter: 1 test_interval: 10\n")
+    parsed: list[str] = []
+    real = prototxt.parse_text
+
+    def counting(text, message, path="<string>"):
+        parsed.append(path)
+        return real(text, message, path)
+
+    monkeypatch.setattr(prototxt, "parse_text", counting)
+    s = Solver(str(solver))
+    assert len(s.test_nets) == 2
+    assert parsed.count(str(net)) == 1  # one train net and two test nets, one parse
+
+
+def test_comm_plan_needs_no_mpi4py():
+    import subprocess
+    import sys
+
+    code = ("import sys; import pycaffe_mpi.comm.plan, pycaffe_mpi.netparam, pycaffe_mpi.net; "
+            "print('mpi4py' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == "False"
