@@ -222,3 +222,13 @@ def test_deconv_caffe_setup_and_simple_values(num_output, group):
     for t in tb:
         assert t.shape == (2, num_output, 13, 9)
         np.testing.assert_allclose(t.data, np.broadcast_to(want, t.shape), atol=1e-7)  # f32 0.1
+
+
+@pytest.mark.parametrize(("shape", "height", "width"), [
+    ((2, 3, 9, 8), 3, 63), ((4, 3, 1024, 765), 5, 1023), ((10, 3, 7, 7), 3, 63),
+])
+def test_spp_caffe_output_dims(shape, height, width):
+    """Caffe's test_spp_layer.cpp setups: C·(4^L − 1)/3 values per image."""
+    case = LayerCase("SPP", "dims", f"spp_param {{ pyramid_height: {height} }}", bottoms=[shape])
+    _, _, tb = build_layer(case, [np.zeros(shape, np.float32)], np.float32)
+    assert tb[0].shape == (shape[0], width)
