@@ -25,6 +25,10 @@ product into the ``(N, C, *O)`` blob; channels-first keeps runs of ``P`` values 
 For kernel offset ``k`` (one index per spatial axis) and output position ``o``, the input position
 is ``o·stride − pad + k·dilation``; in ``xpad`` coordinates ``o·stride + k·dilation``. col2im is
 im2col's adjoint: window slices of ``cols`` added back (overlapping windows add up).
+
+:class:`ConvPlan` puts these together for one convolution geometry (layout, cache-sized chunks of
+images, scratch :class:`Buffers`, the GEMMs of forward, input gradient and weight gradient); the
+Convolution and Deconvolution layers both run on it.
 """
 
 from __future__ import annotations
