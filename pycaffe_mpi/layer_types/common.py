@@ -19,6 +19,7 @@ from pycaffe_mpi import layer as layer_mod
 from pycaffe_mpi.blob import Blob
 from pycaffe_mpi.kernels import softmax as softmax_kernel
 from pycaffe_mpi.layer import Layer
+from pycaffe_mpi.proto import caffe_pb2
 from pycaffe_mpi.registry import register_layer
 
 _count = layer_mod.count_of
@@ -305,7 +306,7 @@ class Split(Layer):
             dx += t.diff
 
 
-PROD, SUM, MAX = 0, 1, 2  # EltwiseParameter.EltwiseOp
+_OP = caffe_pb2.EltwiseParameter  # the EltwiseOp values: PROD, SUM, MAX
 
 
 @register_layer("Eltwise")
@@ -332,7 +333,7 @@ class Eltwise(Layer):
         n = len(bottom)
         self.require(len(p.coeff) in (0, n), "eltwise_param.coeff",
                      f"expected one coefficient per bottom ({n}), got {len(p.coeff)}")
-        self.require(not (self.op == PROD and len(p.coeff)), "eltwise_param.coeff",
+        self.require(not (self.op == _OP.PROD and len(p.coeff)), "eltwise_param.coeff",
                      "coefficients are taken only by SUM (and ignored by MAX), not by PROD")
         self.coeff = [float(c) for c in p.coeff] if len(p.coeff) else [1.0] * n
         # NOTE: Caffe's stable_prod_grad: false divides top by bottom, which breaks at zeros;
@@ -349,11 +350,11 @@ class Eltwise(Layer):
 
     def forward(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
         xp, y = self.xp, top[0].data
-        if self.op == SUM:
+        if self.op == _OP.SUM:
             xp.multiply(bottom[0].data, self.coeff[0], out=y)
             for c, b in zip(self.coeff[1:], bottom[1:]):
                 y += b.data if c == 1.0 else c * b.data
-        elif self.op == PROD:
+        elif self.op == _OP.PROD:
             y[...] = bottom[0].data
             for b in bottom[1:]:
                 y *= b.data
@@ -372,9 +373,9 @@ class Eltwise(Layer):
         for i, b in enumerate(bottom):
             if not propagate_down[i]:
                 continue
-            if self.op == SUM:
+            if self.op == _OP.SUM:
                 self.xp.multiply(dy, self.coeff[i], out=b.diff)
-            elif self.op == PROD:
+            elif self.op == _OP.PROD:
                 others = [o.data for j, o in enumerate(bottom) if j != i]
                 b.diff[...] = others[0]
                 for o in others[1:]:

@@ -35,6 +35,7 @@ from pycaffe_mpi.registry import register_layer
 log = logging.getLogger("pycaffe_mpi")
 
 _MCL = caffe_pb2.MultipleChoiceLossParameter
+_LOSS = caffe_pb2.LossParameter  # its NormalizationMode values
 
 
 class _MemberLayer(Layer):
@@ -217,8 +218,8 @@ class _AveragedLoss(_MemberLayer):
 
     def _normalizer(self, valid: Any) -> float:
         """SoftmaxWithLoss's normalizer for N examples (FULL = BATCH_SIZE = N), clamped ≥ 1."""
-        n = {loss_mod.FULL: self.num, loss_mod.VALID: int(valid.sum()),
-             loss_mod.BATCH_SIZE: self.num, loss_mod.NONE: 1}[self.normalization]
+        n = {_LOSS.FULL: self.num, _LOSS.VALID: int(valid.sum()),
+             _LOSS.BATCH_SIZE: self.num, _LOSS.NONE: 1}[self.normalization]
         return max(1.0, float(n))
 
 

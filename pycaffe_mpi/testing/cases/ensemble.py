@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from pycaffe_mpi.proto import caffe_pb2
 from pycaffe_mpi.testing.layer_cases import LayerCase, add_case
 
 FLT_MIN = 1.17549435e-38
@@ -300,5 +301,5 @@ for _id, _m, _n, _c, _ignore, _trailing, _ntop in (
         type="EnsembleAccuracy", id=_id,
         proto="" if _ignore is None else f"accuracy_param {{ ignore_label: {_ignore} }}",
         bottoms=[*_members(_m, (_n, _c, *_trailing)), _labels(_c, _n)], ntop=_ntop,
-        reference=_ensemble_accuracy_ref(_ignore), grad=False, phase=1,
+        reference=_ensemble_accuracy_ref(_ignore), grad=False, phase=caffe_pb2.TEST,
         reshape=[*_members(_m, (_n + 1, _c, *_trailing)), _labels(_c, _n + 1)]))
