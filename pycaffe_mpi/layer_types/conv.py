@@ -146,7 +146,7 @@ class _BaseConvolution(Layer):
 
 
 @register_layer("Convolution")
-class ConvolutionLayer(_BaseConvolution):
+class Convolution(_BaseConvolution):
     """N-D convolution with groups, stride, padding and dilation (Caffe's ``Convolution``).
 
     Bottom i → top i (any number of pairs, all bottoms the same shape, shared weights).
@@ -198,7 +198,7 @@ class ConvolutionLayer(_BaseConvolution):
 
 
 @register_layer("Deconvolution")
-class DeconvolutionLayer(_BaseConvolution):
+class Deconvolution(_BaseConvolution):
     """Transposed convolution (Caffe's ``Deconvolution``): the adjoint of a Convolution with the
     same ``convolution_param`` geometry, mapping its output shape back to its input shape.
 
@@ -259,7 +259,7 @@ class DeconvolutionLayer(_BaseConvolution):
 
 
 @register_layer("Im2col")
-class Im2colLayer(Layer):
+class Im2col(Layer):
     """The windows of a convolution as channels (Caffe's ``Im2col``).
 
     Shapes:
