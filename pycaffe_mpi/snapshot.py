@@ -6,15 +6,25 @@
 * ``read_binaryproto`` / ``write_binaryproto``: a whole ``.binaryproto`` file;
   ``arraylist_to_blobprotovector_str`` / ``blobprotovector_str_to_arraylist`` for several.
 * ``read_proto_binary`` / ``write_proto_binary``: any binary protobuf message file (the writer is
-  atomic, through :func:`atomic_write`, so a crash never leaves a half-written snapshot).
+  atomic, through :func:`atomic_write`, so a crash never leaves a half-written snapshot, a full
+  disk leaves the previous file intact, and a killed writer's temporary file is removed by the
+  next write of the same path).
+* ``open_lmdb`` / ``check_lmdb``: a read-only LMDB of Datum records, checked for damage.
 
 A missing or garbled file raises :class:`pycaffe_mpi.errors.DataError` naming the path.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import hashlib
+import logging
 import os
+import re
 import secrets
+import socket
+import time
 from typing import Any
 
 import numpy as np
@@ -23,32 +33,132 @@ from google.protobuf import message as pb_message
 from pycaffe_mpi import errors
 from pycaffe_mpi.proto import caffe_pb2
 
+log = logging.getLogger(__name__)
+
 # Field numbers of BlobProto's packed value fields (see proto/caffe.proto).
 _DATA, _DIFF, _DOUBLE_DATA, _DOUBLE_DIFF = 5, 6, 8, 9
 
 
 # -- files ------------------------------------------------------------------------------------
+class WriteError(errors.SnapshotError, OSError):
+    """A file (snapshot, mean, report) could not be written, e.g. the disk is full.
+
+    Both a :class:`~pycaffe_mpi.errors.PycaffeError` (the CLI prints one clear line) and an
+    ``OSError`` (``errno`` and ``filename`` are kept, so ``except OSError`` still catches it).
+    """
+
+
+STALE_AGE_S = 3600.0
+"""A temporary file older than this is stale whoever wrote it (a writer on another host, or a
+dead process whose id was reused)."""
+_LEGACY_STALE_AGE_S = 600.0  # temporary names without a writer tag (older versions)
+_TAG_RE = re.compile(r"(?:(?P<host>[0-9a-f]{8})-(?P<pid>[0-9]+)-)?[0-9a-f]{12}\.tmp")
+
+
+def _host_tag() -> str:
+    return hashlib.sha1(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def temp_path(path: str | os.PathLike) -> str:
+    """A fresh temporary name beside ``path``: ``.<name>.<host>-<pid>-<random>.tmp``.
+
+    The host and process tags let :func:`remove_stale_temps` tell a killed writer's leftovers
+    from a live writer's file.
+    """
+    path = os.path.abspath(os.fspath(path))
+    directory, base = os.path.split(path)
+    tag = f"{_host_tag()}-{os.getpid()}-{secrets.token_hex(6)}"
+    return os.path.join(directory, f".{base}.{tag}.tmp")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # exists (someone else's) or cannot tell: keep its file
+    return True
+
+
+def _is_stale(name: str, full: str, now: float) -> bool:
+    try:
+        age = now - os.stat(full).st_mtime
+    except OSError:
+        return False  # already gone
+    match = _TAG_RE.fullmatch(name)
+    if match is None:
+        return False
+    if match["pid"] is None:
+        return age > _LEGACY_STALE_AGE_S
+    pid = int(match["pid"])
+    if match["host"] == _host_tag() and pid != os.getpid() and not _pid_alive(pid):
+        return True
+    return age > STALE_AGE_S
+
+
+def remove_stale_temps(path: str | os.PathLike) -> list[str]:
+    """Delete the temporary files that killed writers left beside ``path``; return their paths.
+
+    Only names of :func:`temp_path`'s pattern for this very ``path`` are considered, and only
+    stale ones are removed: written on this host by a process that no longer runs, or older
+    than :data:`STALE_AGE_S` (untagged names of older versions: 10 minutes).
+    """
+    path = os.path.abspath(os.fspath(path))
+    directory, base = os.path.split(path)
+    prefix, now, removed = f".{base}.", time.time(), []
+    try:
+        names = [e.name for e in os.scandir(directory) if e.name.startswith(prefix)]
+    except OSError:
+        return removed
+    for name in names:
+        full = os.path.join(directory, name)
+        if _is_stale(name[len(prefix):], full, now):
+            try:
+                os.unlink(full)
+            except OSError:
+                continue  # another process cleaned it first, or we may not: not our problem
+            removed.append(full)
+            log.info("removed %s, a temporary file left by an interrupted write", full)
+    return removed
+
+
 def atomic_write(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` so that readers see the old file or the whole new one.
 
-    The bytes go to a temporary file in the same directory, are flushed to disk (fsync), and the
-    temporary file then replaces ``path`` (``os.replace`` is atomic on POSIX and Windows).
+    The bytes go to a temporary file in the same directory (:func:`temp_path`), are flushed to
+    disk (fsync), and the temporary file then replaces ``path`` (``os.replace`` is atomic on
+    POSIX and Windows). Stale temporary files of killed writers of ``path`` are removed first.
+
+    Raises:
+        WriteError: the write failed (e.g. no space left on device); the previous ``path``, if
+            any, is unchanged and no temporary file is left behind.
     """
     path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.{secrets.token_hex(6)}.tmp")
-    # NOTE: os.open with mode 0o666 honours the umask (mkstemp would make the file 0600).
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+    remove_stale_temps(path)
+    tmp = temp_path(path)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        # NOTE: os.open with mode 0o666 honours the umask (mkstemp would make the file 0600).
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0),
+                     0o666)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+    except OSError as e:
+        kept = "the previous file is unchanged" if os.path.exists(path) else "nothing was written"
+        full = e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
+        hint = "; free some space and retry" if full else ""
+        err = WriteError(f"cannot write {path!r} ({len(data)} bytes): "
+                         f"{e.strerror or e}; {kept}{hint}")
+        err.errno, err.strerror, err.filename = e.errno, e.strerror, path
+        raise err from e
 
 
 def _read_bytes(path: str | os.PathLike, what: str) -> bytes:
@@ -251,3 +361,62 @@ def _decode_image(raw: bytes, channels: int) -> np.ndarray:
     if gray:
         return arr[None]
     return np.ascontiguousarray(arr[:, :, ::-1].transpose(2, 0, 1))  # HWC RGB -> CHW BGR
+
+
+# -- LMDB -------------------------------------------------------------------------------------
+def open_lmdb(path: str | os.PathLike) -> Any:
+    """Open the LMDB directory ``path`` read-only, after checking it is whole.
+
+    Returns:
+        the ``lmdb.Environment``.
+
+    Raises:
+        errors.DataError: naming ``path``: the lmdb package is missing, the meta pages are
+            damaged (not an LMDB), or the data file is shorter than its last used page says
+            (see :func:`check_lmdb`).
+    """
+    try:
+        import lmdb  # imported late so `import pycaffe_mpi` stays light
+    except ImportError:
+        raise errors.DataError("LMDB support needs the lmdb package: pip install lmdb") from None
+    path = os.fspath(path)
+    try:
+        # NOTE: lock=False: the data are read-only and many ranks may read at once.
+        env = lmdb.open(path, readonly=True, lock=False, readahead=False, max_readers=1024)
+    except lmdb.Error as e:
+        raise errors.DataError(f"LMDB {path!r} cannot be opened: it is damaged or not an LMDB "
+                               f"({e}); rebuild or copy it again") from None
+    try:
+        check_lmdb(env, path)
+    except BaseException:
+        env.close()
+        raise
+    return env
+
+
+def lmdb_bytes_needed(env: Any) -> int:
+    """The size the data file must have at least: (last used page + 1) × page size."""
+    return (int(env.info()["last_pgno"]) + 1) * int(env.stat()["psize"])
+
+
+def check_lmdb(env: Any, path: str | os.PathLike, needed: int | None = None) -> None:
+    """Raise a DataError naming ``path`` if its data file is shorter than ``needed`` bytes
+    (default: :func:`lmdb_bytes_needed`).
+
+    NOTE: LMDB maps the file into memory; reading a page past the end of a truncated file is a
+    SIGBUS that kills the process, so the size is checked before pages are touched (at open,
+    and by readers before each batch, in case the file shrinks while we read it).
+    """
+    path = os.fspath(path)
+    data_file = os.path.join(path, "data.mdb") if os.path.isdir(path) else path
+    if needed is None:
+        needed = lmdb_bytes_needed(env)
+    try:
+        size = os.stat(data_file).st_size
+    except OSError as e:
+        raise errors.DataError(f"LMDB {path!r}: cannot read {data_file!r}: {e}") from None
+    if size < needed:
+        raise errors.DataError(
+            f"LMDB {path!r} is truncated: {data_file!r} holds {size} bytes but its last used "
+            f"page ends at byte {needed} (an interrupted copy or a full disk?); copy or "
+            "rebuild the database")

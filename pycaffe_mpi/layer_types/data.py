@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
+from google.protobuf.message import DecodeError
 
 from pycaffe_mpi import errors, fillers
 from pycaffe_mpi import snapshot as pio
@@ -230,15 +231,11 @@ class _SharedEnv:
 
     @classmethod
     def acquire(cls, path: str) -> Any:
-        import lmdb  # a core dependency, imported late so `import pycaffe_mpi` stays light
-
+        """The environment of ``path``, opened (and checked for damage) by its first user."""
         key = os.path.realpath(path)
         with cls._lock:
             if key not in cls._open:
-                # NOTE: lock=False: the data are read-only and many ranks may read at once.
-                env = lmdb.open(key, readonly=True, lock=False, readahead=False,
-                                max_readers=1024)
-                cls._open[key] = [env, 0]
+                cls._open[key] = [pio.open_lmdb(key), 0]
             cls._open[key][1] += 1
             return cls._open[key][0]
 
@@ -270,8 +267,9 @@ class _Prefetcher:
 
     def __init__(self, env: Any, batch_size: int, transform: DataTransformer, dtype: Any,
                  gen: np.random.Generator, pos: int, entries: int, order: np.ndarray | None,
-                 keys: list[bytes] | None, depth: int) -> None:
+                 keys: list[bytes] | None, depth: int, source: str = "") -> None:
         self.env, self.batch_size, self.transform = env, batch_size, transform
+        self.source, self.needed = source, pio.lmdb_bytes_needed(env)
         self.dtype, self.gen, self.order, self.keys = dtype, gen, order, keys
         # records read so far (counting rand_skip); with the generator's state after each
         # batch it is the layer's resumable position
@@ -283,33 +281,37 @@ class _Prefetcher:
         self.thread.start()
 
     # -- producer side ------------------------------------------------------------------------
-    def _records(self, txn: Any) -> Iterator[bytes]:
-        """Raw records forever, wrapping round at the end (Caffe restarts its cursor)."""
+    def _records(self, txn: Any) -> Iterator[tuple[bytes, bytes | None]]:
+        """(key, raw record) forever, wrapping round at the end (Caffe restarts its cursor)."""
         if self.order is not None and self.keys is not None:
             while True:
-                value = txn.get(self.keys[self.order[self.pos % len(self.order)]])
+                key = self.keys[self.order[self.pos % len(self.order)]]
                 self.pos += 1
-                yield value
+                yield key, txn.get(key)
         cur = txn.cursor()
         cur.first()
         for _ in range(self.pos % max(self.entries, 1)):
             cur.next()
         while True:
-            value = cur.value()
+            item = cur.key(), cur.value()
             self.pos += 1
-            yield value
+            yield item
             if not cur.next():
                 cur.first()
 
-    def _batch(self, records: Iterator[bytes]) -> tuple[np.ndarray, np.ndarray]:
-        datums = [caffe_pb2.Datum.FromString(next(records)) for _ in range(self.batch_size)]
+    def _batch(self, records: Iterator[tuple[bytes, bytes | None]]
+               ) -> tuple[np.ndarray, np.ndarray]:
+        # NOTE: a file cut short after open would be a SIGBUS on the next page read.
+        pio.check_lmdb(self.env, self.source, self.needed)
+        datums = [_parse_datum(*next(records)) for _ in range(self.batch_size)]
         first = datums[0]
         shape = (first.channels, first.height, first.width)
         for i, d in enumerate(datums):
             if (d.channels, d.height, d.width) != shape:
                 raise errors.DataError(f"record {i} of a batch has shape "
                                        f"{(d.channels, d.height, d.width)}, the first {shape}")
-        if not first.encoded and all(len(d.data) for d in datums):
+        if not first.encoded and all(len(d.data) == first.channels * first.height * first.width
+                                     for d in datums):
             raw = np.frombuffer(b"".join(d.data for d in datums), dtype=np.uint8)
             x = raw.reshape(len(datums), *shape)
         else:  # float_data or encoded images: one record at a time
@@ -327,6 +329,8 @@ class _Prefetcher:
         return False
 
     def _run(self) -> None:
+        import lmdb
+
         try:
             with self.env.begin(buffers=False) as txn:
                 records = self._records(txn)
@@ -335,6 +339,9 @@ class _Prefetcher:
                     state = {"pos": self.pos, "gen": self.gen.bit_generator.state}
                     if not self._put((batch, state)):
                         return
+        except lmdb.Error as e:  # e.g. MDB_CORRUPTED: pages damaged after the meta pages
+            self._put(_Failure(errors.DataError(f"the database is damaged ({e}); rebuild or "
+                                                "copy it again")))
         except Exception as e:  # handed to forward, which re-raises it with the source path
             self._put(_Failure(e))
 
@@ -408,7 +415,7 @@ class Data(Layer):
         self._prefetcher: _Prefetcher | None = None
         env = self._open_db(p)
         try:
-            first, entries = _first_record(env)
+            first, entries = self._read_db(_first_record, env)
             errors.require(entries > 0, self.layer_param, "data_param.source",
                            f"{self.source!r} holds no records", exc=errors.DataError)
             datum_shape = pio.datum_to_array(first).shape
@@ -416,7 +423,7 @@ class Data(Layer):
             self.top_shapes = [(self.batch_size, c, h, w), (self.batch_size,)]
             gen = np.random.default_rng(int(self.rng.integers(2**63)))
             skip = int(gen.integers(p.rand_skip)) if p.rand_skip else 0
-            self._keys, self.bootstrap_indices = self._bootstrap(env)
+            self._keys, self.bootstrap_indices = self._read_db(self._bootstrap, env)
         except BaseException:
             _SharedEnv.release(env)
             raise
@@ -432,7 +439,7 @@ class Data(Layer):
         self._prefetcher = _Prefetcher(
             env, self.batch_size, self.transformer, self.dtype, gen, self._reader_state["pos"],
             self._entries, self.bootstrap_indices, self._keys,
-            max(1, self.layer_param.data_param.prefetch))
+            max(1, self.layer_param.data_param.prefetch), self.source)
         self._finalizer = weakref.finalize(self, self._prefetcher.stop)
 
     def get_state(self) -> bytes:
@@ -470,7 +477,22 @@ class Data(Layer):
                        f"{src!r} is not an LMDB directory (no data.mdb); only LMDB databases "
                        "are supported (LevelDB is not): convert the data to LMDB with the "
                        "tools/ converters and set backend: LMDB", exc=errors.DataError)
-        return _SharedEnv.acquire(src)
+        try:
+            return _SharedEnv.acquire(src)
+        except errors.DataError as e:
+            raise errors.DataError(f"{errors.layer_where(self.layer_param, self.location)}, "
+                                   f"field data_param.source: {e}") from None
+
+    def _read_db(self, read: Any, env: Any) -> Any:
+        """``read(env)``, with a damaged database's errors naming the layer and the source."""
+        import lmdb
+
+        try:
+            return read(env)
+        except (lmdb.Error, errors.DataError) as e:
+            where = errors.layer_where(self.layer_param, self.location)
+            raise errors.DataError(f"{where}: reading {self.source!r} failed: the database is "
+                                   f"damaged ({e}); rebuild or copy it again") from None
 
     def _bootstrap(self, env: Any) -> tuple[list[bytes] | None, np.ndarray | None]:
         if not self.layer_param.HasField("bootstrap_param"):
@@ -515,5 +537,25 @@ def _first_record(env: Any) -> tuple[Any, int]:
     with env.begin(buffers=False) as txn:
         entries = int(txn.stat()["entries"])
         cur = txn.cursor()
-        value = cur.value() if cur.first() else b""
-    return caffe_pb2.Datum.FromString(value), entries
+        key, value = (cur.key(), cur.value()) if cur.first() else (b"", b"")
+    return _parse_datum(key, value), entries
+
+
+def _parse_datum(key: bytes, value: bytes | None) -> Any:
+    """The Datum stored under ``key``; a missing or garbled record is a DataError naming it."""
+    if value is None:
+        raise errors.DataError(f"record {key!r} is missing (the key list and the data disagree)")
+    try:
+        datum = caffe_pb2.Datum.FromString(value)
+    except DecodeError as e:
+        raise errors.DataError(f"record {key!r} ({len(value)} bytes) is not a valid Datum: "
+                               f"{e}") from None
+    size = datum.channels * datum.height * datum.width
+    if not datum.encoded and len(datum.data) and len(datum.data) != size:
+        raise errors.DataError(f"record {key!r} is short: {len(datum.data)} data bytes for "
+                               f"{datum.channels}x{datum.height}x{datum.width} = {size}")
+    if not datum.encoded and not len(datum.data) and len(datum.float_data) not in (0, size):
+        raise errors.DataError(f"record {key!r} is short: {len(datum.float_data)} float_data "
+                               f"values for {datum.channels}x{datum.height}x{datum.width} = "
+                               f"{size}")
+    return datum
