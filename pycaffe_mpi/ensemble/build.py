@@ -35,10 +35,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from pycaffe_mpi import errors
+from pycaffe_mpi import errors, upgrade
+from pycaffe_mpi.comm import plan as comm_plan
 from pycaffe_mpi.ensemble import placement
 from pycaffe_mpi.ensemble.spec import AVERAGED_LOSSES, EnsembleError, EnsembleSpec
-from pycaffe_mpi.net import COMM_TYPES, upgrade_input_fields
 from pycaffe_mpi.proto import caffe_pb2
 
 #: the EnsembleAccuracy tops, in the layer's order
@@ -232,7 +232,7 @@ def _sections(layers: Sequence[Any], spec: EnsembleSpec) -> tuple[Any, Any, list
     split_at = _split_index(layers, dropped, spec.split)
     if spec.ranks > 1:
         for lp in layers:
-            if lp.type in COMM_TYPES or any(len(r.mpi_rank) for r in (*lp.include,
+            if lp.type in comm_plan.COMM_TYPES or any(len(r.mpi_rank) for r in (*lp.include,
                                                                       *lp.exclude)):
                 raise EnsembleError(f"--ranks {spec.ranks}: {errors.layer_where(lp)} already "
                                     "places the base net on MPI ranks; give a one-process base")
@@ -277,7 +277,7 @@ def make_ensemble_net(base: Any, spec: EnsembleSpec) -> Any:
     if len(net.layers):
         raise EnsembleError("--model: legacy V1 'layers' blocks are not supported; write "
                             "'layer' blocks")
-    upgrade_input_fields(net)
+    upgrade.upgrade_net_input(net)
     loss, accuracy, shared_src, member_src = _sections(list(net.layer), spec)
     score, label = loss.bottom[0], loss.bottom[1]
     data_maps: list[dict[str, str]] = [{} for _ in range(spec.members)]

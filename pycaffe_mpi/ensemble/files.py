@@ -7,11 +7,11 @@ from typing import Any
 
 from google.protobuf import text_format
 
-from pycaffe_mpi import prototxt
+from pycaffe_mpi import netparam, prototxt, upgrade
 from pycaffe_mpi import snapshot as io
 from pycaffe_mpi.ensemble import build
 from pycaffe_mpi.ensemble.spec import AVERAGED_LOSSES, MEMBER_SUFFIX, EnsembleError, EnsembleSpec
-from pycaffe_mpi.net import Net, filter_net, upgrade_input_fields
+from pycaffe_mpi.net import Net
 from pycaffe_mpi.proto import caffe_pb2
 
 
@@ -44,7 +44,7 @@ def _learnable(param: Any, sizes: dict[str, list[int]]) -> int:
     """Learnable values of the TRAIN net ``param`` (every rank's layers); a layer's parameter
     sizes are ``sizes[name]`` or those of the base layer it copies (``name`` less ``_m<i>``);
     blobs shared by ``param { name }`` count once."""
-    flat, _ = filter_net(param, caffe_pb2.NetState(phase=caffe_pb2.TRAIN), None)
+    flat, _ = netparam.filter_net(param, caffe_pb2.NetState(phase=caffe_pb2.TRAIN), None)
     total, seen = 0, set()
     for lp in flat.layer:
         own = sizes.get(lp.name, sizes.get(MEMBER_SUFFIX.sub("", lp.name), []))
@@ -70,7 +70,7 @@ def param_counts(base: Any, ensemble: Any) -> tuple[int, int]:
     m_count = len(acc[0].bottom) - 1
     param = caffe_pb2.NetParameter()
     param.CopyFrom(base)
-    upgrade_input_fields(param)
+    upgrade.upgrade_net_input(param)
     net = Net(param, caffe_pb2.TRAIN, seed=0)
     try:
         sizes = {name: [b.count for b in blobs] for name, blobs in net.params.items()}

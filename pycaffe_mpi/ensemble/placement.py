@@ -16,15 +16,14 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from pycaffe_mpi import errors
+from pycaffe_mpi import errors, netparam
 from pycaffe_mpi.ensemble.spec import MEMBER_SUFFIX, EnsembleError, EnsembleSpec
-from pycaffe_mpi.net import layer_kept
 from pycaffe_mpi.proto import caffe_pb2
 
 
 def active(lp: Any, phase: int) -> bool:
     """Whether ``lp`` is in the ``phase`` net (level 0, no stages, any rank)."""
-    return layer_kept(lp, caffe_pb2.NetState(phase=phase), None)
+    return netparam.layer_kept(lp, caffe_pb2.NetState(phase=phase), None)
 
 
 def phases_of(layers: Iterable[Any]) -> list[int]:
