@@ -59,12 +59,39 @@ def _load_builtin() -> None:
                 raise
 
 
+# Layer types that nets found online use but no BVLC Caffe release has: they come from forks.
+# Naming the fork saves users from hunting for a typo that is not there.
+FORK_LAYER_TYPES = {
+    "AnnotatedData": "SSD", "DetectionEvaluate": "SSD", "DetectionOutput": "SSD",
+    "MultiBoxLoss": "SSD", "Normalize": "SSD", "Permute": "SSD", "PriorBox": "SSD",
+    "SmoothL1Loss": "SSD / Faster R-CNN", "ROIPooling": "Faster R-CNN",
+    "Proposal": "Faster R-CNN", "PSROIPooling": "R-FCN", "Interp": "DeepLab / PSPNet",
+    "Upsample": "SegNet / YOLO", "BN": "SegNet", "Reorg": "YOLO", "Region": "YOLO",
+    "Yolo": "YOLO", "Mish": "YOLOv4", "ShuffleChannel": "ShuffleNet",
+    "DepthwiseConvolution": "MobileNet", "ConvolutionDepthwise": "MobileNet",
+    "ReLU6": "MobileNet", "Axpy": "SENet", "CenterLoss": "face recognition",
+}
+_FORK_BY_LOWER = {k.lower(): k for k in FORK_LAYER_TYPES}
+_PYTHON_HINT = ('; to add it, write it as a Python layer (type: "Python" with python_param '
+                '{ module: "..." layer: "..." }, as in BVLC Caffe)')
+
+
 def layer_class(type_name: str, where: str = "") -> type:
-    """The class registered for ``type_name``; a clear error with a suggestion otherwise."""
+    """The class registered for ``type_name``; a clear error with a suggestion otherwise.
+
+    A type from a Caffe fork (:data:`FORK_LAYER_TYPES`) is named as such, with the Python layer
+    as the way to add it; anything else gets the nearest registered type ("did you mean").
+    """
     _load_builtin()
     if type_name not in _LAYERS:
-        hint = errors.did_you_mean(type_name, _LAYERS)
         prefix = f"{where}: " if where else ""
+        fork = _FORK_BY_LOWER.get(type_name.lower())
+        if fork is not None:
+            raise errors.NetError(
+                f'{prefix}layer type "{type_name}" is not a BVLC Caffe layer type (it comes '
+                f"from a Caffe fork: {FORK_LAYER_TYPES[fork]}), so pycaffe-mpi does not "
+                f"provide it{_PYTHON_HINT}")
+        hint = errors.did_you_mean(type_name, _LAYERS) or _PYTHON_HINT
         raise errors.NetError(f'{prefix}unknown layer type "{type_name}"{hint}')
     return _LAYERS[type_name]
 

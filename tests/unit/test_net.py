@@ -413,3 +413,30 @@ def test_comm_plan_needs_no_mpi4py():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True)
     assert out.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("type_name", ["Upsample", "Normalize", "PriorBox", "Interp",
+                                       "ROIPooling", "PSROIPooling", "Permute",
+                                       "DetectionOutput", "ShuffleChannel",
+                                       "DepthwiseConvolution", "Axpy", "Mish"])
+def test_fork_layer_type_says_not_bvlc_and_python_layer(tmp_path, type_name):
+    from pycaffe_mpi import registry
+
+    if type_name in registry.layer_type_list():
+        pytest.skip(f"{type_name} is registered in this build")
+    f = tmp_path / "fork.prototxt"
+    f.write_text("layer { name: 'in' type: 'Input' top: 'x' input_param { shape { dim: 2 } } }\n"
+                 f"layer {{ name: 'odd' type: '{type_name}' bottom: 'x' top: 'y' }}\n")
+    with pytest.raises(errors.NetError) as e:
+        Net(str(f), pycaffe_mpi.TEST)
+    msg = str(e.value)
+    assert f'{f}:2: layer "odd"' in msg
+    assert f'layer type "{type_name}" is not a BVLC Caffe layer type' in msg
+    assert 'type: "Python"' in msg and "did you mean" not in msg
+
+
+def test_unknown_type_without_a_near_name_points_at_python_layers():
+    p = netparam("layer { name: 'q' type: 'Qzxwv' }")
+    with pytest.raises(errors.NetError, match=r'unknown layer type "Qzxwv"; to add it, write it '
+                                              r'as a Python layer \(type: "Python"'):
+        Net(p, pycaffe_mpi.TRAIN)
