@@ -8,6 +8,16 @@ from typing import Any
 import numpy as np
 
 from pycaffe_mpi import backend as backend_mod
+from pycaffe_mpi import errors
+
+INT_MAX = 2**31 - 1  # Caffe counts elements in an int: a blob holds at most this many
+
+
+class BlobAllocationError(errors.NetError, MemoryError):
+    """The memory for a blob could not be allocated; names its shape and bytes.
+
+    Also a ``MemoryError``, so code that catches that still catches this.
+    """
 
 
 class Blob:
@@ -16,6 +26,10 @@ class Blob:
     ``data`` and ``diff`` are arrays (NumPy or CuPy) that may be written in place
     (``blob.data[...] = x``), as in pycaffe. Memory grows on ``reshape`` only when the new
     count exceeds the capacity, so a net that keeps its shapes never reallocates.
+
+    ``name`` (optional) only names the blob in errors. A count over ``INT_MAX`` is a
+    :class:`~pycaffe_mpi.errors.ShapeError` ("blob size exceeds INT_MAX", Caffe's check), and
+    memory that cannot be had a :class:`BlobAllocationError` giving the shape and bytes.
     """
 
     def __init__(
@@ -23,8 +37,10 @@ class Blob:
         shape: Sequence[int] = (),
         dtype: Any = np.float32,
         backend: backend_mod.Backend | None = None,
+        name: str = "",
     ) -> None:
         self.backend = backend or backend_mod.CPU
+        self.name = name
         self.dtype = np.dtype(dtype)
         self._capacity = -1
         self._shape: tuple[int, ...] = ()
@@ -38,15 +54,29 @@ class Blob:
         shape = tuple(int(d) for d in shape)
         if any(d < 0 for d in shape):
             raise ValueError(f"blob dimensions must be >= 0, got {shape}")
-        count = int(np.prod(shape, dtype=np.int64))
+        count = _checked_count(shape, self._what())
         if count > self._capacity:
-            xp = self.backend.xp
-            self._data_buf = xp.zeros(count, dtype=self.dtype)
-            self._diff_buf = xp.zeros(count, dtype=self.dtype)
-            self._capacity = count
+            self._allocate(count, shape)
         self._shape = shape
         self._data = self._data_buf[:count].reshape(shape)
         self._diff = self._diff_buf[:count].reshape(shape)
+
+    def _what(self) -> str:
+        return f'blob "{self.name}"' if self.name else "blob"
+
+    def _allocate(self, count: int, shape: tuple[int, ...]) -> None:
+        xp = self.backend.xp
+        try:
+            data = xp.zeros(count, dtype=self.dtype)
+            diff = xp.zeros(count, dtype=self.dtype)
+        except MemoryError as e:  # numpy's _ArrayMemoryError and CuPy's OutOfMemoryError too
+            nbytes = count * self.dtype.itemsize
+            raise BlobAllocationError(
+                f"cannot allocate {self._what()} of shape {shape} ({self.dtype.name}): data and "
+                f"diff need 2 x {nbytes} bytes ({2 * nbytes / 2**30:.3g} GiB) on the "
+                f"{self.backend.kind.upper()}: {e}") from e
+        # NOTE: assigned only when both succeed, so a failed reshape leaves the blob as it was.
+        self._data_buf, self._diff_buf, self._capacity = data, diff, count
 
     def reshape_like(self, other: Blob) -> None:
         self.reshape(other.shape)
@@ -110,6 +140,20 @@ class Blob:
 
     def __repr__(self) -> str:
         return f"Blob(shape={self._shape}, dtype={self.dtype.name})"
+
+
+def _checked_count(shape: tuple[int, ...], what: str = "blob") -> int:
+    """The element count of ``shape``, refused past INT_MAX as Caffe's ``Blob::Reshape`` does."""
+    count = 1
+    for d in shape:
+        # NOTE: Caffe multiplies dimension by dimension and stops checking at a zero count.
+        if count and d > INT_MAX // count:
+            raise errors.ShapeError(
+                f"blob size exceeds INT_MAX: {what} of shape {shape}: the product of its "
+                f"dimensions reaches {count * d}, more than {INT_MAX} (2**31 - 1, Caffe's "
+                "limit); check the parameters that set this shape")
+        count *= d
+    return count
 
 
 class BlobVec(list):

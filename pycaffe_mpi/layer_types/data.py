@@ -95,11 +95,14 @@ class DummyData(Layer):
         self.shapes = self._shapes(p, n)
         # a filler per top (a single one serves all)
         self.top_fillers = [self.fillers[i if len(self.fillers) > 1 else 0] for i in range(n)]
+        self.filler_fields = [f"dummy_data_param.data_filler[{i if len(self.fillers) > 1 else 0}]"
+                              for i in range(n)]
         self.refill = [f is not None and f.type != "constant" for f in self.top_fillers]
         for i, t in enumerate(top):
+            fillers.check_filler(self.top_fillers[i], self, self.filler_fields[i])
             t.reshape(self.shapes[i])
             if not self.refill[i]:
-                self._fill(t, self.top_fillers[i])
+                self._fill(t, i)
 
     def _shapes(self, p: Any, n: int) -> list[tuple[int, ...]]:
         legacy = [list(p.num), list(p.channels), list(p.height), list(p.width)]
@@ -115,8 +118,9 @@ class DummyData(Layer):
         return [tuple(int(d) for d in p.shape[0 if len(p.shape) == 1 else i].dim)
                 for i in range(n)]
 
-    def _fill(self, t: Blob, filler: Any) -> None:
-        t.data[...] = self.xp.asarray(fillers.fill(filler, t.shape, self.rng, self.dtype))
+    def _fill(self, t: Blob, i: int) -> None:
+        t.data[...] = self.xp.asarray(fillers.fill(self.top_fillers[i], t.shape, self.rng,
+                                                   self.dtype, self, self.filler_fields[i]))
 
     def reshape(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
         """Nothing: the shapes are fixed in setup."""
@@ -124,7 +128,7 @@ class DummyData(Layer):
     def forward(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
         for i, t in enumerate(top):
             if self.refill[i]:
-                self._fill(t, self.top_fillers[i])
+                self._fill(t, i)
 
 
 # == the data transformer ======================================================================
