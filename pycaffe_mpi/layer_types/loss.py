@@ -197,6 +197,9 @@ class Accuracy(Layer):
         have a score ≥ the true class score s_y (BVLC HEAD rule: ties count against the
         example; Caffe counts every class with s_k ≥ s_y, the true class included, minus one).
         accuracy = #correct / #valid (0 when no example is valid); ignored labels are skipped.
+        An example whose C scores are not all finite (NaN or ±Inf anywhere) counts as wrong
+        (still valid): Caffe counts it correct, since NaN ≥ s_y is false for every class, so a
+        diverged net would report accuracy 1.0.
     Backward: none. ``propagate_down`` true for any bottom is an error (Caffe: NOT_IMPLEMENTED),
         and ``allow_force_backward`` is False for both bottoms so ``force_backward`` nets work.
     """
@@ -238,7 +241,8 @@ class Accuracy(Layer):
                                self.ignore_label)
         true_score = xp.take_along_axis(s, label[:, None, :], axis=1)  # (outer, 1, inner)
         n_better = (s >= true_score).sum(axis=1) - 1  # the true class counts itself
-        correct = n_better < self.top_k  # (outer, inner)
+        # NOTE: a NaN compares false everywhere, which Caffe's rule reads as "correct".
+        correct = (n_better < self.top_k) & xp.isfinite(s).all(axis=1)  # (outer, inner)
         if valid is None:
             valid = xp.ones(correct.shape, dtype=bool)
         correct &= valid
