@@ -47,6 +47,10 @@ class WriteError(errors.SnapshotError, OSError):
     ``OSError`` (``errno`` and ``filename`` are kept, so ``except OSError`` still catches it).
     """
 
+    def __str__(self) -> str:
+        # NOTE: OSError's own __str__ would show "[Errno n] strerror: filename" instead.
+        return str(self.args[0]) if self.args else ""
+
 
 STALE_AGE_S = 3600.0
 """A temporary file older than this is stale whoever wrote it (a writer on another host, or a
