@@ -13,6 +13,7 @@ Contract for kernels:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Sequence
 from typing import Any, ClassVar
@@ -25,6 +26,27 @@ from pycaffe_mpi.blob import Blob, BlobVec
 
 TRAIN = 0
 TEST = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerContext:
+    """What a layer learns from its net at construction (the ``ctx`` argument of a Layer).
+
+    Attributes:
+        location: "file:line" of the layer in its prototxt ("" when unknown); errors name it.
+        rank, world_size: this process's MPI world rank and the number of processes.
+        comm_group: for comm layers, ``(group Comm, root's rank in the group, members' world
+            ranks)``; None elsewhere (and for a comm layer built alone: a one-member group).
+        net_name: the net's ``name``.
+        user: the ``ctx`` object given to the Net (or Solver), passed through untouched.
+    """
+
+    location: str = ""
+    rank: int = 0
+    world_size: int = 1
+    comm_group: tuple[Any, int, Sequence[int]] | None = None
+    net_name: str = ""
+    user: Any = None
 
 
 class Layer:
@@ -70,7 +92,8 @@ class Layer:
         self.blobs = BlobVec(self.dtype, self.backend)
         self.param_str: str = param.python_param.param_str if param.HasField("python_param") else ""
         self.loss_weights: list[float] = []
-        self.location = ""  # "file:line" of the layer in its prototxt, set by the Net
+        # "file:line" of the layer in its prototxt, from the Net's LayerContext
+        self.location: str = ctx.location if isinstance(ctx, LayerContext) else ""
 
     # -- the four methods a layer overrides --------------------------------------------------
     def setup(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:

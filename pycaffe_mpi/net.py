@@ -38,7 +38,7 @@ from pycaffe_mpi.comm.plan import (
     comm_groups,
     strip_for_rank,
 )
-from pycaffe_mpi.layer import TEST, TRAIN, Layer
+from pycaffe_mpi.layer import TEST, TRAIN, Layer, LayerContext
 from pycaffe_mpi.net_api import NetApi
 from pycaffe_mpi.netparam import filter_net, insert_splits, layer_kept, state_meets_rule
 from pycaffe_mpi.proto import caffe_pb2
@@ -69,7 +69,9 @@ class Net(NetApi):
         rank: the MPI world rank used by ``mpi_rank`` rules (default: ``comm``'s rank, else 0).
         comm: the world communicator (:mod:`pycaffe_mpi.comm`); needed by nets with
             MPIBroadcast/MPIGather layers (default: ``comm.world()``).
-        ctx: run-time context passed to layers.
+        ctx: a run-time object for layers: each layer gets a
+            :class:`~pycaffe_mpi.layer.LayerContext` (its location, the rank, its comm group)
+            whose ``user`` is this object.
         source_path, locations: where ``model`` (a NetParameter) came from and the "file:line"
             of each of its layers, for error messages (a ParsedNet carries its own).
     """
@@ -158,6 +160,7 @@ class Net(NetApi):
         # single-process net, with or without other layers before it. ``seed_key``, when set,
         # replaces the name, so differently named layers (ensemble members) can start identical.
         entropy = np.random.SeedSequence(seed).entropy
+        world_size = self.comm.size if self.comm is not None else 1
         if len({lp.name for lp in param.layer}) != len(param.layer):
             seen: set[str] = set()
             dup = next(lp.name for lp in param.layer if lp.name in seen or seen.add(lp.name))
@@ -166,11 +169,11 @@ class Net(NetApi):
             loc = prepared.location(i)
             cls = registry.layer_class(lp.type, errors.layer_where(lp, loc))
             lp.phase = self.phase
+            ctx = LayerContext(location=loc, rank=self.rank, world_size=world_size,
+                               comm_group=self._groups.get(lp.name), net_name=param.name,
+                               user=self.ctx)
             layer = cls(lp, phase=self.phase, backend=self.backend, dtype=self.dtype,
-                        rng=_layer_rng(entropy, lp.seed_key or lp.name), ctx=self.ctx)
-            layer.location = loc
-            if lp.name in self._groups:  # comm layers get their group and its root
-                layer.comm, layer.comm_root, layer.comm_ranks = self._groups[lp.name]
+                        rng=_layer_rng(entropy, lp.seed_key or lp.name), ctx=ctx)
             bottoms = []
             for b in lp.bottom:
                 bottoms.append(self.blobs[b])

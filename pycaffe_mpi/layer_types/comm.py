@@ -3,7 +3,8 @@
 A comm layer connects the nets that several MPI processes build from one prototxt. Its group
 (the ranks that share it) and root are worked out by the Net (``pycaffe_mpi.net.comm_groups``:
 the ranks of the layer's ``include`` rules in listing order, else all ranks not excluded; the
-root is ``mpi_param.root``, a world rank). Before ``setup`` the Net sets
+root is ``mpi_param.root``, a world rank). The Net passes them at construction
+(``LayerContext.comm_group``), which gives
 
 - ``layer.comm``: the group's :class:`pycaffe_mpi.comm.Comm` (group rank i = i-th member);
 - ``layer.comm_root``: the root's rank inside the group;
@@ -46,6 +47,12 @@ class _CommLayer(Layer):
     comm_root: int = 0  # the root's rank inside the group
     comm_ranks: Sequence[int] | None = None  # members' world ranks (messages only)
     _scratch_blob: Blob | None = None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        group = getattr(self.ctx, "comm_group", None)
+        if group is not None:
+            self.comm, self.comm_root, self.comm_ranks = group
 
     def _group(self) -> Any:
         if self.comm is None:  # built without a Net: a one-member group

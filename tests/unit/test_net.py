@@ -440,3 +440,24 @@ def test_unknown_type_without_a_near_name_points_at_python_layers():
     with pytest.raises(errors.NetError, match=r'unknown layer type "Qzxwv"; to add it, write it '
                                               r'as a Python layer \(type: "Python"'):
         Net(p, pycaffe_mpi.TRAIN)
+
+
+def test_layers_get_their_context_at_construction(tmp_path):
+    from pycaffe_mpi import registry
+    from pycaffe_mpi.layer import LayerContext
+
+    f = tmp_path / "ctx.prototxt"
+    f.write_text("name: 'netname'\n"
+                 "layer { name: 'in' type: 'Input' top: 'x' input_param { shape { dim: 2 } } }\n"
+                 "layer { name: 'r' type: 'ReLU' bottom: 'x' top: 'y' }\n")
+    marker = object()
+    net = Net(str(f), pycaffe_mpi.TEST, ctx=marker)
+    ctx = net.layer_dict["r"].ctx
+    assert ctx == LayerContext(location=f"{f}:3", rank=0, world_size=1, net_name="netname",
+                               user=marker)
+    assert net.layer_dict["r"].location == f"{f}:3"
+    # a layer built alone (tests, scripts) takes the same context, or none
+    cls = registry.layer_class("ReLU")
+    lp = caffe_pb2.LayerParameter(name="alone", type="ReLU")
+    assert cls(lp, ctx=LayerContext(location="x.prototxt:7")).location == "x.prototxt:7"
+    assert cls(lp).location == ""
