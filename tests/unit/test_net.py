@@ -12,12 +12,14 @@ from pycaffe_mpi import errors
 from pycaffe_mpi.net import Net, filter_net, insert_splits, state_meets_rule
 from pycaffe_mpi.proto import caffe_pb2
 
+TRAIN, TEST = caffe_pb2.TRAIN, caffe_pb2.TEST
+
 
 def netparam(text: str) -> caffe_pb2.NetParameter:
     return text_format.Merge(text, caffe_pb2.NetParameter())
 
 
-def state(phase=0, level=0, stages=()):
+def state(phase=caffe_pb2.TRAIN, level=0, stages=()):
     return caffe_pb2.NetState(phase=phase, level=level, stage=list(stages))
 
 
@@ -27,8 +29,8 @@ def rule(text):
 
 # -- rule matching (Caffe's FilterNetTest cases) ------------------------------------------------
 @pytest.mark.parametrize(("text", "st", "want"), [
-    ("phase: TRAIN", state(0), True),
-    ("phase: TRAIN", state(1), False),
+    ("phase: TRAIN", state(TRAIN), True),
+    ("phase: TRAIN", state(TEST), False),
     ("min_level: 2", state(level=1), False),
     ("min_level: 2", state(level=2), True),
     ("max_level: 2", state(level=3), False),
@@ -36,7 +38,7 @@ def rule(text):
     ("stage: 'a' stage: 'b'", state(stages=["b", "a", "c"]), True),
     ("not_stage: 'a'", state(stages=["a"]), False),
     ("not_stage: 'a'", state(stages=["b"]), True),
-    ("phase: TEST min_level: 1 stage: 'x'", state(1, 1, ["x"]), True),
+    ("phase: TEST min_level: 1 stage: 'x'", state(TEST, 1, ["x"]), True),
 ])
 def test_state_meets_rule(text, st, want):
     assert state_meets_rule(st, rule(text), "l") is want
@@ -44,10 +46,10 @@ def test_state_meets_rule(text, st, want):
 
 def test_mpi_rank_rules_and_with_phase():
     r = rule("phase: TRAIN mpi_rank: 0 mpi_rank: 2")
-    assert state_meets_rule(state(0), r, "l", rank=2)
-    assert not state_meets_rule(state(0), r, "l", rank=1)
-    assert not state_meets_rule(state(1), r, "l", rank=0)
-    assert state_meets_rule(state(0), rule("phase: TRAIN"), "l", rank=5)
+    assert state_meets_rule(state(TRAIN), r, "l", rank=2)
+    assert not state_meets_rule(state(TRAIN), r, "l", rank=1)
+    assert not state_meets_rule(state(TEST), r, "l", rank=0)
+    assert state_meets_rule(state(TRAIN), rule("phase: TRAIN"), "l", rank=5)
 
 
 def test_filter_include_exclude():
@@ -59,16 +61,16 @@ def test_filter_include_exclude():
       layer { name: 'e' type: 'Input' exclude { mpi_rank: 1 } }
     """)
     names = lambda out: [lp.name for lp in out[0].layer]  # noqa: E731
-    assert names(filter_net(p, state(0), 0)) == ["a", "b", "e"]
-    assert names(filter_net(p, state(1), 0)) == ["a", "c", "d", "e"]
-    assert names(filter_net(p, state(0, stages=["s"]), 1)) == ["a", "b", "d"]
+    assert names(filter_net(p, state(TRAIN), 0)) == ["a", "b", "e"]
+    assert names(filter_net(p, state(TEST), 0)) == ["a", "c", "d", "e"]
+    assert names(filter_net(p, state(TRAIN, stages=["s"]), 1)) == ["a", "b", "d"]
 
 
 def test_include_and_exclude_together_is_an_error():
     p = netparam("layer { name: 'x' type: 'Input' include { phase: TRAIN } "
                  "exclude { min_level: 1 } }")
     with pytest.raises(errors.NetError, match="not both"):
-        filter_net(p, state(0))
+        filter_net(p, state(TRAIN))
 
 
 # -- split insertion ----------------------------------------------------------------------------
