@@ -428,3 +428,21 @@ def test_prototxt_read_net_upgrades_once(tmp_path: Path, messages: list[str]) ->
     assert param == parse(LENET_NEW)
     assert locs == [f"{tmp_path / 'v1.prototxt'}:{n}" for n in (2, 7, 12, 18, 20, 26, 27, 29)]
     assert sum("Attempting to upgrade" in m for m in messages) == 2  # V1 + data fields
+
+
+def test_every_v0_field_has_a_home_for_its_layer_types() -> None:
+    v0_desc = caffe_pb2.V0LayerParameter.DESCRIPTOR
+    for field, (_, targets) in upgrade.V0_FIELDS.items():
+        for v0_type in targets:
+            lc = caffe_pb2.V1LayerParameter()
+            lc.layer.type = "conv" if v0_type == upgrade._ANY else v0_type
+            value = getattr(lc.layer, field)
+            if hasattr(value, "SetInParent"):
+                value.SetInParent()
+            else:
+                default = v0_desc.fields_by_name[field].default_value
+                setattr(lc.layer, field, default if default != "" else "x")
+            assert upgrade.upgrade_v0_layer(lc, caffe_pb2.V1LayerParameter()), (field, v0_type)
+    # Caffe's upgrade drops new_num/new_channels too; everything else is handled
+    assert set(v0_desc.fields_by_name) - set(upgrade.V0_FIELDS) == {
+        "name", "type", "blobs", "blobs_lr", "weight_decay", "new_num", "new_channels"}
