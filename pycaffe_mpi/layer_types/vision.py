@@ -1,7 +1,8 @@
 """Vision layers: Pooling, LRN, SPP, Crop (Caffe's pooling, lrn, spp and crop layers).
 
 Convolution, Deconvolution and Im2col live in :mod:`pycaffe_mpi.layer_types.conv`. The heavy
-lifting lives in :mod:`pycaffe_mpi.kernels.pooling`; these classes read the proto parameters,
+lifting lives in :mod:`pycaffe_mpi.kernels.pooling` (and :mod:`~pycaffe_mpi.kernels.stochastic_pool`
+for STOCHASTIC pooling); these classes read the proto parameters,
 check shapes, own the scratch buffers and call the kernels.
 """
 
@@ -13,20 +14,24 @@ from typing import Any
 
 import numpy as np
 
+from pycaffe_mpi import errors
 from pycaffe_mpi.blob import Blob
+from pycaffe_mpi.kernels import cuda as cuda_k
 from pycaffe_mpi.kernels import im2col as im2col_k
 from pycaffe_mpi.kernels import pooling as pool_k
-from pycaffe_mpi.layer import Layer, canonical_axis
+from pycaffe_mpi.kernels import stochastic_pool as sto_k
+from pycaffe_mpi.layer import TRAIN, Layer, canonical_axis
+from pycaffe_mpi.proto import caffe_pb2
 from pycaffe_mpi.registry import register_layer
 
-MAX, AVE, STOCHASTIC = 0, 1, 2
-CEIL, FLOOR = 0, 1
-ACROSS_CHANNELS, WITHIN_CHANNEL = 0, 1
+_POOL = caffe_pb2.PoolingParameter  # PoolMethod (MAX, AVE, STOCHASTIC), RoundMode (CEIL, FLOOR)
+_SPP = caffe_pb2.SPPParameter  # its own PoolMethod enum
+_LRN = caffe_pb2.LRNParameter  # NormRegion: ACROSS_CHANNELS, WITHIN_CHANNEL
 
 
 @register_layer("Pooling")
 class PoolingLayer(Layer):
-    """2-D max or average pooling (Caffe's ``Pooling``).
+    """2-D max, average or stochastic pooling (Caffe's ``Pooling``).
 
     Shapes:
         bottom: ``(N, C, H, W)``.
@@ -34,18 +39,25 @@ class PoolingLayer(Layer):
         ``round_mode: FLOOR``), minus one if ``pad_h > 0`` and ``(OH − 1)·s_h ≥ H + pad_h``.
         top 1 (MAX only, optional): the argmax mask, flat index ``h·W + w`` within the channel.
 
-    Params (``pooling_param``): pool MAX (default) / AVE (STOCHASTIC is not supported),
-    kernel_size or kernel_h/kernel_w (required unless global_pooling), stride (1) or
-    stride_h/stride_w, pad (0) or pad_h/pad_w, global_pooling (false: kernel = H×W, pad 0,
-    stride 1), round_mode CEIL (default) / FLOOR.
+    Params (``pooling_param``): pool MAX (default) / AVE / STOCHASTIC, kernel_size or
+    kernel_h/kernel_w (required unless global_pooling), stride (1) or stride_h/stride_w, pad (0)
+    or pad_h/pad_w (must be 0 for STOCHASTIC, as in Caffe), global_pooling (false: kernel = H×W,
+    pad 0, stride 1), round_mode CEIL (default) / FLOOR.
 
-    Forward: window ``[o·s − pad, o·s − pad + k)`` per axis. MAX: the maximum over the window
-    clipped to the image (ties: the first in row-major order). AVE: the sum over the window
-    clipped to the image divided by the window size clipped to ``[−pad, in + pad)`` (padded cells
-    count in the divisor).
+    Forward: window ``[o·s − pad, o·s − pad + k)`` per axis, clipped to the image. MAX: the
+    maximum over the window (ties: the first in row-major order). AVE: the window sum divided by
+    the window size clipped to ``[−pad, in + pad)`` (padded cells count in the divisor).
+    STOCHASTIC (for non-negative inputs, e.g. after ReLU; Caffe has it on GPU only, we on both):
+    TRAIN draws ``u`` uniform in ``(0, 1]`` per output from ``self.rng`` and outputs the first
+    cell ``x_m`` (row-major) with ``Σ_{m' ≤ m} x_{m'} ≥ u · Σ_window x``, i.e. a cell picked with
+    probability ``x_m / Σ x``; TEST outputs the probability-weighted average
+    ``Σ x² / Σ x`` (0 where ``Σ x ≤ 0``).
 
     Backward: MAX routes ``dy`` to the argmax cell; AVE spreads ``dy / area`` over the window;
-    contributions of overlapping windows add up.
+    STOCHASTIC (TRAIN) routes ``dy`` to the cell picked by the last forward (a window that picked
+    none, possible only when it is empty or with negative inputs, outputs 0 and passes nothing);
+    contributions of overlapping windows add up. STOCHASTIC in TEST has no backward (Caffe's
+    backward reads a sample index that its TEST forward never draws): asking for one raises.
     """
 
     exact_num_bottom = 1
@@ -55,13 +67,12 @@ class PoolingLayer(Layer):
     def setup(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
         p = self.layer_param.pooling_param
         self.pool = int(p.pool)
-        self.require(self.pool != STOCHASTIC, "pooling_param.pool",
-                     "STOCHASTIC pooling is not supported; use MAX or AVE")
-        self.require(self.pool in (MAX, AVE), "pooling_param.pool", f"unknown method {self.pool}")
-        self.require(len(top) == 1 or self.pool == MAX, "top",
+        self.require(self.pool in (_POOL.MAX, _POOL.AVE, _POOL.STOCHASTIC), "pooling_param.pool",
+                     f"unknown method {self.pool}")
+        self.require(len(top) == 1 or self.pool == _POOL.MAX, "top",
                      "only MAX pooling has a second top (the argmax mask)")
         self.global_pooling = bool(p.global_pooling)
-        self.ceil_mode = int(p.round_mode) == CEIL
+        self.ceil_mode = int(p.round_mode) == _POOL.CEIL
         has_k, has_hw = p.HasField("kernel_size"), p.HasField("kernel_h") or p.HasField("kernel_w")
         if self.global_pooling:
             self.require(not (has_k or has_hw), "pooling_param.global_pooling",
@@ -88,6 +99,9 @@ class PoolingLayer(Layer):
             self.require(self.pad[0] < self.kernel[0] and self.pad[1] < self.kernel[1],
                          "pooling_param.pad", f"pad {self.pad} must be smaller than the kernel "
                          f"{self.kernel}")
+        self.require(self.pad == (0, 0) or self.pool != _POOL.STOCHASTIC, "pooling_param.pad",
+                     f"padding is implemented only for MAX and AVE pooling, as in Caffe; "
+                     f"STOCHASTIC needs pad 0, got {self.pad}")
 
     def _pair(self, p: Any, name: str) -> tuple[int, int]:
         has_h, has_w = p.HasField(f"{name}_h"), p.HasField(f"{name}_w")
@@ -114,7 +128,10 @@ class PoolingLayer(Layer):
             t.reshape(n, c, *self.out)
         if not hasattr(self, "_bufs"):
             self._bufs = im2col_k.Buffers(self.xp, self.dtype)
-        if self.pool == AVE:
+        if self.pool == _POOL.STOCHASTIC:
+            self.geom = sto_k.geometry(shape, self.kernel, self.stride, self.out)
+            return
+        if self.pool == _POOL.AVE:
             area = pool_k.ave_divisor((h, w), self.kernel, self.stride, self.pad, self.out)
             self.inv_area = self.xp.asarray(1.0 / area, dtype=self.dtype)
         self.arg_dtype = np.uint8 if max(self.kernel) <= 256 else np.int32
@@ -123,15 +140,18 @@ class PoolingLayer(Layer):
     def forward(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
         x, y = bottom[0].data, top[0].data
         n, c, h, w = x.shape
+        if self.pool == _POOL.STOCHASTIC:
+            self._stochastic_forward(x, y)
+            return
         if self.whole:
             xr = x.reshape(n, c, h * w)
-            if self.pool == MAX:
+            if self.pool == _POOL.MAX:
                 self.argk = self._bufs.get("argk", y.shape, dtype=np.int64)
                 self.argk[..., 0, 0] = xr.argmax(axis=2)
                 y[..., 0, 0] = xr.max(axis=2)
             else:
                 y[..., 0, 0] = xr.sum(axis=2) * (1.0 / (h * w))
-        elif self.pool == MAX:
+        elif self.pool == _POOL.MAX:
             pool_k.max_forward(self.xp, x, y, self.phases, self._bufs, self.arg_dtype)
             if len(top) > 1:
                 self.argk = pool_k.max_argk(self.xp, self.phases, self._bufs, self.arg_dtype)
@@ -139,6 +159,15 @@ class PoolingLayer(Layer):
             pool_k.ave_forward(self.xp, x, y, self.inv_area, self.phases, self._bufs)
         if len(top) > 1:
             top[1].data[...] = self._mask_index(w).reshape(top[1].shape)
+
+    def _stochastic_forward(self, x: Any, y: Any) -> None:
+        if self.phase != TRAIN:
+            sto_k.weighted_average(self.xp, x, y, self.geom, self._bufs)
+            return
+        # NOTE: drawn in float64 on the host whatever the dtype and device, so float32, float64
+        # and GPU runs sample the same cells from the same seed; 1 − [0, 1) is Caffe's (0, 1].
+        u = self.xp.asarray(1.0 - self.rng.random(y.shape), dtype=self.dtype)
+        self.pick = sto_k.sample(self.xp, x, u, y, self.geom, self._bufs)
 
     def _mask_index(self, width: int) -> Any:
         """Caffe's mask: flat input index ``h·W + w`` of each window's argmax."""
@@ -154,15 +183,23 @@ class PoolingLayer(Layer):
             return
         dy, dx = top[0].diff, bottom[0].diff
         n, c, h, w = dx.shape
+        if self.pool == _POOL.STOCHASTIC:
+            if self.phase != TRAIN:
+                raise NotImplementedError(
+                    f"{errors.layer_where(self.layer_param, self.location)}: STOCHASTIC pooling "
+                    "has no backward in the TEST phase (as in Caffe); set propagate_down: false "
+                    "for its bottom, or run the net in the TRAIN phase")
+            sto_k.sample_backward(self.xp, dy, dx, *self.pick, self.geom)
+            return
         if self.whole:
             dxr = dx.reshape(n * c, h * w)
-            if self.pool == MAX:
+            if self.pool == _POOL.MAX:
                 dxr[...] = 0
                 rows = self.xp.arange(n * c)
                 dxr[rows, self.argk.reshape(-1)] = dy.reshape(-1)
             else:
                 dxr[...] = dy.reshape(n * c, 1) * (1.0 / (h * w))
-        elif self.pool == MAX:
+        elif self.pool == _POOL.MAX:
             pool_k.max_backward(self.xp, dy, dx, self.phases, self._bufs, self.arg_dtype)
         else:
             pool_k.ave_backward(self.xp, dy, dx, self.inv_area, self.phases, self._bufs)
@@ -198,9 +235,9 @@ class LRNLayer(Layer):
                      f"LRN only supports odd values for local_size, got {self.size}")
         self.alpha, self.beta = float(p.alpha), float(p.beta)
         self.region = int(p.norm_region)
-        self.require(self.region in (ACROSS_CHANNELS, WITHIN_CHANNEL), "lrn_param.norm_region",
-                     f"unknown norm_region {self.region}")
-        across = self.region == ACROSS_CHANNELS
+        self.require(self.region in (_LRN.ACROSS_CHANNELS, _LRN.WITHIN_CHANNEL),
+                     "lrn_param.norm_region", f"unknown norm_region {self.region}")
+        across = self.region == _LRN.ACROSS_CHANNELS
         self.coef = self.alpha / (self.size if across else self.size**2)
         self.k = float(p.k) if across else 1.0
 
@@ -215,7 +252,7 @@ class LRNLayer(Layer):
     def _summand(self, shape: Sequence[int]) -> Any:
         """Where to write the array whose local window sums :meth:`_local_sum` computes."""
         n, c, h, w = shape
-        if self.region == ACROSS_CHANNELS:
+        if self.region == _LRN.ACROSS_CHANNELS:
             buf = self._bufs.get("across", (n, c + self.size - 1, h, w), fill=0.0)
             return pool_k.pad_view(buf, self.size, 1)
         buf = self._bufs.get("rows", (n, c, h + self.size - 1, w), fill=0.0)
@@ -224,7 +261,7 @@ class LRNLayer(Layer):
     def _local_sum(self, out: Any) -> Any:
         """``out`` = window sums of what was last written into :meth:`_summand`."""
         n, c, h, w = out.shape
-        if self.region == ACROSS_CHANNELS:
+        if self.region == _LRN.ACROSS_CHANNELS:
             across = self._bufs.get("across", (n, c + self.size - 1, h, w), fill=0.0)
             return pool_k.window_sum(across, self.size, 1, out)
         rows = self._bufs.get("rows", (n, c, h + self.size - 1, w), fill=0.0)
@@ -234,6 +271,10 @@ class LRNLayer(Layer):
 
     def forward(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
         xp, x = self.xp, bottom[0].data
+        if self.region == _LRN.ACROSS_CHANNELS and cuda_k.enabled(xp):
+            cuda_k.lrn_forward(x, self._bufs.get("scale", x.shape), top[0].data, self.size,
+                               self.coef, self.k, self.beta)
+            return
         xp.multiply(x, x, out=self._summand(x.shape))
         scale = self._local_sum(self._bufs.get("scale", x.shape))
         scale *= self.coef
@@ -246,6 +287,10 @@ class LRNLayer(Layer):
         if not propagate_down[0]:
             return
         xp, x, dy, y = self.xp, bottom[0].data, top[0].diff, top[0].data
+        if self.region == _LRN.ACROSS_CHANNELS and cuda_k.enabled(xp):
+            cuda_k.lrn_backward(x, y, self._bufs.get("scale", x.shape), dy, bottom[0].diff,
+                                self.size, self.coef, self.beta)
+            return
         scale, spow = self._bufs.get("scale", x.shape), self._bufs.get("spow", x.shape)
         r = xp.multiply(dy, y, out=self._summand(x.shape))
         r /= scale
@@ -266,15 +311,17 @@ class SPPLayer(Layer):
         top: ``(N, C·Σ_{l<L} 4^l)`` (level ``l``'s ``(N, C, 2^l, 2^l)`` pooled map flattened,
         levels in order), or ``(N, C, 1, 1)`` when ``L = 1`` (Caffe's plain pooling).
 
-    Params (``spp_param``): pyramid_height L (required, ≥ 1), pool MAX (default) / AVE
-    (STOCHASTIC is not supported).
+    Params (``spp_param``): pyramid_height L (required, ≥ 1), pool MAX (default) / AVE /
+    STOCHASTIC.
 
     Level ``l`` is a Pooling with ``b = 2^l`` bins per axis: ``kernel = stride = ceil(H / b)``,
     ``pad = (kernel·b − H + 1) // 2`` (the same along W); Caffe requires ``pad < kernel``, so
-    small images allow only a few levels.
+    small images allow only a few levels. STOCHASTIC pooling cannot pad (Caffe's rule), so with
+    it ``2^(L−1)`` must divide H and W.
 
     Forward / backward: the levels' Pooling forward and backward (see :class:`PoolingLayer`);
-    ``dx`` is the sum of the levels' input gradients.
+    ``dx`` is the sum of the levels' input gradients. STOCHASTIC levels draw from ``self.rng`` in
+    level order.
     """
 
     exact_num_bottom = 1
@@ -285,16 +332,14 @@ class SPPLayer(Layer):
         self.height = int(p.pyramid_height)
         self.require(self.height >= 1, "spp_param.pyramid_height",
                      f"pyramid_height must be at least 1, got {self.height}")
-        self.pool = int(p.pool)
-        self.require(self.pool in (MAX, AVE), "spp_param.pool",
-                     "only MAX and AVE are supported (STOCHASTIC is not)")
+        pools = {_SPP.MAX: _POOL.MAX, _SPP.AVE: _POOL.AVE, _SPP.STOCHASTIC: _POOL.STOCHASTIC}
+        self.require(int(p.pool) in pools, "spp_param.pool", f"unknown method {p.pool}")
+        self.pool = pools[int(p.pool)]
         self._hw: tuple[int, int] | None = None
         self._dx = self.new_blob(())  # the levels' input gradients after the first
 
     def _level_param(self, level: int, h: int, w: int) -> Any:
         """The Pooling parameter of ``level`` for an ``h × w`` image, as Caffe computes it."""
-        from pycaffe_mpi.proto import caffe_pb2
-
         bins = 2**level
         lp = caffe_pb2.LayerParameter(name=f"{self.name}_level{level}", type="Pooling")
         pp = lp.pooling_param
@@ -306,6 +351,11 @@ class SPPLayer(Layer):
                          f"a {h}×{w} input is too small for pyramid_height {self.height}: "
                          f"level {level} needs {bins} bins of {k} cells with pad {pad} "
                          "(Caffe's pooling needs pad < kernel)")
+            self.require(pad == 0 or self.pool != _POOL.STOCHASTIC, "spp_param.pool",
+                         f"STOCHASTIC pooling cannot pad (as in Caffe): a {h}×{w} input needs "
+                         f"pad {pad} at level {level} ({bins} bins of {k} cells); give an input "
+                         f"whose height and width {2**(self.height - 1)} divides, or use MAX or "
+                         "AVE")
             setattr(pp, f"kernel_{axis}", k)
             setattr(pp, f"stride_{axis}", k)
             setattr(pp, f"pad_{axis}", pad)
@@ -348,6 +398,7 @@ class SPPLayer(Layer):
         n = bottom[0].shape[0]
         y = top[0].data.reshape(n, -1)
         for (pool, out), cols in zip(self.levels, self._slices()):
+            pool.rng = self.rng  # shared, so the levels draw in turn from the layer's generator
             pool.forward(bottom, [out])
             y[:, cols] = out.data.reshape(n, -1)
 

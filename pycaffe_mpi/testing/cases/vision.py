@@ -1,8 +1,9 @@
 """Layer cases for the vision family: Pooling, LRN, Crop, SPP.
 
-The references are deliberately naive loops over output positions (Caffe's CPU loops for pooling),
-independent of the vectorised kernels, and take the layer hyper-parameters from the case itself,
-not from the layer object (only the filled weights are read from ``layer.blobs``).
+The references are deliberately naive loops over output positions (Caffe's CPU loops for pooling,
+its GPU kernels for STOCHASTIC pooling), independent of the vectorised kernels, and take the layer
+hyper-parameters from the case itself, not from the layer object (only the filled weights are read
+from ``layer.blobs``).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from pycaffe_mpi.layer import TEST, TRAIN
 from pycaffe_mpi.testing.layer_cases import LayerCase, add_case
 
 # -- Pooling --------------------------------------------------------------------------------------
@@ -98,6 +100,94 @@ _pool_case("ave_rect", (2, 2, 6, 5),
            (2, 3), (1, 2), (0, 1), pool="AVE")
 
 
+# -- STOCHASTIC pooling ---------------------------------------------------------------------------
+
+def stochastic_pool_reference(x: np.ndarray, kernel: Sequence[int] | None, stride: Sequence[int],
+                              phase: int, rng: np.random.Generator | None = None,
+                              ceil_mode: bool = True) -> np.ndarray:
+    """Caffe's StoPoolForwardTrain / StoPoolForwardTest, one output at a time.
+
+    Windows ``[o·s, min(o·s + k, in))`` (no pad). TRAIN: ``u = 1 − rng.random(top shape)`` (all
+    outputs drawn at once, C order), then the first cell whose running sum reaches ``u · Σ``;
+    0 when none does (empty windows). TEST: ``Σ x² / Σ x``, 0 unless ``Σ x > 0``.
+    """
+    n_num, c_num, h, w = x.shape
+    kh, kw = kernel if kernel is not None else (h, w)
+    sh, sw = stride
+    oh, ow = _pooled(h, kh, sh, 0, ceil_mode), _pooled(w, kw, sw, 0, ceil_mode)
+    u = 1.0 - rng.random((n_num, c_num, oh, ow)) if phase == TRAIN else None
+    y = np.zeros((n_num, c_num, oh, ow))
+    for n, c, i, j in itertools.product(range(n_num), range(c_num), range(oh), range(ow)):
+        cells = [x[n, c, a, b] for a in range(i * sh, min(i * sh + kh, h))
+                 for b in range(j * sw, min(j * sw + kw, w))]
+        total = 0.0
+        for v in cells:
+            total += v
+        if phase != TRAIN:
+            squares = 0.0
+            for v in cells:
+                squares += v * v
+            y[n, c, i, j] = squares / total if total > 0 else 0.0
+            continue
+        thres, running = u[n, c, i, j] * total, 0.0
+        for v in cells:
+            running += v
+            if running >= thres:
+                y[n, c, i, j] = v
+                break
+    return y
+
+
+def non_negative(shape: Sequence[int], zero_windows: bool = False) -> Callable[
+        [np.random.Generator], np.ndarray]:
+    """|N(0, 1)| draws (activations after a ReLU); ``zero_windows`` also zeroes the top-left
+    2×2 cells and the whole of channel 0 of the first image."""
+    def draw(rng: np.random.Generator) -> np.ndarray:
+        x = np.abs(rng.standard_normal(tuple(shape)))
+        if zero_windows:
+            x[:, :, :2, :2] = 0
+            x[0, 0] = 0
+        return x
+    return draw
+
+
+def _stochastic_case(cid: str, shape: Sequence[int], proto: str, kernel: Sequence[int] | None,
+                     stride: Sequence[int] = (1, 1), phase: int = TRAIN,
+                     grown: Sequence[int] | None = None, zero_windows: bool = False) -> None:
+    def reference(bottoms: list[np.ndarray], layer) -> list[np.ndarray]:
+        # The suite reseeds layer.rng with default_rng(7) before the forward: redraw the same u.
+        return [stochastic_pool_reference(bottoms[0], kernel, stride, phase,
+                                          np.random.default_rng(7))]
+
+    train = phase == TRAIN
+    grown = grown or (shape[0] + 1, *shape[1:])
+    add_case(LayerCase(
+        type="Pooling", id=f"stochastic_{'train' if train else 'test'}_{cid}",
+        proto=f"pooling_param {{ pool: STOCHASTIC {proto} }}",
+        bottoms=[non_negative(shape, zero_windows)], reference=reference, phase=phase,
+        reshape=[non_negative(grown, zero_windows)],
+        # NOTE: the gradient of a sample is a selection (reseeding repeats the draws); a window
+        # summing to 0 is a kink (−h picks nothing), and TEST has no backward (as in Caffe).
+        grad=train and not zero_windows, stochastic=train))
+
+
+# Caffe's test_stochastic_pooling geometry: ceil rounding clips the last windows to the image.
+_stochastic_case("k3s2", (2, 3, 6, 5), "kernel_size: 3 stride: 2", (3, 3), (2, 2))
+_stochastic_case("k3s2", (2, 3, 6, 5), "kernel_size: 3 stride: 2", (3, 3), (2, 2), phase=TEST)
+_stochastic_case("rect_overlap", (1, 2, 5, 6),
+                 "kernel_h: 2 kernel_w: 3 stride_h: 1 stride_w: 2", (2, 3), (1, 2))
+_stochastic_case("global", (2, 3, 3, 4), "global_pooling: true", None, grown=(1, 3, 4, 2))
+_stochastic_case("global", (2, 3, 3, 4), "global_pooling: true", None, phase=TEST)
+# a stride beyond the kernel leaves cells unpooled and, with ceil rounding, an empty last row
+_stochastic_case("stride_gt_kernel", (1, 2, 6, 7), "kernel_size: 2 stride: 3", (2, 2), (3, 3))
+_stochastic_case("stride_gt_kernel", (1, 2, 6, 7), "kernel_size: 2 stride: 3", (2, 2), (3, 3),
+                 phase=TEST)
+_stochastic_case("zero_windows", (2, 2, 4, 6), "kernel_size: 2 stride: 2", (2, 2), (2, 2),
+                 zero_windows=True)
+_stochastic_case("zero_windows", (2, 2, 4, 6), "kernel_size: 2 stride: 2", (2, 2), (2, 2),
+                 phase=TEST, zero_windows=True)
+
+
 # -- LRN ------------------------------------------------------------------------------------------
 
 def lrn_reference(x: np.ndarray, size: int, alpha: float, beta: float, k: float,
@@ -170,12 +260,40 @@ def _spp_case(cid: str, shape: Sequence[int], height: int, pool: str,
         stepsize=1e-3 if is_max else 1e-4))
 
 
+def spp_stochastic_reference(x: np.ndarray, height: int, phase: int) -> np.ndarray:
+    """Levels as in :func:`spp_reference` (all with pad 0), each pooled by
+    :func:`stochastic_pool_reference`; the levels draw in turn from one ``default_rng(7)``."""
+    n_num, _, h, w = x.shape
+    rng, flat = np.random.default_rng(7), []
+    for level in range(height):
+        k = (math.ceil(h / 2**level), math.ceil(w / 2**level))
+        y = stochastic_pool_reference(x, k, k, phase, rng)
+        if height == 1:
+            return y
+        flat.append(y.reshape(n_num, -1))
+    return np.concatenate(flat, axis=1)
+
+
+def _spp_stochastic_case(cid: str, shape: Sequence[int], height: int, phase: int,
+                         grown: Sequence[int]) -> None:
+    def reference(bottoms: list[np.ndarray], layer) -> list[np.ndarray]:
+        return [spp_stochastic_reference(bottoms[0], height, phase)]
+
+    add_case(LayerCase(
+        type="SPP", id=cid, proto=f"spp_param {{ pyramid_height: {height} pool: STOCHASTIC }}",
+        bottoms=[non_negative(shape)], reference=reference, reshape=[non_negative(grown)],
+        phase=phase, grad=phase == TRAIN, stochastic=phase == TRAIN))
+
+
 _spp_case("max3", (2, 2, 7, 6), 3, "MAX", (3, 2, 8, 9))
 _spp_case("ave3", (2, 2, 7, 6), 3, "AVE", (1, 2, 9, 8))
 _spp_case("max1", (2, 3, 5, 4), 1, "MAX", (3, 3, 4, 6))
 _spp_case("ave1", (2, 3, 5, 4), 1, "AVE", (1, 3, 3, 3))
 _spp_case("ave2", (1, 3, 5, 5), 2, "AVE", (2, 3, 6, 4))
 _spp_case("max2_small", (2, 2, 3, 3), 2, "MAX", (2, 2, 4, 3))
+_spp_stochastic_case("stochastic3_train", (2, 2, 4, 8), 3, TRAIN, (1, 2, 8, 4))
+_spp_stochastic_case("stochastic2_test", (2, 2, 6, 4), 2, TEST, (1, 2, 2, 8))
+_spp_stochastic_case("stochastic1_train", (2, 3, 3, 5), 1, TRAIN, (1, 3, 5, 2))
 
 
 # -- Crop -----------------------------------------------------------------------------------------
