@@ -175,7 +175,7 @@ def test_sobel_equals_separable_filters():
 # -- user mistakes give clear errors ---------------------------------------------------------------
 
 @pytest.mark.parametrize(("type_name", "proto", "match"), [
-    ("Pooling", "pooling_param { pool: STOCHASTIC kernel_size: 2 }", "not supported"),
+    ("Pooling", "pooling_param { pool: STOCHASTIC kernel_size: 3 pad: 1 }", "only for MAX and AVE"),
     ("Pooling", "pooling_param { kernel_size: 2 kernel_h: 2 kernel_w: 2 }", "not both"),
     ("Pooling", "pooling_param { global_pooling: true kernel_size: 2 }", "global_pooling"),
     ("Pooling", "pooling_param { kernel_size: 2 pad: 2 }", "smaller than the kernel"),
