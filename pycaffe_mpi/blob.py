@@ -156,6 +156,27 @@ def _checked_count(shape: tuple[int, ...], what: str = "blob") -> int:
     return count
 
 
+def name_layer(exc: BaseException, layer: Any) -> BaseException:
+    """``exc`` (one of ours, or a MemoryError) as the same error type with its message prefixed
+    by ``file:line: layer "name" (type T)``, unless it names the layer already.
+
+    For the Net to wrap a layer's setup and reshape, so errors raised by blobs (which do not know
+    their layer) name it: ``raise blob.name_layer(e, layer) from e``.
+    """
+    param = getattr(layer, "layer_param", layer)
+    msg = str(exc)
+    if f'layer "{param.name}"' not in msg:
+        msg = f"{errors.layer_where(param, getattr(layer, 'location', ''))}: {msg}"
+    if isinstance(exc, errors.PycaffeError):
+        try:
+            return type(exc)(msg)
+        except TypeError:  # an exception class with another signature: keep it as it is
+            return exc
+    if isinstance(exc, MemoryError):
+        return BlobAllocationError(msg if str(exc) else f"{msg}out of memory")
+    return exc
+
+
 class BlobVec(list):
     """A layer's parameter blobs; pycaffe Python layers call ``self.blobs.add_blob(*shape)``."""
 

@@ -22,7 +22,7 @@ from google.protobuf import text_format
 
 from pycaffe_mpi import datasets, errors, fillers, registry
 from pycaffe_mpi import snapshot as pio
-from pycaffe_mpi.blob import INT_MAX, Blob, BlobAllocationError, _checked_count
+from pycaffe_mpi.blob import INT_MAX, Blob, BlobAllocationError, _checked_count, name_layer
 from pycaffe_mpi.layer import TEST
 from pycaffe_mpi.net import Net
 from pycaffe_mpi.proto import caffe_pb2
@@ -386,3 +386,19 @@ def test_finite_scores_keep_caffes_rule():
         expect = np.mean([(scores[i] >= scores[i, y]).sum() - 1 < k
                           for i, y in enumerate(labels)])
         assert accuracy(scores, labels, top_k=k)[0] == pytest.approx(expect)
+
+
+def test_name_layer_prefixes_blob_errors_once():
+    lp = text_format.Parse('name: "fc6" type: "InnerProduct"', caffe_pb2.LayerParameter())
+    try:
+        Blob((2**16, 2**16))
+    except errors.ShapeError as e:
+        named = name_layer(e, lp)
+    assert type(named) is errors.ShapeError
+    assert str(named).startswith('layer "fc6" (type InnerProduct): blob size exceeds INT_MAX')
+    assert str(name_layer(named, lp)) == str(named)  # already named: unchanged
+    oom = name_layer(MemoryError(), lp)
+    assert isinstance(oom, BlobAllocationError) and str(oom) == (
+        'layer "fc6" (type InnerProduct): out of memory')
+    other = ValueError("x")
+    assert name_layer(other, lp) is other
