@@ -132,9 +132,7 @@ def assignment_figure(matrix: Any, iteration: int | None = None,
 def _colour_map() -> Any:
     import matplotlib
 
-    cmap = matplotlib.colormaps["viridis"].copy()
-    cmap.set_bad("#c8c8c8")
-    return cmap
+    return matplotlib.colormaps["viridis"].with_extremes(bad="#c8c8c8")
 
 
 def write_assignment(matrix: Any, out_prefix: str | os.PathLike, iteration: int | None,
