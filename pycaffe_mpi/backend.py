@@ -1,12 +1,17 @@
 """Device choice: NumPy on the CPU, CuPy on a GPU. The only module that imports CuPy.
 
 Layers never import an array library themselves; they use ``self.xp`` (this module's
-``Backend.xp``), so one kernel serves both devices.
+``Backend.xp``), so one kernel serves both devices. Hand-written CUDA kernels
+(:mod:`pycaffe_mpi.kernels.cuda`) are compiled here, once per source and dtype
+(:func:`cuda_kernel`), and page-locked host buffers for MPI staging come from
+:func:`pinned_empty`.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -54,6 +59,74 @@ def get_array_module(arr: Any) -> Any:
     if mod.startswith("cupy"):
         return importlib.import_module("cupy")
     return np
+
+
+def is_cupy(xp: Any) -> bool:
+    """True when the array module ``xp`` is CuPy (layers' dispatch to CUDA kernels asks this)."""
+    return xp is not np and getattr(xp, "__name__", "") == "cupy"
+
+
+# Prepended to every kernel source: the element type ``T`` and small helpers that NVRTC and a
+# host C++ compiler (the kernel tests' stand-in) both accept.
+_PRELUDE = """
+typedef {ctype} T;
+#ifndef INFINITY
+#define INFINITY __int_as_float(0x7f800000)
+#endif
+#ifndef NAN
+#define NAN __int_as_float(0x7fffffff)
+#endif
+#define KERNEL_LOOP(i, n) \\
+  for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < (n); \\
+       i += (long long)blockDim.x * gridDim.x)
+"""
+_CTYPES = {"float32": "float", "float64": "double"}
+
+
+def kernel_source(source: str, dtype: Any) -> str:
+    """``source`` with the prelude for element type ``dtype`` (float32 or float64)."""
+    name = np.dtype(dtype).name
+    if name not in _CTYPES:
+        raise errors.PycaffeError(f"CUDA kernels support float32 and float64, not {name}")
+    return _PRELUDE.format(ctype=_CTYPES[name]) + source
+
+
+@functools.cache
+def _raw_module(code: str) -> Any:
+    cupy = _import_cupy()
+    if cupy is None:
+        raise errors.PycaffeError("CUDA kernels need CuPy and a CUDA device")
+    return cupy.RawModule(code=code, options=("--std=c++14",))
+
+
+def cuda_kernel(source: str, name: str, dtype: Any) -> Callable[[Sequence[int], Sequence[int],
+                                                                 Sequence[Any]], None]:
+    """The ``extern "C"`` kernel ``name`` of ``source`` for ``dtype``, compiled on first use and
+    cached (NVRTC, plus CuPy's on-disk cache across processes); call it as
+    ``kernel(grid, block, args)``."""
+    return _raw_module(kernel_source(source, dtype)).get_function(name)
+
+
+def pinned_empty(shape: Sequence[int], dtype: Any) -> np.ndarray:
+    """A NumPy array in page-locked host memory (fast, asynchronous device copies)."""
+    cupy = _import_cupy()
+    if cupy is None:
+        raise errors.PycaffeError("pinned host memory needs CuPy and a CUDA device")
+    dtype = np.dtype(dtype)
+    size = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    mem = cupy.cuda.alloc_pinned_memory(max(size, 1))
+    return np.frombuffer(mem, np.uint8, size).view(dtype).reshape(tuple(shape))
+
+
+def memory_in_use(device_id: int = 0) -> dict[str, int]:
+    """Device bytes held by CuPy's pool (``held``: a high-water mark, since the pool keeps
+    freed blocks) and in use now (``used``); zeros without CuPy."""
+    cupy = _import_cupy()
+    if cupy is None:
+        return {"held": 0, "used": 0}
+    with cupy.cuda.Device(device_id):
+        pool = cupy.get_default_memory_pool()
+        return {"held": int(pool.total_bytes()), "used": int(pool.used_bytes())}
 
 
 def to_host(arr: Any) -> np.ndarray:

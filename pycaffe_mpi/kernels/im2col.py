@@ -41,6 +41,8 @@ from typing import Any
 import numpy as np
 from numpy.lib import stride_tricks
 
+from pycaffe_mpi.kernels import cuda as cuda_k
+
 
 def conv_output_shape(spatial: Sequence[int], kernel: Sequence[int], stride: Sequence[int],
                       pad: Sequence[int], dilation: Sequence[int]) -> tuple[int, ...]:
@@ -93,6 +95,11 @@ class Unfold:
         _, c, *spatial = x_shape
         nsp, cg = len(kernel), c // group
         self.xp, self.cols = xp, cols
+        # on a GPU, one kernel reads x straight into cols (xpad stays unused)
+        self.cuda = cuda_k.im2col_plan(xp, cols, x_shape, kernel, stride, pad, dilation,
+                                       channels_last)
+        if self.cuda is not None:
+            return
         inner = _interior(pad, spatial)
         if channels_last:
             out = cols.shape[2:2 + nsp]
@@ -125,6 +132,8 @@ class Unfold:
 
     def __call__(self, x: Any) -> Any:
         """``cols`` of ``x``."""
+        if self.cuda is not None:
+            return self.cuda(x)
         self.inner[...] = x.transpose(self.axes)
         if self.view is not None:
             np.copyto(self.cols, self.view)
@@ -167,6 +176,8 @@ def col2im(xp: Any, cols: Any, dx: Any, dxpad: Any, kernel: Sequence[int],
     Returns:
         ``dx``.
     """
+    if cuda_k.col2im(xp, cols, dx, kernel, stride, pad, dilation, channels_last):
+        return dx
     _, c, *spatial = dx.shape
     nsp, cg = len(kernel), c // group
     inner = _interior(pad, spatial)
@@ -290,6 +301,11 @@ class ConvPlan:
         cg = self.channels // self.group
         self.channels_last = (cg * (self.kernel[-1] if self.dilation[-1] == 1 else 1)
                               >= (self.out[-1] if self.stride[-1] == 1 else 1))
+        # NOTE: on a GPU 2-D im2col/col2im are CUDA kernels over the channels-first layout
+        # (kernels/cuda.py), and the whole batch is one chunk: no cache to fit.
+        on_gpu = cuda_k.enabled(self.xp)
+        if on_gpu and len(self.kernel) == 2:
+            self.channels_last = False
         # NOTE: im2col writes ~Πk times the input, which the GEMM then reads back: over the whole
         # batch that streams through DRAM (82 MB for CIFAR10-quick conv2). In chunks of images
         # whose cols fit in the CPU cache the copy measured 3.5x faster and the GEMMs read cached
@@ -298,7 +314,7 @@ class ConvPlan:
         image_bytes = self.dtype.itemsize * math.prod(self.kernel) * max(
             self.channels * math.prod(self.out),  # cols (and col2im's)
             self.num_output * math.prod(self.spatial) if self.full_conv else 0)
-        self.chunk = (self.num if self.xp is not np
+        self.chunk = (self.num if self.xp is not np or on_gpu
                       else max(1, min(self.num, CHUNK_BYTES // image_bytes)))
         key = (self.num, self.spatial, self.chunk)
         if self._key != key:

@@ -28,6 +28,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from pycaffe_mpi.kernels import cuda as cuda_k
+
 # NOTE: passes run over chunks of this many elements per array (~1 MB in float32), so each
 # pass reads what the previous one wrote from the CPU cache, not from memory.
 CHUNK_ELEMENTS = 1 << 18
@@ -194,6 +196,9 @@ def max_forward(xp: Any, x: Any, top: Any, g: Phases, bufs: Any, arg_dtype: Any)
     ``bufs.get(name, shape, fill=None, dtype=None)`` gives scratch arrays kept between calls; the
     winners ``ha`` (row passes) and ``va`` (column pass) stay there for :func:`max_backward`.
     """
+    if cuda_k.enabled(xp):
+        cuda_k.max_pool_forward(x, top, g, bufs)
+        return
     (kh, _), (sh, sw), n, per = g.kernel, g.stride, g.count, g.length[0] * g.length[1]
     xph = bufs.get("xph", (sh, sw, n + g.slack), fill=-np.inf)
     hm = bufs.get("hm", (sh, n + g.slack), fill=-np.inf)  # row maxima per row phase
@@ -216,6 +221,8 @@ def max_forward(xp: Any, x: Any, top: Any, g: Phases, bufs: Any, arg_dtype: Any)
 def max_argk(xp: Any, g: Phases, bufs: Any, arg_dtype: Any) -> Any:
     """Offset ``i·kw + j`` of each window's maximum (found by the last :func:`max_forward`),
     ``(planes, OH, OW)`` int64."""
+    if cuda_k.enabled(xp):
+        return cuda_k.max_pool_argk(xp, g, bufs)
     kw, sh, n = g.kernel[1], g.stride[0], g.count
     va = _valid(bufs.get("va", (n,), dtype=arg_dtype), g, 0, g.planes).astype(np.int64)
     ha = bufs.get("ha", (sh, n + g.slack), fill=0, dtype=arg_dtype)
@@ -228,6 +235,9 @@ def max_argk(xp: Any, g: Phases, bufs: Any, arg_dtype: Any) -> Any:
 def max_backward(xp: Any, dy: Any, dx: Any, g: Phases, bufs: Any, arg_dtype: Any) -> None:
     """``dx`` (overwritten) = each window's ``dy`` routed to its maximum (found by the last
     :func:`max_forward`); overlapping windows add up."""
+    if cuda_k.enabled(xp):
+        cuda_k.max_pool_backward(dy, dx, g, bufs)
+        return
     (kh, kw), (sh, sw), n, per = g.kernel, g.stride, g.count, g.length[0] * g.length[1]
     dyf = bufs.get("dyf", (n,), fill=0.0)  # dy inside (planes, T_h, T_w), zero elsewhere
     va = bufs.get("va", (n,), dtype=arg_dtype)
@@ -272,6 +282,9 @@ def _sum(views: Sequence[Any], out: Any) -> None:
 
 def ave_forward(xp: Any, x: Any, top: Any, inv_area: Any, g: Phases, bufs: Any) -> None:
     """``top = (Σ over each window of x) · inv_area`` (``inv_area``: ``(OH, OW)``)."""
+    if cuda_k.enabled(xp):
+        cuda_k.ave_pool_forward(x, top, inv_area, g)
+        return
     (kh, _), (sh, sw), n, per = g.kernel, g.stride, g.count, g.length[0] * g.length[1]
     xph = bufs.get("xph", (sh, sw, n + g.slack), fill=0.0)
     hs = bufs.get("hm", (sh, n + g.slack), fill=0.0)  # row sums per row phase
@@ -288,6 +301,9 @@ def ave_forward(xp: Any, x: Any, top: Any, inv_area: Any, g: Phases, bufs: Any) 
 
 def ave_backward(xp: Any, dy: Any, dx: Any, inv_area: Any, g: Phases, bufs: Any) -> None:
     """``dx`` (overwritten) = Σ over the windows containing a cell of ``dy · inv_area``."""
+    if cuda_k.enabled(xp):
+        cuda_k.ave_pool_backward(dy, dx, inv_area, g)
+        return
     (kh, kw), (sh, sw), n, per = g.kernel, g.stride, g.count, g.length[0] * g.length[1]
     dyf = bufs.get("dyf", (n,), fill=0.0)  # dy · inv_area inside (planes, T_h, T_w), 0 elsewhere
     dh = bufs.get("dh", (sh, n + g.slack))

@@ -26,6 +26,7 @@ from pycaffe_mpi import errors
 from pycaffe_mpi import snapshot as io_mod
 from pycaffe_mpi.blob import Blob
 from pycaffe_mpi.heatmap import heatmap_png
+from pycaffe_mpi.kernels import cuda as cuda_k
 from pycaffe_mpi.kernels import softmax as softmax_kernel
 from pycaffe_mpi.layer import Layer
 from pycaffe_mpi.layer_types import loss as loss_mod
@@ -168,6 +169,8 @@ class MultipleChoiceLoss(_MemberLayer):
         # NOTE: a random permutation per example is the secondary sort key: a member's rank is
         # the number of members with a smaller loss, or an equal loss and an earlier key.
         key = xp.asarray(self.rng.random((n, m)).argsort(axis=1))
+        if cuda_k.enabled(xp):  # one thread per example instead of the (N, M, M) comparison
+            return cuda_k.mcl_assign(xp, member_loss, key, valid, self.k)
         lo, lk = member_loss[:, :, None], key[:, :, None]  # member m on axis 1
         other, ok = member_loss[:, None, :], key[:, None, :]  # member m' on axis 2
         ahead = (other < lo) | ((other == lo) & (ok < lk))  # (N, M, M): m' ranks before m
@@ -181,8 +184,10 @@ class MultipleChoiceLoss(_MemberLayer):
         member_loss = xp.where(valid[None, :], -picked, 0).T  # ℓ (N, M)
         alpha = self._assign(member_loss, valid)
         counts = alpha.sum(axis=0)  # (M,)
-        n_valid = max(int(valid.sum()), 1)
-        norm = xp.maximum(counts, 1) if self.per_member_norm else xp.full(counts.shape, n_valid)
+        # NOTE: kept on the device (a 0-d array): int() here would wait for the GPU every step
+        n_valid = xp.maximum(valid.sum(), 1).astype(member_loss.dtype)
+        norm = xp.maximum(counts, 1) if self.per_member_norm else xp.broadcast_to(n_valid,
+                                                                                  counts.shape)
         norm = norm.astype(member_loss.dtype)
         per_member = (alpha * member_loss).sum(axis=0) / norm  # (M,)
         ce = member_loss.sum() / n_valid

@@ -150,6 +150,15 @@ class SoftmaxWithLoss(_LabelledLoss):
     def forward(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
         xp = self.xp
         x = bottom[0].data.reshape(self.outer, self.channels, self.inner)
+        fused = softmax_kernel.loss_forward(  # CUDA only: one kernel, no host round-trip
+            xp, x, bottom[1].data, self.ignore_label, LOG_FLT_MIN,
+            None if self.normalization == VALID and self.ignore_label is not None
+            else self._normalizer(self.outer * self.inner), top[0].data)
+        if fused is not None:
+            (self.prob, self.valid, self.normalizer), self.label = fused, bottom[1].data
+            if len(top) > 1:
+                top[1].data[...] = self.prob.reshape(bottom[0].shape)
+            return
         logp = softmax_kernel.log_softmax(xp, x, 1)  # (outer, C, inner)
         self.prob = xp.exp(logp)
         self.label, self.valid = _labels(self, bottom[1], (self.outer, self.inner),
@@ -172,6 +181,9 @@ class SoftmaxWithLoss(_LabelledLoss):
         if not propagate_down[0]:
             return
         xp = self.xp
+        if softmax_kernel.loss_backward(xp, self.prob, self.label, self.valid, top[0].diff,
+                                        self.normalizer, bottom[0].diff):
+            return
         onehot = xp.arange(self.channels)[None, :, None] == self.label[:, None, :]
         grad = self.prob - onehot  # (outer, C, inner)
         if self.valid is not None:
