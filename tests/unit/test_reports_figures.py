@@ -78,11 +78,11 @@ def test_ensemble_run_mean_oracle_and_members(tmp_path):
     assert plot.main([str(res), "-o", str(out), "--label", "mcl", "-y", "loss"]) == 0
     run = plot.load_run(res, "mcl")
     assert run.members() == [f"member_accuracy_{m}" for m in range(3)]
-    fig = plot.plot([run, _run("single", 1.0)], out)
-    titles = [ax.get_title() for ax in fig.axes]
     # per-member outputs are left to the ensemble panel
-    assert titles == ["loss", "ensemble_accuracy", "oracle_accuracy", "accuracy",
-                      "mcl: ensemble accuracy"]
+    assert plot.default_outputs([run, _run("single", 1.0)]) == [
+        "loss", "ensemble_accuracy", "oracle_accuracy", "accuracy"]
+    fig = plot.plot([run, _run("single", 1.0)], out, y=["loss"])
+    assert [ax.get_title() for ax in fig.axes] == ["loss", "mcl: ensemble accuracy"]
     labels = [ln.get_label() for ln in fig.axes[-1].lines]
     assert labels == ["member 0", "member 1", "member 2", "ensemble mean", "oracle"]
     img = _pixels(out)
