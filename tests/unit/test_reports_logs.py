@@ -7,6 +7,8 @@ import io
 import logging
 import math
 import os
+import subprocess
+import sys
 
 import pytest
 from google.protobuf import text_format
@@ -180,3 +182,19 @@ def test_parse_log_cli(tmp_path, capsys):
     assert "cannot read the log" in capsys.readouterr().err
     empty = _write(tmp_path, "empty.log", "I0101 00:00:00.0 1 a.py:1] hello\n")
     assert pl.main([empty]) == 1
+
+
+def test_tool_wrapper_and_cheap_import(tmp_path):
+    log = _write(tmp_path, "caffe.log", CAFFE_LOG)
+    tool = os.path.join(os.path.dirname(__file__), "..", "..", "tools", "parse_log.py")
+    done = subprocess.run([sys.executable, tool, log, str(tmp_path / "t")], capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert os.path.exists(tmp_path / "t" / "caffe.log.test")
+    # matplotlib and graphviz load only when a figure or drawing is made
+    code = ("import sys; from pycaffe_mpi.reports import assignment, draw, parse_log, plot, "
+            "results; print(sorted(m for m in ('matplotlib', 'graphviz') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
