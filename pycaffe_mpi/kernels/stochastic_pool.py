@@ -39,9 +39,11 @@ def _columns(xp: Any, x: Any, g: Geometry, bufs: Any) -> Any:
     output reads, zero beyond the image."""
     (h, w), (hp, wp) = g.shape[2:], g.padded
     if (hp, wp) != (h, w):
-        # NOTE: only the image part is rewritten, so the margin keeps the zeros of allocation.
-        xz = bufs.get("sto_x", (*g.shape[:2], hp, wp), fill=0.0)
+        xz = bufs.get("sto_x", (*g.shape[:2], hp, wp))
         xz[:, :, :h, :w] = x
+        # NOTE: the margin is cleared every time: an earlier, larger image may have written it.
+        xz[:, :, h:] = 0
+        xz[:, :, :h, w:] = 0
     else:
         xz = x
     (kh, kw), (sh, sw), (oh, ow) = g.kernel, g.stride, g.out

@@ -159,3 +159,20 @@ def test_spp_needs_sizes_without_padding():
     layer, bb, tb = _layer(np.ones((1, 1, 8, 12)), proto, type_name="SPP")
     layer.forward(bb, tb)
     np.testing.assert_array_equal(tb[0].data, 1.0)  # every cell of a constant image is 1
+
+
+def test_reshape_to_a_smaller_image_with_the_same_overhang():
+    """Two image sizes whose windows need the same zero margin: the second forward must not see
+    cells of the first image in its margin."""
+    proto = "pooling_param { pool: STOCHASTIC kernel_size: 3 stride: 3 }"
+    rng = np.random.default_rng(3)
+    big, small = rng.uniform(1, 2, (1, 1, 5, 5)), rng.uniform(1, 2, (1, 1, 4, 4))  # both 6×6
+    layer, bb, tb = _layer(big, proto, phase=TEST)
+    layer.forward(bb, tb)
+    bb[0].reshape(small.shape)
+    bb[0].data[...] = small
+    layer.reshape(bb, tb)
+    layer.forward(bb, tb)
+    fresh, fb, ft = _layer(small, proto, phase=TEST)
+    fresh.forward(fb, ft)
+    np.testing.assert_array_equal(tb[0].data, ft[0].data)
