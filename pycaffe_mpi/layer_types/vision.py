@@ -100,7 +100,7 @@ class PoolingLayer(Layer):
                          "pooling_param.pad", f"pad {self.pad} must be smaller than the kernel "
                          f"{self.kernel}")
         self.require(self.pad == (0, 0) or self.pool != _POOL.STOCHASTIC, "pooling_param.pad",
-                     f"padding is implemented only for MAX and AVE pooling, as in Caffe; "
+                     "padding is implemented only for MAX and AVE pooling, as in Caffe; "
                      f"STOCHASTIC needs pad 0, got {self.pad}")
 
     def _pair(self, p: Any, name: str) -> tuple[int, int]:
