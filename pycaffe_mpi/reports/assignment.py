@@ -80,7 +80,8 @@ def assignment_figure(matrix: Any, iteration: int | None = None,
     """A matplotlib Figure of the matrix: one cell per (member, class), its value written in.
 
     The colour scale runs from 0 to 1 (shares) unless a value lies outside; NaN cells are grey.
-    The size grows with the matrix so that labels and values stay readable.
+    The size grows with the matrix so that labels and values stay readable; past about 30
+    classes or members the cells shrink and their values are left out (the CSV has them).
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -93,8 +94,12 @@ def assignment_figure(matrix: Any, iteration: int | None = None,
         lo, hi = float(finite.min()), float(finite.max())
     widest = max(len(n) for n in names)
     rotate = widest > 3 and n_classes > 4
-    fig = Figure(figsize=(max(5.0, 2.0 + 0.8 * n_classes),
-                          max(3.0, 1.6 + 0.55 * n_members + (0.07 * widest if rotate else 0))),
+    # cells shrink for many classes or members, so that 100 classes still fit a page
+    cell_w = 0.8 if n_classes <= 20 else max(0.15, 16.0 / n_classes)
+    cell_h = 0.55 if n_members <= 16 else max(0.15, 9.0 / n_members)
+    annotate = cell_w >= 0.5 and cell_h >= 0.3
+    fig = Figure(figsize=(max(5.0, 2.0 + cell_w * n_classes),
+                          max(3.0, 1.6 + cell_h * n_members + (0.07 * widest if rotate else 0))),
                  dpi=120, layout="constrained")
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
@@ -102,18 +107,22 @@ def assignment_figure(matrix: Any, iteration: int | None = None,
     image = ax.imshow(np.ma.masked_invalid(share), cmap=cmap, vmin=lo, vmax=hi, aspect="auto",
                       interpolation="nearest")
     fig.colorbar(image, ax=ax, label="share of the class won", fraction=0.05, pad=0.02)
-    ax.set_xticks(range(n_classes), names, rotation=45 if rotate else 0,
-                  ha="right" if rotate else "center")
-    ax.set_yticks(range(n_members), [str(m) for m in range(n_members)])
+    if cell_w >= 0.5:
+        ax.set_xticks(range(n_classes), names, rotation=45 if rotate else 0,
+                      ha="right" if rotate else "center")
+    else:  # narrow cells: small upright labels
+        ax.set_xticks(range(n_classes), names, rotation=90, fontsize=6)
+    ax.set_yticks(range(n_members), [str(m) for m in range(n_members)],
+                  fontsize=None if cell_h >= 0.3 else 6)
     ax.set_xlabel("class")
     ax.set_ylabel("member")
-    # the grid between cells comes from minor ticks at the cell borders
-    ax.set_xticks(np.arange(n_classes + 1) - 0.5, minor=True)
-    ax.set_yticks(np.arange(n_members + 1) - 0.5, minor=True)
-    ax.grid(which="minor", color="white", linewidth=1)
-    ax.tick_params(which="minor", length=0)
+    if annotate:  # the grid between cells comes from minor ticks at the cell borders
+        ax.set_xticks(np.arange(n_classes + 1) - 0.5, minor=True)
+        ax.set_yticks(np.arange(n_members + 1) - 0.5, minor=True)
+        ax.grid(which="minor", color="white", linewidth=1)
+        ax.tick_params(which="minor", length=0)
     size = 9 if n_classes <= 12 else 7
-    for m in range(n_members):
+    for m in range(n_members if annotate else 0):
         for c in range(n_classes):
             v = share[m, c]
             if not math.isfinite(v):

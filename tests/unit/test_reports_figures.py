@@ -149,3 +149,12 @@ def test_assignment_without_names_and_errors(tmp_path):
     out = tmp_path / "redrawn.png"
     assert assignment.main([csv_path, "-o", str(out), "--labels", str(labels)]) == 0
     assert _pixels(out).shape[0] >= 300
+
+
+def test_assignment_many_classes_stays_a_page():
+    share = np.random.default_rng(0).dirichlet(np.ones(8), size=100).T  # 8 members x 100 classes
+    fig = assignment.assignment_figure(share, 1000)
+    width, height = fig.get_size_inches() * fig.dpi
+    assert width <= 2400 and height <= 1200
+    assert not fig.axes[0].texts  # too small to write values in; the CSV has them
+    assert len(fig.axes[0].get_xticklabels()) == 100
