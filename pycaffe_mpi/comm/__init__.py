@@ -4,6 +4,8 @@
 size-1 stand-in for single-process runs (no MPI needed); :class:`MPIComm` wraps an mpi4py
 communicator and moves arrays with the buffer (upper-case) methods on preallocated arrays, never
 by pickling; only small metadata (shapes, flags, digests) goes through the pickle methods.
+Device (CuPy) arrays reach MPI as :class:`pycaffe_mpi.comm.device.Staging` decides: directly when
+MPI is CUDA-aware, else through pinned host buffers; ranks pick GPUs by local rank (same module).
 
 :func:`world` gives the world communicator: MPI's when the process was started by ``mpiexec``
 (or when asked for), the stand-in otherwise. Before MPI starts, :func:`world` sets MPICH's
@@ -22,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from pycaffe_mpi import backend as backend_mod
+from pycaffe_mpi.comm import device as device_mod
 
 # Environment variables a launcher sets in each rank it starts (MPICH/Hydra, PMIx, Open MPI).
 _LAUNCHER_VARS = ("PMI_RANK", "PMI_SIZE", "PMIX_RANK", "OMPI_COMM_WORLD_SIZE",
@@ -82,6 +84,10 @@ class Comm:
 
     def barrier(self) -> None:
         raise NotImplementedError
+
+    def local_rank(self) -> int:
+        """This process's rank among the processes of its node (picks its GPU)."""
+        return device_mod.local_rank()
 
     def abort(self, code: int = 1) -> None:
         """End every process of the job now."""
@@ -143,76 +149,71 @@ class SelfComm(Comm):
 class MPIComm(Comm):
     """An mpi4py communicator behind the :class:`Comm` interface."""
 
-    def __init__(self, comm: Any) -> None:
+    def __init__(self, comm: Any, staging: device_mod.Staging | None = None) -> None:
         self.comm = comm
         self.rank = comm.Get_rank()
         self.size = comm.Get_size()
-        self._cuda_aware: bool | None = None
+        self.staging = staging or device_mod.Staging()
 
     @property
     def is_mpi(self) -> bool:
         return True
 
     # NOTE: CuPy arrays go to MPI directly only when the MPI library is CUDA-aware; otherwise
-    # they are staged through host memory here.
-    def _host(self, arr: Any) -> tuple[Any, bool]:
-        if isinstance(arr, np.ndarray):
-            return arr, False
-        if self._cuda_aware is None:
-            self._cuda_aware = _mpi_is_cuda_aware()
-        if self._cuda_aware:
-            backend_mod.get_array_module(arr).cuda.get_current_stream().synchronize()
-            return arr, False
-        return backend_mod.to_host(arr), True
+    # they are staged through pinned host memory: self.staging decides (comm/device.py).
+    def _host(self, arr: Any, role: str = "send", fill: bool = True) -> tuple[Any, bool]:
+        return self.staging.to_mpi(arr, role, fill)
+
+    def _back(self, host: Any, arr: Any, staged: bool) -> None:
+        self.staging.from_mpi(host, arr, staged)
 
     def bcast(self, buf: Any, root: int) -> None:
-        h, staged = self._host(buf)
+        h, staged = self._host(buf, "bcast", fill=self.rank == root)
         self.comm.Bcast(h, root=root)
-        if staged:
-            buf[...] = backend_mod.get_array_module(buf).asarray(h)
+        if self.rank != root:
+            self._back(h, buf, staged)
 
     def reduce_sum(self, sendbuf: Any, recvbuf: Any, root: int) -> None:
         from mpi4py import MPI
 
         s, _ = self._host(sendbuf)
-        s = np.ascontiguousarray(s)
+        s = device_mod.contiguous(s)
         if self.rank == root:
-            r, staged = self._host(recvbuf)
+            if recvbuf is sendbuf and not isinstance(sendbuf, np.ndarray):  # one device array
+                r, staged = s, s is not sendbuf
+            else:
+                r, staged = self._host(recvbuf, "recv", fill=False)
             if r is s or (isinstance(r, np.ndarray) and np.shares_memory(r, s)):
                 self.comm.Reduce(MPI.IN_PLACE, r, op=MPI.SUM, root=root)
             else:
                 self.comm.Reduce(s, r, op=MPI.SUM, root=root)
-            if staged:
-                recvbuf[...] = backend_mod.get_array_module(recvbuf).asarray(r)
+            self._back(r, recvbuf, staged)
         else:
             self.comm.Reduce(s, None, op=MPI.SUM, root=root)
 
     def gather(self, sendbuf: Any, recvbuf: Any, root: int) -> None:
         s, _ = self._host(sendbuf)
         if self.rank == root:
-            r, staged = self._host(recvbuf)
-            self.comm.Gather(np.ascontiguousarray(s), r, root=root)
-            if staged:
-                recvbuf[...] = backend_mod.get_array_module(recvbuf).asarray(r)
+            r, staged = self._host(recvbuf, "recv", fill=False)
+            self.comm.Gather(device_mod.contiguous(s), r, root=root)
+            self._back(r, recvbuf, staged)
         else:
-            self.comm.Gather(np.ascontiguousarray(s), None, root=root)
+            self.comm.Gather(device_mod.contiguous(s), None, root=root)
 
     def scatter(self, sendbuf: Any, recvbuf: Any, root: int) -> None:
-        r, staged = self._host(recvbuf)
+        r, staged = self._host(recvbuf, "recv", fill=False)
         if self.rank == root:
             s, _ = self._host(sendbuf)
-            self.comm.Scatter(np.ascontiguousarray(s), r, root=root)
+            self.comm.Scatter(device_mod.contiguous(s), r, root=root)
         else:
             self.comm.Scatter(None, r, root=root)
-        if staged:
-            recvbuf[...] = backend_mod.get_array_module(recvbuf).asarray(r)
+        self._back(r, recvbuf, staged)
 
     def allgather(self, sendbuf: Any, recvbuf: Any) -> None:
         s, _ = self._host(sendbuf)
-        r, staged = self._host(recvbuf)
-        self.comm.Allgather(np.ascontiguousarray(s), r)
-        if staged:
-            recvbuf[...] = backend_mod.get_array_module(recvbuf).asarray(r)
+        r, staged = self._host(recvbuf, "recv", fill=False)
+        self.comm.Allgather(device_mod.contiguous(s), r)
+        self._back(r, recvbuf, staged)
 
     def bcast_obj(self, obj: Any, root: int) -> Any:
         return self.comm.bcast(obj, root=root)
@@ -229,26 +230,19 @@ class MPIComm(Comm):
         group = self.comm.Get_group().Incl(list(ranks))
         new = self.comm.Create(group)
         group.Free()
-        return None if new == MPI.COMM_NULL else MPIComm(new)
+        return None if new == MPI.COMM_NULL else MPIComm(new, self.staging)
 
     def barrier(self) -> None:
         self.comm.Barrier()
+
+    def local_rank(self) -> int:
+        return device_mod.local_rank(self.comm)
 
     def abort(self, code: int = 1) -> None:
         # NOTE: the launcher's proxies die with the job and drop output not yet forwarded (MPICH's
         # Hydra lost the failing rank's message in ~1 run of 4); a moment first lets them drain.
         time.sleep(0.2)
         self.comm.Abort(code)
-
-
-def _mpi_is_cuda_aware() -> bool:
-    """Whether the MPI library takes device pointers (MPICH/Open MPI report it differently)."""
-    try:
-        from mpi4py import MPI
-
-        return bool(getattr(MPI, "Query_cuda_support", lambda: False)())
-    except Exception:
-        return False
 
 
 _WORLD: Comm | None = None
