@@ -179,8 +179,9 @@ def configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("-o", "--output", required=True, metavar="PNG", help="image to write")
     parser.add_argument("-x", "--x", dest="x", choices=sorted(X_COLUMNS), default="iters",
                         help="horizontal axis (default: %(default)s)")
-    parser.add_argument("-y", "--y", dest="y", nargs="+", metavar="NAME",
-                        help="outputs to plot, one panel each (default: every loss and accuracy)")
+    parser.add_argument("-y", "--y", dest="y", action="append", metavar="NAME[,NAME...]",
+                        help="outputs to plot, one panel each; repeatable (default: every loss "
+                             "and accuracy)")
     parser.add_argument("--label", nargs="+", metavar="LABEL",
                         help="legend names of the runs, in order (default: file names)")
     parser.add_argument("--title", help="figure title")
@@ -202,7 +203,8 @@ def run(args: argparse.Namespace) -> int:
     if labels and len(labels) != len(args.runs):
         raise errors.PycaffeError(f"--label gives {len(labels)} names for {len(args.runs)} runs")
     runs = [load_run(p, labels[i] if labels else None) for i, p in enumerate(args.runs)]
-    plot(runs, args.output, x=args.x, y=args.y, title=args.title)
+    names = [n for arg in args.y or () for n in arg.split(",") if n] or None
+    plot(runs, args.output, x=args.x, y=names, title=args.title)
     print(f"Wrote {args.output}")
     return 0
 
