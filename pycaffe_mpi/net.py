@@ -34,11 +34,13 @@ from pycaffe_mpi.blob import Blob
 from pycaffe_mpi.comm.plan import (
     COMM_TYPES,
     check_digests,
+    check_world,
     comm_digest,
     comm_groups,
     strip_for_rank,
 )
 from pycaffe_mpi.layer import TEST, TRAIN, Layer, LayerContext
+from pycaffe_mpi.layer_types import python as python_layer
 from pycaffe_mpi.net_api import NetApi
 from pycaffe_mpi.netparam import filter_net, insert_splits, layer_kept, state_meets_rule
 from pycaffe_mpi.proto import caffe_pb2
@@ -98,7 +100,12 @@ class Net(NetApi):
             weights, phase = phase, (TEST if legacy_phase is None else legacy_phase)
         if phase not in (TRAIN, TEST):
             raise errors.PycaffeError(f"phase must be TRAIN (0) or TEST (1), got {phase!r}")
-        self.backend = backend or backend_mod.CPU
+        from pycaffe_mpi.pycaffe import settings
+
+        # pycaffe's caffe.set_mode_gpu()/set_device()/set_random_seed() fill what is not given
+        self.backend = backend or settings.backend()
+        if seed is None:
+            seed = settings.random_seed
         self.dtype = np.dtype(dtype)
         self.phase = int(phase)
         self.ctx = ctx
@@ -107,6 +114,11 @@ class Net(NetApi):
         parsed = netparam.as_parsed(model, source_path, locations)
         self.source_path = parsed.path
         state = netparam.net_state(parsed.param, self.phase, level, stages)
+        if self.comm is not None or any(lp.type in COMM_TYPES for lp in parsed.param.layer):
+            from pycaffe_mpi import comm as comm_mod
+
+            self.comm = self.comm or comm_mod.world()
+            check_world(parsed.param, self.comm.size, parsed.locations)
         self._groups: dict[str, tuple[Any, int, list[int]]] = {}
         if any(lp.type in COMM_TYPES for lp in parsed.param.layer):
             self._make_groups(parsed, state)
@@ -221,9 +233,14 @@ class Net(NetApi):
             layer.reshape(bottoms, tops)
         except errors.PycaffeError as e:
             raise type(e)(f"{e}{self._describe_bottoms(lp, bottoms)}") from None
-        except (ValueError, IndexError, TypeError) as e:
-            raise errors.ShapeError(f"{errors.layer_where(lp, layer.location)}: cannot set up: "
-                                    f"{e}{self._describe_bottoms(lp, bottoms)}") from e
+        except (Exception, SystemExit) as e:
+            if not python_layer.is_user_layer(layer) and not isinstance(e, SystemExit):
+                if isinstance(e, (ValueError, IndexError, TypeError)):
+                    raise errors.ShapeError(
+                        f"{errors.layer_where(lp, layer.location)}: cannot set up: "
+                        f"{e}{self._describe_bottoms(lp, bottoms)}") from e
+                raise
+            raise python_layer.user_layer_error(layer, "setup", e) from e
         if len(lp.loss_weight) and len(lp.loss_weight) != len(tops):
             raise errors.NetError(f"{errors.layer_where(lp, layer.location)}: loss_weight must be "
                                   f"given once per top ({len(tops)}), got {len(lp.loss_weight)}")
@@ -346,8 +363,13 @@ class Net(NetApi):
         loss = 0.0
         for i in range(start, end + 1):
             layer, bottom, top = self.layers[i], self.bottom_vecs[i], self.top_vecs[i]
-            layer.reshape(bottom, top)
-            layer.forward(bottom, top)
+            try:
+                layer.reshape(bottom, top)
+                layer.forward(bottom, top)
+            except (Exception, SystemExit) as e:
+                if python_layer.is_user_layer(layer) or isinstance(e, SystemExit):
+                    raise python_layer.user_layer_error(layer, "forward", e) from e
+                raise
             for t, w in zip(top, layer.loss_weights):
                 if w:
                     loss += w * float(t.data.sum())
@@ -360,8 +382,13 @@ class Net(NetApi):
         """Back-propagate from layer ``start`` down to layer ``end`` (start >= end)."""
         for i in range(start, end - 1, -1):
             if self.layer_need_backward[i]:
-                self.layers[i].backward(self.top_vecs[i], self.bottom_need_backward[i],
-                                        self.bottom_vecs[i])
+                try:
+                    self.layers[i].backward(self.top_vecs[i], self.bottom_need_backward[i],
+                                            self.bottom_vecs[i])
+                except (Exception, SystemExit) as e:
+                    if python_layer.is_user_layer(self.layers[i]) or isinstance(e, SystemExit):
+                        raise python_layer.user_layer_error(self.layers[i], "backward", e) from e
+                    raise
                 if self.debug_info:
                     self._debug("Backward", i, self.bottom_vecs[i], "diff")
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import os
+import re
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -200,5 +201,36 @@ def prepare(parsed: ParsedNet, state: Any, rank: int | None = 0) -> ParsedNet:
     filtered, locs = filter_net(parsed.param, state, rank, parsed.locations)
     if rank is not None:
         plan.strip_for_rank(filtered, rank)
+    check_names(filtered, locs)
     split, locs = insert_splits(filtered, locs)
     return ParsedNet(split, locs, parsed.path)
+
+
+_SPLIT_BLOB = re.compile(r".+_.+_\d+_split_\d+")
+
+
+def check_names(param: Any, locations: Sequence[str] = ()) -> None:
+    """Layer names unique (naming both places), and no top that only a Split layer may make.
+
+    A top named like an automatic split blob (``<blob>_<layer>_<i>_split_<k>``) could collide
+    with the blob :func:`insert_splits` makes and silently rewire the net.
+    """
+    first: dict[str, int] = {}
+    for i, lp in enumerate(param.layer):
+        loc = locations[i] if i < len(locations) else ""
+        if lp.name in first:
+            j = first[lp.name]
+            other = locations[j] if j < len(locations) else ""
+            raise errors.NetError(
+                f'{errors.layer_where(lp, loc)}: duplicate layer name "{lp.name}": also the '
+                f"name of layer #{j} (type {param.layer[j].type})"
+                + (f" at {other}" if other else "") + "; layer names must be unique")
+        first[lp.name] = i
+        if lp.type == "Split":
+            continue
+        for t in lp.top:
+            if _SPLIT_BLOB.fullmatch(t) and t not in lp.bottom:
+                raise errors.NetError(
+                    f'{errors.layer_where(lp, loc)}: top "{t}" is named like a blob the net '
+                    "makes itself when it splits a blob read by several layers "
+                    "(<blob>_<layer>_<index>_split_<k>); rename it")

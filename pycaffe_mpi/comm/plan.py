@@ -84,3 +84,36 @@ def strip_for_rank(param: Any, rank: int) -> None:
         elif lp.type == "MPIGather" and rank != lp.mpi_param.root:
             del lp.top[:]
             del lp.loss_weight[:]
+
+
+def ranks_needed(param: Any) -> tuple[int, Any, int]:
+    """``(ranks, layer, index)``: how many MPI ranks the net's ``mpi_rank`` rules and comm-layer
+    roots need (1 when none), and the first layer asking for the most (None when none)."""
+    need, where, index = 1, None, -1
+    for i, lp in enumerate(param.layer):
+        asked = [int(r) for rule in (*lp.include, *lp.exclude) for r in rule.mpi_rank]
+        if lp.type in COMM_TYPES:
+            asked.append(int(lp.mpi_param.root))
+        if asked and max(asked) + 1 > need:
+            need, where, index = max(asked) + 1, lp, i
+    return need, where, index
+
+
+def check_world(param: Any, world_size: int, locations: Sequence[str] = ()) -> None:
+    """Raise when a layer names a rank outside a world of ``world_size`` ranks: under mpiexec
+    the job is too small; without it (``world_size`` 1) say how many ranks the net needs and
+    how to start them."""
+    need, lp, i = ranks_needed(param)
+    if need <= world_size:
+        return
+    loc = locations[i] if 0 <= i < len(locations) else ""
+    where = errors.layer_where(lp, loc)
+    if world_size == 1:
+        raise errors.NetError(
+            f"{where} asks for MPI rank {need - 1}: this net needs {need} MPI ranks but runs "
+            f"in a single process; start it with mpiexec, e.g. `mpiexec -n {need} "
+            "pycaffe-mpi train --solver SOLVER` (or test/time --model NET)")
+    raise errors.NetError(
+        f"{where} asks for MPI rank {need - 1}, outside this job of {world_size} ranks "
+        f"(0..{world_size - 1}); start {need} ranks (mpiexec -n {need}) or fix the mpi_rank "
+        "rules / mpi_param.root")

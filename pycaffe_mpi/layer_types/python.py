@@ -37,6 +37,7 @@ import importlib
 import importlib.util
 import os
 import sys
+import traceback
 from collections.abc import Sequence
 from typing import Any
 
@@ -231,3 +232,64 @@ class HostLayerAdapter(Layer):
 
     def set_state(self, state: bytes) -> None:
         self.inner.set_state(state)
+
+
+def is_user_layer(layer: Any) -> bool:
+    """Whether ``layer`` runs a user's ``type: "Python"`` class (directly or host-adapted)."""
+    param = getattr(layer, "layer_param", None)
+    return param is not None and param.type == "Python"
+
+
+def _user_frames(exc: BaseException) -> str:
+    """The traceback of ``exc`` from the first frame outside pycaffe-mpi's own package on:
+    the user's code, not the Net that called it."""
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    tb = exc.__traceback__
+    while tb is not None and os.path.abspath(tb.tb_frame.f_code.co_filename).startswith(here):
+        tb = tb.tb_next
+    lines = traceback.format_exception(type(exc), exc, tb)
+    if tb is not None:  # format_exception prints the header only when there are frames
+        return "".join(lines).rstrip()
+    return "".join(traceback.format_exception_only(type(exc), exc)).rstrip()
+
+
+def user_layer_error(layer: Any, method: str, exc: BaseException) -> errors.NetError:
+    """A :class:`~pycaffe_mpi.errors.NetError` for an exception (or ``sys.exit``) raised by a
+    user's Python layer: one line naming the layer, its type, file:line, the method and the
+    rank, then the user's own traceback (each line tagged ``[rank r/N]`` in an MPI job, so it
+    stays attributable when mpiexec interleaves the ranks' output)."""
+    param = layer.layer_param
+    ctx = getattr(layer, "ctx", None)
+    inner = getattr(layer, "inner", layer)
+    cls = type(inner)
+    rank, size = getattr(ctx, "rank", 0), getattr(ctx, "world_size", 1)
+    on = f" on rank {rank}/{size}" if size > 1 else ""
+    if isinstance(exc, SystemExit):
+        what = (f"called sys.exit({exc.code!r}) in {method}; a layer must raise an exception "
+                "instead, so every MPI rank stops together")
+    else:
+        what = f"raised {type(exc).__name__} in {method}: {exc}"
+    head = (f"{errors.layer_where(param, getattr(layer, 'location', ''))}, class "
+            f"{cls.__module__}.{cls.__qualname__}{on}: {what}")
+    tag = f"[rank {rank}/{size}] " if size > 1 else ""
+    body = "\n".join(tag + line for line in _user_frames(exc).splitlines())
+    return _error_class(exc)(f"{head}\n{body}")
+
+
+_ERROR_CLASSES: dict[type, type] = {}
+
+
+def _error_class(exc: BaseException) -> type:
+    """NetError, also an instance of the user's exception type where Python allows it, so
+    ``except ValueError`` around pycaffe code written for BVLC still catches a layer's
+    ValueError (BVLC hands it through unchanged)."""
+    kind = type(exc)
+    if not isinstance(exc, Exception) or isinstance(exc, errors.PycaffeError):
+        return errors.NetError
+    if kind not in _ERROR_CLASSES:
+        try:
+            _ERROR_CLASSES[kind] = type(f"PythonLayer{kind.__name__}", (errors.NetError, kind),
+                                        {"__module__": __name__})
+        except TypeError:  # incompatible layouts (e.g. OSError): the plain error
+            _ERROR_CLASSES[kind] = errors.NetError
+    return _ERROR_CLASSES[kind]
