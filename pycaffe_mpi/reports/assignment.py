@@ -145,7 +145,8 @@ def _colour_map() -> Any:
 
 
 def write_assignment(matrix: Any, out_prefix: str | os.PathLike, iteration: int | None,
-                     class_names: Sequence[str] | None = None) -> tuple[str, str]:
+                     class_names: Sequence[str] | str | os.PathLike | None = None
+                     ) -> tuple[str, str]:
     """Write ``<out_prefix>.csv`` and ``<out_prefix>.png`` (each atomically; the directory is
     created) and return their paths.
 
@@ -153,8 +154,11 @@ def write_assignment(matrix: Any, out_prefix: str | os.PathLike, iteration: int 
         matrix: (M, C) shares, members × classes.
         out_prefix: path without suffix, e.g. ``<snapshot_prefix>_iter_500_accuracy_assignment``.
         iteration: the solver iteration, shown in the title.
-        class_names: C names (e.g. :func:`read_class_names`); class indices when None.
+        class_names: C names, or the path of a label file (:func:`read_class_names`); class
+            indices when None.
     """
+    if isinstance(class_names, (str, os.PathLike)):
+        class_names = read_class_names(class_names)
     out_prefix = os.fspath(out_prefix)
     if os.path.dirname(out_prefix):
         os.makedirs(os.path.dirname(out_prefix), exist_ok=True)

@@ -146,6 +146,9 @@ def test_assignment_without_names_and_errors(tmp_path):
         assignment.write_assignment(np.zeros(3), tmp_path / "b", 0)
     labels = tmp_path / "l.txt"
     labels.write_text("cat\ndog\n")
+    csv_named, _ = assignment.write_assignment(share, tmp_path / "named", 3, labels)
+    with open(csv_named) as f:
+        assert f.readline().strip() == "member,cat,dog"
     out = tmp_path / "redrawn.png"
     assert assignment.main([csv_path, "-o", str(out), "--labels", str(labels)]) == 0
     assert _pixels(out).shape[0] >= 300
