@@ -1,8 +1,12 @@
-"""``pycaffe-mpi``: Caffe's command-line tool (``caffe train|test|time|device_query``).
+"""``pycaffe-mpi``: Caffe's command-line tool (``caffe train|test|time|device_query``) and the
+project's own commands, one argparse subcommand each (``pycaffe-mpi COMMAND --help``).
 
-Flags keep Caffe's names and defaults; ``--flag value``, ``--flag=value`` and gflags' single-dash
-``-flag value`` all work. A mistake in a prototxt or a flag prints one ``error:`` line and exits 1,
-never a traceback.
+Caffe's commands keep Caffe's flag names and defaults; ``--flag value``, ``--flag=value`` and
+gflags' single-dash ``-flag value`` all work, and, as with gflags, flags may also come before the
+command (``pycaffe-mpi -gpu 0 train -solver s.prototxt``). gflags lets every command take every
+Caffe flag: a Caffe flag that a command does not use is accepted with a warning and ignored. A
+mistake in a prototxt or a flag prints one ``error:`` line and exits 1, never a traceback;
+``pycaffe-mpi`` alone prints the list of commands.
 
 Under ``mpiexec -n N`` every rank runs this same command on its own part of the net (the
 ``mpi_rank`` rules and the MPIBroadcast/MPIGather layers of the prototxt). ``--solver``,
@@ -22,12 +26,14 @@ import os
 import re
 import signal
 import sys
+import textwrap
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 
+import pycaffe_mpi
 from pycaffe_mpi import backend as backend_mod
 from pycaffe_mpi import errors
 from pycaffe_mpi import log as log_mod
@@ -36,7 +42,11 @@ from pycaffe_mpi.proto import caffe_pb2
 
 log = logging.getLogger("pycaffe_mpi")
 
-COMMANDS = ("train", "test", "time", "device_query", "ensemble")
+# Caffe's commands (run under MPI) first, then the file tools (pycaffe_mpi.cli_tools and
+# pycaffe_mpi.reports: single process).
+COMMANDS = ("train", "test", "time", "device_query", "ensemble", "upgrade-net",
+            "upgrade-solver", "parse-log", "plot", "draw")
+MPI_COMMANDS = ("train", "test", "time", "device_query")
 _EFFECTS = ("stop", "snapshot", "none")
 
 ENVIRONMENT = """\
@@ -47,78 +57,215 @@ environment:
   Otherwise pycaffe-mpi reads no environment variables of its own.
 """
 
+# -- Caffe's flags ---------------------------------------------------------------------------
+# Every flag of tools/caffe.cpp, with its default; the help text may be worded per command.
+CAFFE_FLAGS: dict[str, dict[str, Any]] = {
+    "solver": {"default": "", "help": "the solver prototxt"},
+    "model": {"default": "", "help": "the net prototxt"},
+    "phase": {"default": "", "help": "TRAIN or TEST: the phase of the net"},
+    "level": {"type": int, "default": 0, "help": "the NetState level (default 0)"},
+    "stage": {"default": "", "help": "comma-separated NetState stages"},
+    "snapshot": {"default": "", "help": "a .solverstate to resume training from"},
+    "weights": {"default": "", "help": "comma-separated .caffemodel files"},
+    "gpu": {"default": "", "help": "a GPU id to run on; empty means the CPU; 'all': each MPI "
+                                   "rank takes a GPU (local rank mod GPUs on its node)"},
+    "iterations": {"type": int, "default": 50, "help": "the number of batches (default 50)"},
+    "sigint_effect": {"default": "stop", "choices": _EFFECTS,
+                      "help": "what Ctrl-C does while training (default stop)"},
+    "sighup_effect": {"default": "snapshot", "choices": _EFFECTS,
+                      "help": "what SIGHUP does while training (default snapshot)"},
+}
+
+# The flags each Caffe command reads, with help worded for it where the generic text is vague.
+CAFFE_USES: dict[str, dict[str, str | None]] = {
+    "train": {"solver": None, "snapshot": None,
+              "weights": "comma-separated .caffemodel files to finetune from; exclusive with "
+                         "--snapshot",
+              "gpu": "a GPU id to run on (overrides the solver's solver_mode); empty means the "
+                     "CPU unless the solver says GPU; 'all': each MPI rank takes a GPU (local "
+                     "rank mod GPUs on its node)",
+              "level": "the NetState level of the train net (default 0)",
+              "stage": "comma-separated NetState stages of the train net",
+              "sigint_effect": None, "sighup_effect": None},
+    "test": {"model": None, "weights": "comma-separated .caffemodel files to test",
+             "phase": "TRAIN or TEST: the phase of the net (default TEST)", "level": None,
+             "stage": None, "gpu": None,
+             "iterations": "the number of batches to score (default 50)"},
+    "time": {"model": None, "phase": "TRAIN or TEST: the phase of the net (default TRAIN)",
+             "level": None, "stage": None, "gpu": None,
+             "iterations": "the number of forward-backward passes timed (default 50)"},
+    "device_query": {"gpu": "comma-separated GPU ids to query, or all (default: all)"},
+}
+
+DESCRIPTIONS = {
+    "train": "Train or finetune a model: the solver prototxt names the net and the schedule. "
+             "Snapshots are <snapshot_prefix>_iter_<N>.caffemodel/.solverstate (with "
+             "_rank_<R> under MPI) and the results, one JSON line per display and test pass, "
+             "<snapshot_prefix>_results.jsonl.",
+    "test": "Score a model: run --iterations batches of the net's --phase (default TEST) and "
+            "print the mean of every output.",
+    "time": "Benchmark a model's execution time: forward and backward milliseconds per layer "
+            "and per pass, as caffe time prints them.",
+    "device_query": "Show the CPU array library and each GPU's properties.",
+    "ensemble": "Write an ensemble or TreeNet of a single model: OUTPUT_DIR/train_test.prototxt "
+                "and, with --solver, OUTPUT_DIR/solver.prototxt, then print the command that "
+                "trains it.",
+    "upgrade-net": "Upgrade a net from an old format (V0 or V1 'layers', net-level input "
+                   "fields, old data transformation fields, old BatchNorm params) to the "
+                   "current one. A text prototxt gives a text prototxt; a binary NetParameter "
+                   "(.caffemodel, judged by content) gives a binary one.",
+    "upgrade-solver": "Upgrade a solver prototxt's deprecated solver_type enum to the type "
+                      "string.",
+}
+
+SUMMARIES = {
+    "train": "train or finetune a model",
+    "test": "score a model",
+    "time": "benchmark a model's execution time",
+    "device_query": "show device information",
+    "ensemble": "write an ensemble or TreeNet of a single model's net and solver",
+    "upgrade-net": "upgrade a net prototxt or .caffemodel to the current format",
+    "upgrade-solver": "upgrade a solver prototxt to the current format",
+}
+
+# kept for callers of the old name: the description of the upgrade commands
+UPGRADE_COMMANDS = {c: DESCRIPTIONS[c] for c in ("upgrade-net", "upgrade-solver")}
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Wraps paragraphs (descriptions) and keeps indented lines as written (the environment
+    table)."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        return "\n".join(indent + line if line.startswith(" ") else
+                         textwrap.fill(line, width, initial_indent=indent,
+                                       subsequent_indent=indent)
+                         for line in text.splitlines())
+
+
+def _add_log_level(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--log_level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
+
+
+def _add_caffe_flags(p: argparse.ArgumentParser, command: str) -> None:
+    """The flags ``command`` reads, shown in its help; Caffe's other flags hidden (gflags
+    accepts them with every command; :func:`_warn_unused` says they are ignored)."""
+    uses = CAFFE_USES[command]
+    for name, spec in CAFFE_FLAGS.items():
+        if name in uses:
+            p.add_argument(f"--{name}", **{**spec, "help": uses[name] or spec["help"]})
+        else:
+            p.add_argument(f"--{name}", **{**spec, "default": argparse.SUPPRESS,
+                                           "help": argparse.SUPPRESS})
+    p.set_defaults(unused_flags=tuple(n for n in CAFFE_FLAGS if n not in uses))
+
+
+def _add_train_flags(p: argparse.ArgumentParser) -> None:
+    """Flags of ``train`` beyond Caffe's."""
+    p.add_argument("--same_seed", action="store_true",
+                   help="under MPI: seed every rank with the solver's random_seed (default: "
+                        "random_seed + rank, so replicated branches start different); bagging "
+                        "from the same initial weights needs it")
+
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``pycaffe-mpi`` parser: one subparser per command in :data:`COMMANDS`.
+
+    Each subparser's defaults carry ``handler`` (called ``handler(args, comm)`` for
+    :data:`MPI_COMMANDS`, ``handler(args)`` otherwise).
+    """
+    from pycaffe_mpi import cli_tools
+    from pycaffe_mpi.reports import draw, parse_log, plot
+
     p = argparse.ArgumentParser(
         prog="pycaffe-mpi",
-        description="Caffe-compatible training and testing. Commands: train (train or finetune "
-                    "a model), test (score a model), time (benchmark a model's execution time), "
-                    "device_query (show device information), ensemble (write an ensemble or "
-                    "TreeNet of a single model's net and solver). Also: pycaffe-mpi "
-                    "upgrade-net IN OUT and pycaffe-mpi upgrade-solver IN OUT (old formats to "
-                    "the current one; see their --help).",
-        epilog=ENVIRONMENT,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("command", choices=COMMANDS, help="what to do")
-    p.add_argument("--solver", default="", help="the solver prototxt (train)")
-    p.add_argument("--model", default="", help="the net prototxt (test, time)")
-    p.add_argument("--phase", default="", help="TRAIN or TEST: the net phase for `time` "
-                   "(default TRAIN) and `test` (default TEST)")
-    p.add_argument("--level", type=int, default=0, help="the NetState level")
-    p.add_argument("--stage", default="", help="comma-separated NetState stages")
-    p.add_argument("--snapshot", default="", help="a .solverstate to resume training from")
-    p.add_argument("--weights", default="", help="comma-separated .caffemodel files to finetune "
-                   "from (train) or to test; exclusive with --snapshot")
-    p.add_argument("--gpu", default="", help="a GPU id to run on (overrides solver_mode); "
-                   "empty means the CPU unless the solver says GPU")
-    p.add_argument("--iterations", type=int, default=50, help="batches for test and time")
-    p.add_argument("--same_seed", action="store_true",
-                   help="train under MPI: seed every rank with the solver's random_seed "
-                   "(default: random_seed + rank, so replicated branches start different); "
-                   "bagging from the same initial weights needs it")
-    p.add_argument("--sigint_effect", default="stop", choices=_EFFECTS,
-                   help="what Ctrl-C does while training (default stop)")
-    p.add_argument("--sighup_effect", default="snapshot", choices=_EFFECTS,
-                   help="what SIGHUP does while training (default snapshot)")
-    p.add_argument("--log_level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
-    e = p.add_argument_group("ensemble", "pycaffe-mpi ensemble --model NET [--solver S] "
-                             "--output_dir DIR: writes DIR/train_test.prototxt (and "
-                             "DIR/solver.prototxt) for an ensemble of the single model NET")
-    e.add_argument("--members", type=int, default=4, help="ensemble members M (default 4)")
-    e.add_argument("--split", default="", help="members share every layer up to and including "
-                   "this one (a TreeNet); default: independent members")
-    e.add_argument("--loss", default="independent",
-                   help="independent, score-avg, prob-avg or mcl (default independent)")
-    e.add_argument("--k", type=int, default=1, help="mcl: members each example is assigned to")
-    e.add_argument("--ce_weight", type=float, default=0.0,
-                   help="mcl: weight of plain cross-entropy over all members (default 0)")
-    e.add_argument("--normalization", default="BATCH", help="mcl: BATCH or ASSIGNED")
-    e.add_argument("--composed", action="store_true", help="averaged losses from stock Caffe "
-                   "layers instead of one fused layer")
-    e.add_argument("--ranks", type=int, default=1, help="place the members over this many MPI "
-                   "ranks (member i on rank i %% ranks; default 1)")
-    e.add_argument("--bagging", action="store_true",
-                   help="each member trains on its own bootstrap sample of the TRAIN data")
-    e.add_argument("--same_init", action="store_true",
-                   help="members start from identical weights")
-    e.add_argument("--lr_scale", type=float, default=None, help="multiplies the solver's "
-                   "base_lr (default: M for score-avg/prob-avg, else 1)")
-    e.add_argument("--output_dir", default="", help="where the ensemble files are written")
+        description="Caffe-compatible training and testing, with MPI model parallelism and "
+                    "ensembles. Run `pycaffe-mpi COMMAND --help` for a command's flags.",
+        epilog=ENVIRONMENT, formatter_class=_HelpFormatter)
+    p.add_argument("--version", action="version",
+                   version=f"pycaffe-mpi {pycaffe_mpi.__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", title="commands", required=True)
+
+    def command(name: str, handler: Callable[..., int], epilog: str | None = None
+                ) -> argparse.ArgumentParser:
+        c = sub.add_parser(name, help=SUMMARIES[name], description=DESCRIPTIONS[name],
+                           epilog=epilog, formatter_class=_HelpFormatter)
+        c.set_defaults(handler=handler, unused_flags=())
+        return c
+
+    for name in CAFFE_USES:
+        c = command(name, _DISPATCH[name], ENVIRONMENT)
+        _add_caffe_flags(c, name)
+        if name == "train":
+            _add_train_flags(c)
+    cli_tools.configure_ensemble(command("ensemble", cli_tools.cmd_ensemble))
+    upgrade_epilog = ("Exit status: 0 when upgraded without problems (or already current), 1 "
+                      "when parts could not be upgraded (the file is written anyway), 2 when IN "
+                      "cannot be read.")
+    for name in UPGRADE_COMMANDS:
+        cli_tools.configure_upgrade(command(name, cli_tools.upgrade_handler(name),
+                                            upgrade_epilog))
+    for module in (parse_log, plot, draw):
+        module.add_parser(sub).set_defaults(unused_flags=())
+    for c in sub.choices.values():
+        _add_log_level(c)
     return p
 
 
-def normalise_argv(argv: Sequence[str]) -> list[str]:
-    """gflags accepts ``-solver x``; argparse wants ``--solver x``."""
-    names = {a.dest for a in build_parser()._actions if a.option_strings}
-    out = []
-    for a in argv:
-        if a.startswith("-") and not a.startswith("--"):
-            key = a[1:].split("=", 1)[0]
-            if key in names:
-                a = "-" + a
-        out.append(a)
+def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return dict(action.choices)
+    return {}
+
+
+def _long_options(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
+    return {s[2:]: a for a in parser._actions for s in a.option_strings if s.startswith("--")}
+
+
+def _command_index(argv: Sequence[str], subs: dict[str, argparse.ArgumentParser]) -> int:
+    """Where the command is in ``argv`` when flags may come before it (gflags reads flags
+    anywhere); -1 when there is none, or a top-level option (--help, --version) comes first."""
+    options: dict[str, argparse.Action] = {}
+    for name in CAFFE_USES:
+        options.update(_long_options(subs[name]))
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        if a in subs:
+            return i
+        if not a.startswith("-") or a.lstrip("-") in ("h", "help", "version"):
+            return -1
+        name, has_value = a.lstrip("-").split("=", 1)[0], "=" in a
+        action = options.get(name)
+        i += 1 if has_value or (action is not None and action.nargs == 0) else 2
+    return -1
+
+
+def normalise_argv(argv: Sequence[str],
+                   parser: argparse.ArgumentParser | None = None) -> list[str]:
+    """gflags' spellings in argparse's: ``-solver x`` becomes ``--solver x`` and flags given
+    before the command move after it."""
+    parser = parser or build_parser()
+    subs = _subparsers(parser)
+    out = list(argv)
+    i = _command_index(out, subs)
+    if i > 0:
+        out = [out[i], *out[:i], *out[i + 1:]]
+    target = subs[out[0]] if out and out[0] in subs else parser
+    names = _long_options(target)
+    for j, a in enumerate(out):
+        if (a.startswith("-") and not a.startswith("--") and len(a) > 2
+                and a[1:].split("=", 1)[0] in names):
+            out[j] = "-" + a
     return out
+
+
+def _warn_unused(args: argparse.Namespace) -> None:
+    for name in args.unused_flags:
+        if hasattr(args, name):
+            log.warning("--%s is not used by %s; ignored (Caffe ignores it too)", name,
+                        args.command)
 
 
 def _phase(name: str, default: int) -> int:
@@ -132,9 +279,18 @@ def _phase(name: str, default: int) -> int:
 def choose_backend(gpu_flag: str, solver_param: Any = None) -> backend_mod.Backend:
     """--gpu wins; else the solver's solver_mode/device_id; GPU in a file on a CPU-only machine
     falls back to the CPU with a warning (so unchanged BVLC solvers run here)."""
+    if gpu_flag == "all":  # each rank takes a GPU of its node by its local rank
+        from pycaffe_mpi import comm as comm_mod
+        from pycaffe_mpi.comm import device as device_mod
+
+        n = backend_mod.gpu_count()
+        if n == 0:
+            raise errors.PycaffeError("--gpu all: no CUDA device available")
+        return backend_mod.Backend("gpu", device_mod.device_for_local_rank(
+            comm_mod.world().local_rank(), n))
     if gpu_flag:
         ids = gpu_flag.split(",")
-        if gpu_flag == "all" or len(ids) > 1:
+        if len(ids) > 1:
             raise errors.PycaffeError("one process drives one GPU: give a single --gpu id (use "
                                       "mpiexec with one id per rank for more)")
         try:
@@ -353,145 +509,18 @@ def cmd_device_query(args: argparse.Namespace, comm: Any) -> int:
     return 0
 
 
-def cmd_ensemble(args: argparse.Namespace, comm: Any) -> int:
-    from pycaffe_mpi import ensemble, prototxt
-
-    if not args.model or not args.output_dir:
-        raise errors.PycaffeError("ensemble needs --model (the single model's train/test net) "
-                                  "and --output_dir")
-    spec = ensemble.EnsembleSpec(
-        members=args.members, split=args.split or None, loss=args.loss, k=args.k,
-        ce_weight=args.ce_weight, normalization=args.normalization.upper(),
-        fused=not args.composed, ranks=args.ranks, bagging=args.bagging,
-        same_init=args.same_init)
-    net_path, solver_path = ensemble.write_ensemble(args.model, args.solver or None,
-                                                    args.output_dir, spec,
-                                                    lr_scale=args.lr_scale)
-    for path in (net_path, solver_path):
-        if path:
-            print(f"wrote {path}")
-    try:
-        print(ensemble.parameters_line(prototxt.read_net(args.model)[0],
-                                       prototxt.read_net(net_path)[0]))
-    except errors.DataError as e:  # the base net is built for its shapes
-        print(f"parameters: not counted ({e})")
-    if spec.ranks > 1 and solver_path:
-        same = " --same_seed" if spec.same_init else ""
-        print(f"train with: mpiexec -n {spec.ranks} pycaffe-mpi train --solver {solver_path}"
-              f"{same}")
-    return 0
-
-
 def _say(line: str) -> None:
     """One line to stderr in one write, so mpiexec never splits it from its newline."""
     sys.stderr.write(line + "\n")
     sys.stderr.flush()
 
 
-_DISPATCH = {"train": cmd_train, "test": cmd_test, "time": cmd_time,
-             "device_query": cmd_device_query, "ensemble": cmd_ensemble}
+_DISPATCH: dict[str, Callable[[argparse.Namespace, Any], int]] = {
+    "train": cmd_train, "test": cmd_test, "time": cmd_time,
+    "device_query": cmd_device_query}
 
 
-# -- upgrade-net / upgrade-solver (Caffe's upgrade_net_proto_text|binary, upgrade_solver_proto_text)
-UPGRADE_COMMANDS = {
-    "upgrade-net": "Upgrade a net from an old format (V0 or V1 'layers', net-level input "
-                   "fields, old data transformation fields, old BatchNorm params) to the "
-                   "current one. A text prototxt gives a text prototxt; a binary NetParameter "
-                   "(.caffemodel, judged by content) gives a binary one.",
-    "upgrade-solver": "Upgrade a solver prototxt's deprecated solver_type enum to the type "
-                      "string.",
-}
-
-
-def build_upgrade_parser(command: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=f"pycaffe-mpi {command}",
-                                description=UPGRADE_COMMANDS[command],
-                                epilog="Exit status: 0 when upgraded without problems (or "
-                                       "already current), 1 when parts could not be upgraded "
-                                       "(the file is written anyway), 2 when IN cannot be read.")
-    p.add_argument("input", metavar="IN", help="the file to upgrade")
-    p.add_argument("output", metavar="OUT", help="where the upgraded file is written")
-    p.add_argument("--log_level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
-    return p
-
-
-def _is_binary_file(path: str) -> bool:
-    """A binary protobuf, judged by content: text prototxt is UTF-8 without NUL bytes."""
-    with open(path, "rb") as f:
-        head = f.read(1 << 16)
-    if b"\0" in head:
-        return True
-    try:
-        head.decode("utf-8")
-    except UnicodeDecodeError as e:
-        return e.start < len(head) - 4  # not just a character cut at the end of the chunk
-    return False
-
-
-def cmd_upgrade(command: str, args: argparse.Namespace) -> int:
-    from google.protobuf import text_format
-
-    from pycaffe_mpi import prototxt, upgrade
-    from pycaffe_mpi import snapshot as io
-    from pycaffe_mpi.proto import caffe_pb2
-
-    src, dst = args.input, args.output
-    is_net = command == "upgrade-net"
-    what = "NetParameter" if is_net else "SolverParameter"
-    binary = is_net and os.path.isfile(src) and _is_binary_file(src)
-    message = caffe_pb2.NetParameter() if is_net else caffe_pb2.SolverParameter()
-    try:
-        if binary:
-            io.read_proto_binary(src, message)
-        else:
-            prototxt.parse_text(prototxt.read_text(src), message, src)
-    except errors.PycaffeError as e:
-        log.error("Failed to parse input %s file as %s: %s (%s)",
-                  "binary" if binary else "text", what, src, e)
-        return 2
-    if is_net:
-        needed = upgrade.net_needs_upgrade(message)
-        success = upgrade.upgrade_net_as_needed(src, message)[0] if needed else True
-    else:
-        needed = upgrade.solver_needs_type_upgrade(message)
-        success = upgrade.upgrade_solver_as_needed(src, message) if needed else True
-    if not needed:
-        log.error("File already in latest proto format: %s", src)
-    elif not success:
-        log.error("Encountered error(s) while upgrading prototxt; see details above.")
-    if binary:
-        io.write_proto_binary(dst, message)
-    else:
-        io.atomic_write(dst, text_format.MessageToString(message).encode())
-    log.info("Wrote upgraded %s %s proto to %s", what, "binary" if binary else "text", dst)
-    return 0 if success else 1
-
-
-def _main_upgrade(argv: Sequence[str]) -> int:
-    args = build_upgrade_parser(argv[0]).parse_args(argv[1:])
-    level = getattr(logging, args.log_level.upper(), None)
-    if not isinstance(level, int):
-        print(f'error: --log_level "{args.log_level}" is not a level', file=sys.stderr)
-        return 2
-    log_mod.setup(0, 1, level=level)
-    try:
-        return cmd_upgrade(argv[0], args)
-    except errors.PycaffeError as e:
-        _say(f"error: {e}")
-        return 1
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``pycaffe-mpi`` console script."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in UPGRADE_COMMANDS:
-        return _main_upgrade(argv)
-    argv = normalise_argv(argv)
-    args = build_parser().parse_args(argv)
-    level = getattr(logging, args.log_level.upper(), None)
-    if not isinstance(level, int):
-        print(f'error: --log_level "{args.log_level}" is not a level', file=sys.stderr)
-        return 2
+def _run_mpi_command(args: argparse.Namespace, level: int) -> int:
     from pycaffe_mpi import comm as comm_mod
 
     comm = comm_mod.world()
@@ -499,9 +528,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     comm_mod.abort_on_uncaught_exceptions(comm)
     if comm.size > 1:
         log.info("MPI: %d processes; this is rank %d", comm.size, comm.rank)
+    _warn_unused(args)
     tag = f"[rank {comm.rank}/{comm.size}] " if comm.size > 1 else ""
     try:
-        return _DISPATCH[args.command](args, comm)
+        return args.handler(args, comm)
     except errors.PycaffeError as e:
         _say(f"{tag}error: {e}")
         if comm.size > 1:  # the other ranks may be waiting in a collective: end the job
@@ -511,6 +541,32 @@ def main(argv: Sequence[str] | None = None) -> int:
         _say(f"{tag}error: interrupted")
         if comm.size > 1:
             comm.abort(130)
+        return 130
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``pycaffe-mpi`` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    if not argv:
+        parser.print_help()
+        return 0
+    args = parser.parse_args(normalise_argv(argv, parser))
+    level = getattr(logging, args.log_level.upper(), None)
+    if not isinstance(level, int):
+        print(f'error: --log_level "{args.log_level}" is not a level', file=sys.stderr)
+        return 2
+    if args.command in MPI_COMMANDS:
+        return _run_mpi_command(args, level)
+    # the file tools never start MPI: they run anywhere, also beside a job
+    log_mod.setup(0, 1, level=level)
+    try:
+        return args.handler(args)
+    except errors.PycaffeError as e:
+        _say(f"error: {e}")
+        return 1
+    except KeyboardInterrupt:
+        _say("error: interrupted")
         return 130
 
 

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from google.protobuf import text_format
 
-from pycaffe_mpi import cli, datasets, ensemble, prototxt, solvers
+from pycaffe_mpi import cli, cli_tools, datasets, ensemble, prototxt, solvers
 from pycaffe_mpi import net as net_mod
 from pycaffe_mpi.layer import TEST, TRAIN
 from pycaffe_mpi.net import Net
@@ -442,7 +442,8 @@ def test_cli_writes_net_and_solver(tmp_path, lmdb_base, capsys):
     assert rc == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines == [f"wrote {out / 'train_test.prototxt'}", f"wrote {out / 'solver.prototxt'}",
-                     "parameters: 306 (3 independent models: 420, 0.73x)"]
+                     "parameters: 306 (3 independent models: 420, 0.73x)",
+                     f"train with: {cli_tools.train_command(str(out / 'solver.prototxt'))}"]
     sp = prototxt.read_solver(str(out / "solver.prototxt"))
     assert sp.net == str(out / "train_test.prototxt")
     assert sp.base_lr == pytest.approx(0.15)  # x M for an averaged loss
@@ -478,8 +479,8 @@ def test_cli_names_the_model_file_and_hints_mpiexec(tmp_path, input_base, capsys
                      str(tmp_path / "s.prototxt"), "--ranks", "2", "--same_init",
                      "--output_dir", str(out)]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[-1] == (f"train with: mpiexec -n 2 pycaffe-mpi train --solver "
-                         f"{out / 'solver.prototxt'} --same_seed")
+    assert lines[-1] == ("train with: " + cli_tools.train_command(
+        str(out / "solver.prototxt"), ranks=2, same_seed=True))  # tests/unit/test_cli_commands.py
     assert lines[-2] == "parameters: 560 (4 independent models: 560, 1.00x)"
     assert prototxt.read_solver(str(out / "solver.prototxt")).snapshot_prefix == \
         str(out / "placed")
