@@ -359,7 +359,8 @@ class Net(NetApi):
         return self.layer_names.index(name)
 
     def forward_from_to(self, start: int, end: int) -> float:
-        """Run layers ``start..end`` (inclusive); return their loss contribution."""
+        """Run layers ``start..end`` (inclusive); return their loss contribution (a float; on a
+        GPU a 0-d device array, so that nothing waits for the device until it is read)."""
         loss = 0.0
         for i in range(start, end + 1):
             layer, bottom, top = self.layers[i], self.bottom_vecs[i], self.top_vecs[i]
@@ -372,7 +373,10 @@ class Net(NetApi):
                 raise
             for t, w in zip(top, layer.loss_weights):
                 if w:
-                    loss += w * float(t.data.sum())
+                    # NOTE: on a GPU the loss stays a device scalar (float() of it would wait
+                    # for the GPU every iteration); whoever displays it reads it then.
+                    total = t.data.sum()
+                    loss += w * (float(total) if isinstance(total, np.generic) else total)
                     t.diff[...] = w
             if self.debug_info:
                 self._debug("Forward", i, top, "data")

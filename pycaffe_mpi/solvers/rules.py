@@ -160,10 +160,9 @@ class UpdateRule:
         clip = self.clip_gradients
         if clip < 0 or not params:
             return None
-        sumsq = 0.0
-        for p in params:
-            d = p.diff.ravel()
-            sumsq += float(_xp_of(d).dot(d, d))
+        # NOTE: summed on the device, read once: one wait for the GPU per step, not per blob
+        xp = _xp_of(params[0].diff)
+        sumsq = float(sum(xp.dot(p.diff.ravel(), p.diff.ravel()) for p in params))
         norm = math.sqrt(sumsq)
         if not norm > clip:  # NaN norms are left alone, as in Caffe
             return None
