@@ -399,6 +399,11 @@ class Data(Layer):
     random crops and mirrors come from a Generator seeded from ``self.rng`` at setup, so runs
     are reproducible. Call :meth:`close` to stop the thread early (it also stops when the
     layer is garbage-collected or the process exits).
+
+    A damaged database is a DataError naming the layer and the source, never a crash: a data
+    file shorter than its last used page (checked at open and again before every batch, since
+    LMDB reads through a memory map and a missing page would be a SIGBUS), damaged meta pages,
+    corrupt pages, and garbled or short records (named by key).
     """
 
     is_data = True
