@@ -37,7 +37,10 @@ from google.protobuf import text_format
 
 from pycaffe_mpi import errors, prototxt, upgrade
 from pycaffe_mpi.proto import caffe_pb2
-from pycaffe_mpi.solvers import lr_policy, rules
+from pycaffe_mpi.reports.results import ResultsWriter
+from pycaffe_mpi.solvers import agreement, lr_policy, rules
+from pycaffe_mpi.solvers import nonfinite as nonfinite_mod
+from pycaffe_mpi.solvers import testing as testing_mod
 from pycaffe_mpi.solvers.snapshots import SnapshotMixin
 
 LOGGER = logging.getLogger("pycaffe_mpi")
@@ -106,7 +109,17 @@ class Solver(SnapshotMixin):
         backend: where arrays live (default: the CPU); dtype: float32 (default) or float64.
         ctx: run-time context handed to the nets' layers.
         comm: the world communicator (:mod:`pycaffe_mpi.comm`); gives ``rank`` and ``size``
-            and carries the nets' MPIBroadcast/MPIGather layers.
+            and carries the nets' MPIBroadcast/MPIGather layers. With several ranks they first
+            agree on the solver fields that decide the sequence of collectives
+            (:mod:`pycaffe_mpi.solvers.agreement`).
+        nonfinite: "stop" (default: a NaN/Inf loss stops the run, naming the iteration and the
+            first non-finite layer, :mod:`pycaffe_mpi.solvers.nonfinite`) or "continue"
+            (Caffe's behaviour).
+        results: the results file (one JSON line per display and test pass,
+            :mod:`pycaffe_mpi.reports.results`; every output by name, plus ``smoothed_loss``
+            (the displayed loss) and, with test_compute_loss, ``test_loss``): None (default) writes
+            ``<snapshot_prefix>_results.jsonl`` on rank 0 when there is a snapshot_prefix;
+            False writes none; a path writes there (on every rank that is given one).
         log: the logger (default ``logging.getLogger("pycaffe_mpi")``).
 
     Attributes:
@@ -133,7 +146,11 @@ class Solver(SnapshotMixin):
         ctx: Any = None,
         comm: Any = None,
         log: logging.Logger | None = None,
+        nonfinite: str = "stop",
+        results: str | os.PathLike | bool | None = None,
     ) -> None:
+        from pycaffe_mpi.pycaffe import settings
+
         self.log = log or LOGGER
         if isinstance(param_or_path, (str, os.PathLike)):
             self.source_path: str | None = os.fspath(param_or_path)
@@ -149,7 +166,8 @@ class Solver(SnapshotMixin):
         if comm is not None:
             rank, size = comm.rank, comm.size
         self.rank, self.size = int(rank), int(size)
-        self.backend = backend
+        # pycaffe's caffe.set_mode_gpu()/set_device() choose the device when none is given
+        self.backend = backend if backend is not None else settings.backend()
         self.dtype = np.dtype(dtype)
         self.ctx = ctx
         self.log.info("Initializing solver from parameters: \n%s",
@@ -158,11 +176,16 @@ class Solver(SnapshotMixin):
             raise errors.SolverError(
                 f"average_loss should be >= 1, got {param.average_loss}")
         self._check_snapshot_settings()
+        self.nonfinite = nonfinite_mod.check_policy(nonfinite)
+        agreement.check_settings(comm, param, self.source_path, {"nonfinite": self.nonfinite})
+        self._guard = nonfinite_mod.LossGuard(self.nonfinite, comm)
         self.seed: int | None = None
-        if param.random_seed >= 0:
+        # the file's random_seed wins; else caffe.set_random_seed()'s
+        base_seed = param.random_seed if param.random_seed >= 0 else settings.random_seed
+        if base_seed is not None:
             offset = seed_offset if seed_offset is not None else \
                 (0 if same_seed_all_ranks else self.rank)
-            self.seed = int(param.random_seed) + int(offset)
+            self.seed = int(base_seed) + int(offset)
             # NOTE: user Python layers often draw from NumPy's legacy global generator.
             np.random.seed(self.seed % 2**32)  # noqa: NPY002
         if self.forced_type is not None:
@@ -176,6 +199,9 @@ class Solver(SnapshotMixin):
         self.net = self._init_train_net()
         self.test_nets = self._init_test_nets()
         self.mean_scores: list[list[float]] = [[] for _ in self.test_nets]
+        self._results_arg = results
+        self.results: ResultsWriter | None = None
+        self._t0 = time.perf_counter()
         self.log.info("Solver scaffolding done.")
         self._lr: float | None = None
         self._losses: list[float] = []
@@ -184,11 +210,8 @@ class Solver(SnapshotMixin):
 
     # -- construction --------------------------------------------------------------------------
     def _net_kwargs(self) -> dict[str, Any]:
-        kw: dict[str, Any] = {"dtype": self.dtype, "rank": self.rank, "ctx": self.ctx,
-                              "comm": self.comm}
-        if self.backend is not None:
-            kw["backend"] = self.backend
-        return kw
+        return {"dtype": self.dtype, "rank": self.rank, "ctx": self.ctx, "comm": self.comm,
+                "backend": self.backend}
 
     def _make_net(self, source: Any, phase: int, override: Any, seed: int | None) -> Any:
         """Build one net with Caffe's NetState merge: phase, then the net's own state, then
@@ -337,6 +360,9 @@ class Solver(SnapshotMixin):
             closer = getattr(net, "close", None)
             if callable(closer):
                 closer()
+        if self.results is not None:
+            self.results.close()
+            self.results = None
 
     def _requested_action(self) -> str:
         if self._action_fn is None:
@@ -358,6 +384,7 @@ class Solver(SnapshotMixin):
         if resume_file:
             self.log.info("Restoring previous solver status from %s", resume_file)
             self.restore(resume_file)
+        agreement.check_iteration(self.comm, self.iter, resume_file)
         start_iter = self.iter
         self.step(p.max_iter - self.iter)
         if p.snapshot_after_train and (not p.snapshot or self.iter % p.snapshot != 0):
@@ -401,7 +428,9 @@ class Solver(SnapshotMixin):
             iter_size = max(1, p.iter_size)
             loss = 0.0
             for _ in range(iter_size):
-                loss += self.net.forward_backward()
+                pass_loss = self.net.forward_backward()
+                self._guard.check(self.net, pass_loss, self.iter)
+                loss += pass_loss
             loss /= iter_size
             self._update_smoothed_loss(loss, start_iter, p.average_loss)
             if display:
@@ -411,7 +440,9 @@ class Solver(SnapshotMixin):
                 self.log.info("Iteration %d (%s iter/s, %ss/%d iters), loss = %s", self.iter,
                               _fmt(per_s), _fmt(lapse), p.display, _fmt(self.smoothed_loss))
                 t_last, iter_last = now, self.iter
-                self._log_outputs(self.net, "Train", self._output_values(self.net))
+                values = self._output_values(self.net)
+                self._log_outputs(self.net, "Train", values)
+                self._record("train", [*values, ("smoothed_loss", self.smoothed_loss)])
             for cb in self.callbacks:
                 if cb.on_gradients_ready is not None:
                     cb.on_gradients_ready()
@@ -459,9 +490,30 @@ class Solver(SnapshotMixin):
     # -- outputs and testing --------------------------------------------------------------------
     def _output_values(self, net: Any) -> list[tuple[str, np.ndarray]]:
         """Each output blob's values, flattened, on the host."""
-        to_host = net.backend.to_host
-        return [(name, np.asarray(to_host(net.blobs[name].data), dtype=np.float64).ravel())
-                for name in net.output_blob_names]
+        return testing_mod.output_values(net)
+
+    def _results_writer(self) -> ResultsWriter | None:
+        """The results file, opened on first use (appended to when the run was resumed)."""
+        if self.results is None and self._results_arg is not False:
+            path = self._results_arg
+            if path is None or path is True:
+                if self.rank != 0 or not self.param.snapshot_prefix:
+                    self._results_arg = False
+                    return None
+                path = f"{self.param.snapshot_prefix}_results.jsonl"
+            self.results = ResultsWriter(path, self.rank, append=self.iter > 0)
+            self.log.info("Writing results to %s", self.results.path)
+        return self.results
+
+    def _record(self, kind: str, outputs: Sequence[tuple[str, Any]], test_net: int = 0) -> None:
+        writer = self._results_writer()
+        if writer is None:
+            return
+        seconds = time.perf_counter() - self._t0
+        if kind == "train":
+            writer.write_train(self.iter, self.lr, seconds, outputs)
+        else:
+            writer.write_test(self.iter, seconds, outputs, test_net)
 
     def _log_outputs(self, net: Any, what: str, values: Sequence[tuple[str, Any]]) -> None:
         """``    <what> net output #k: name = v[ (* w = w·v loss)]``, k running over elements."""
@@ -490,11 +542,9 @@ class Solver(SnapshotMixin):
         test_net = self.test_nets[test_net_id]
         test_net.share_trained_layers_with(self.net)
         n_iter = p.test_iter[test_net_id]
-        scores: np.ndarray | None = None
-        names: list[tuple[str, int]] = []
-        loss = 0.0
         test_net.begin_test_pass()
-        for i in range(n_iter):
+
+        def before_batch(_: int) -> bool:
             request = self._requested_action()
             while request != NONE:
                 if request == SNAPSHOT:
@@ -502,35 +552,24 @@ class Solver(SnapshotMixin):
                 elif request == STOP:
                     self.requested_early_exit = True
                 request = self._requested_action()
-            if self.requested_early_exit:
-                break
-            iter_loss = test_net.forward_loss()
-            if p.test_compute_loss:
-                loss += iter_loss
-            values = self._output_values(test_net)
-            flat = np.concatenate([v for _, v in values]) if values else np.zeros(0)
-            if i == 0:
-                scores = flat.copy()
-                names = [(name, len(v)) for name, v in values]
-            else:
-                scores += flat
-        if self.requested_early_exit:
+            return not self.requested_early_exit
+
+        scores = testing_mod.average_outputs(test_net, n_iter, before_batch)
+        if scores is None:
             self.log.info("Test interrupted.")
             return None
         if p.test_compute_loss:
-            loss = loss / n_iter if n_iter else math.nan
-            self.log.info("Test loss: %s", _fmt(loss))
-        means = [] if scores is None else list(scores / n_iter)
-        split, k = [], 0
-        for name, n in names:
-            split.append((name, means[k:k + n]))
-            k += n
+            self.log.info("Test loss: %s", _fmt(scores.loss))
+        split = scores.outputs
+        means = scores.flat()
         self._log_outputs(test_net, "Test", split)
         suffix = f"_test{test_net_id}" if len(self.test_nets) > 1 else ""
         prefix = f"{self.param.snapshot_prefix}_iter_{self.iter}{suffix}"
         for path in test_net.end_test_pass(prefix):
             self.log.info("Wrote %s", path, extra={"all_ranks": True})
         self.mean_scores[test_net_id] = means
+        loss = [("test_loss", scores.loss)] if p.test_compute_loss else []
+        self._record("test", [*split, *loss], test_net_id)
         return means
 
 
