@@ -494,12 +494,29 @@ class Net(NetApi):
             path, src = "<NetParameter>", caffe_pb2.NetParameter()
             src.CopyFrom(source)
         upgrade.upgrade_net_as_needed(path, src)  # V0/V1 .caffemodel files
+        copied, nonfinite = [], []
         for sl in src.layer:
             if sl.name not in self.layer_dict:
                 log.info("Ignoring source layer %s", sl.name)
                 continue
             log.debug("Copying source layer %s", sl.name)
-            self._load_layer_blobs(self.layer_dict[sl.name], sl.blobs, path)
+            layer = self.layer_dict[sl.name]
+            self._load_layer_blobs(layer, sl.blobs, path)
+            if len(sl.blobs):
+                copied.append(sl.name)
+            if any(not bool(self.backend.xp.isfinite(b.data).all()) for b in layer.blobs):
+                nonfinite.append(sl.name)
+        # NOTE: Caffe copies silently; a file that matches nothing (a mean .binaryproto, an
+        # empty or foreign model) would leave the net at its random initial weights
+        learnable = [n for n, lay in zip(self.layer_names, self.layers) if len(lay.blobs)]
+        if learnable and not copied:
+            log.warning("WEIGHTS NOT LOADED: %s copied no layer into net %s (the file has %d "
+                        "layer(s) with weights, none named like this net's learnable layers "
+                        "%s); the net keeps its initial weights", path, self.name,
+                        sum(1 for sl in src.layer if len(sl.blobs)), learnable[:8])
+        if nonfinite:
+            log.warning("NON-FINITE WEIGHTS: %s brought NaN or Inf values into layer(s) %s",
+                        path, nonfinite)
 
     def _load_layer_blobs(self, layer: Layer, blob_protos: Sequence[Any], path: str) -> None:
         """Copy saved blobs into ``layer``'s parameters, with Caffe's checks."""

@@ -97,7 +97,7 @@ class SnapshotMixin:
         self.iter = int(state.iter)
         self.current_step = int(state.current_step)
         self._lr = None
-        self._restore_layer_states(state)
+        self._restore_layer_states(state, path)
 
     def _restore_history(self, state: Any, path: str) -> None:
         history = self.rule.history
@@ -120,12 +120,13 @@ class SnapshotMixin:
                 arr = arr.reshape(h.shape)
             h[...] = self.net.backend.asarray(arr, h.dtype)
 
-    def _restore_layer_states(self, state: Any) -> None:
+    def _restore_layer_states(self, state: Any, path: str = "<SolverState>") -> None:
         train, tests = [], [[] for _ in self.test_nets]
         for entry in state.layer_state:
             name = entry.layer
             if name == _NUMPY_STATE:
-                _set_numpy_global_state(entry.state)
+                _guarded(path, "NumPy's global random generator", _set_numpy_global_state,
+                         entry.state)
                 continue
             for i in range(len(self.test_nets)):
                 prefix = _TEST_STATE_PREFIX.format(i)
@@ -134,9 +135,27 @@ class SnapshotMixin:
                     break
             else:
                 train.append((name, entry.state))
-        self.net.set_layer_states(train)
-        for net, states in zip(self.test_nets, tests):
-            net.set_layer_states(states)
+        for net, states, what in [(self.net, train, "train net"),
+                                  *((n, st, f"test net #{i}")
+                                    for i, (n, st) in enumerate(zip(self.test_nets, tests)))]:
+            for name, raw in states:
+                if name in net.layer_dict:
+                    _guarded(path, f'layer "{name}" of the {what}',
+                             net.layer_dict[name].set_state, raw)
+
+
+def _guarded(path: str, what: str, restore: Any, raw: bytes) -> None:
+    """``restore(raw)``; a damaged state is a SnapshotError naming the file and the layer."""
+    try:
+        restore(raw)
+    except errors.PycaffeError as e:
+        raise errors.SnapshotError(f"{path}: cannot restore the run-time state (layer_state) "
+                                   f"of {what}: {e}") from e
+    except Exception as e:  # a damaged entry: bad JSON, wrong keys or values
+        raise errors.SnapshotError(
+            f"{path}: the run-time state (layer_state) of {what} is damaged "
+            f"({type(e).__name__}: {e}); resume from another snapshot, or start from its "
+            ".caffemodel with --weights") from e
 
 
 def _resolve_learned_net(learned_net: str, state_path: str) -> str:
