@@ -9,9 +9,11 @@ process of its own; --jobs processes run side by side with the cores shared betw
 
 --scale shrinks the schedule: max_iter, the learning-rate step and the pretraining points are
 multiplied by it (scale 1 = the paper's 5,000 iterations, lr 0.001 dropped x0.1 at 4,000).
-Each net is tested once, on the whole test set, at the end. Results go to OUT/results.csv (one
-row per experiment, trial and metric), OUT/table.md (means and standard deviations over the
-trials beside the paper's numbers) and OUT/plots/ (the oracle assignment heat maps, Fig. 2).
+Each net is tested once, on the whole test set, at the end; its numbers are read from the
+results file its solver writes (OUT/<run>/snap_results.jsonl, one JSON line per display and
+test pass). Results go to OUT/results.csv (one row per experiment, trial and metric),
+OUT/table.md (means and standard deviations over the trials beside the paper's numbers) and
+OUT/plots/ (the oracle assignment heat maps, Fig. 2).
 A finished experiment is not run again when the command is repeated with the same OUT.
 
 Needs the CIFAR-10 LMDBs: run `python tools/get_cifar10.py` first.
@@ -26,7 +28,6 @@ import csv
 import dataclasses
 import math
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -38,6 +39,7 @@ import _tool
 
 from pycaffe_mpi import errors, prototxt
 from pycaffe_mpi.ensemble import EnsembleSpec, write_ensemble
+from pycaffe_mpi.reports import parse_log, results
 
 REPO = Path(__file__).resolve().parent.parent
 MEMBERS = 4
@@ -45,7 +47,6 @@ PRETRAIN_POINTS = (100, 500, 1000, 2000, 4000)
 SPLITS = (("relu1", "conv1"), ("pool2", "conv2"), ("pool3", "conv3"), ("ip1", "ip1"))
 METRICS = ("ensemble_accuracy", "score_mean_accuracy", "oracle_accuracy",
            "oracle_accuracy_authors", "member_accuracy")
-_OUTPUT = re.compile(r"Test net output #\d+: (\w+) = ([-+0-9.eE]+|nan|inf)")
 
 
 @dataclasses.dataclass
@@ -252,16 +253,28 @@ def run_jobs(jobs: list[Job], n_parallel: int) -> list[str]:
 # -- results --------------------------------------------------------------------------------------
 
 
-def last_test_outputs(log: Path) -> dict[str, list[float]]:
-    """The values of the last test pass in a training log (name -> values in order)."""
-    passes: list[dict[str, list[float]]] = []
-    for line in log.read_text().splitlines():
-        if "Testing net" in line:
-            passes.append({})
-        m = _OUTPUT.search(line)
-        if m and passes:
-            passes[-1].setdefault(m.group(1), []).append(float(m.group(2)))
-    return passes[-1] if passes else {}
+def final_test_outputs(run_dir: Path) -> dict[str, float]:
+    """The last test pass of a run, output name -> value (an output with several elements is
+    ``name_0 … name_{n-1}``).
+
+    Read from the results file the solver writes beside its snapshots
+    (``<snapshot_prefix>_results.jsonl``, here ``snap_results.jsonl``: rank 0, test net 0);
+    a run without one (made before the solver wrote results files) has its log parsed instead.
+    """
+    path = run_dir / "snap_results.jsonl"
+    if path.is_file():
+        tests = [r for r in results.read_results(path)
+                 if r["kind"] == "test" and r["rank"] == 0 and r["test_net"] == 0]
+        return dict(tests[-1]["outputs"]) if tests else {}
+    log = run_dir / "train.log"
+    if not log.is_file():
+        return {}
+    _, test_rows = parse_log.parse_log(log)
+    if not test_rows:
+        return {}
+    # columns tagged "@rank<r>" or "@test<i>" come from other ranks or test nets
+    return {k: v for k, v in test_rows[-1].items()
+            if k not in parse_log.FIXED_COLUMNS and "@" not in k}
 
 
 def collect(exps: Sequence[Experiment], trials: int, out: Path) -> list[dict[str, object]]:
@@ -271,12 +284,9 @@ def collect(exps: Sequence[Experiment], trials: int, out: Path) -> list[dict[str
             d = out / f"{exp.key}_t{t}"
             if not (d / "done").exists():
                 continue
-            values = last_test_outputs(d / "train.log")
-            for name, vals in values.items():
-                for i, v in enumerate(vals):
-                    metric = name if len(vals) == 1 else f"{name}[{i}]"
-                    rows.append({"experiment": exp.key, "trial": t, "metric": metric,
-                                 "value": 100 * v if "accuracy" in name else v})
+            for name, v in final_test_outputs(d).items():
+                rows.append({"experiment": exp.key, "trial": t, "metric": name,
+                             "value": 100 * v if "accuracy" in name else v})
             plots = out / "plots"
             for png in sorted(d.glob("*_assignment.png")):
                 plots.mkdir(exist_ok=True)
@@ -314,7 +324,7 @@ def table(exps: Sequence[Experiment], rows: list[dict[str, object]], header: str
             score = _stat(get("score_mean_accuracy"))
             oracle = _stat(get("oracle_accuracy"))
             authors = _stat(get("oracle_accuracy_authors"))
-            members = " / ".join(_stat(get(f"member_accuracy[{i}]"))
+            members = " / ".join(_stat(get(f"member_accuracy_{i}"))
                                  for i in range(e.spec.members))
         p_mean = e.paper.get("ensemble_accuracy", e.paper.get("accuracy"))
         p_oracle = e.paper.get("oracle_accuracy")

@@ -21,6 +21,7 @@ import pytest
 from pycaffe_mpi import cli, datasets, ensemble, prototxt, solvers
 from pycaffe_mpi import snapshot as io
 from pycaffe_mpi.proto import caffe_pb2
+from pycaffe_mpi.reports import results
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -80,20 +81,28 @@ I1128 solver.py:415] Optimization Done.
 
 def test_reproduce_reads_the_last_test_pass(tmp_path: Path) -> None:
     rp = _tool("reproduce")
-    (tmp_path / "train.log").write_text(LOG)
-    assert rp.last_test_outputs(tmp_path / "train.log") == {
-        "ensemble_accuracy": [0.625], "oracle_accuracy": [0.875],
-        "member_accuracy": [0.375, 0.5]}
+    (tmp_path / "train.log").write_text(LOG)  # a run without a results file: its log is read
+    assert rp.final_test_outputs(tmp_path) == {
+        "ensemble_accuracy": 0.625, "oracle_accuracy": 0.875,
+        "member_accuracy_0": 0.375, "member_accuracy_1": 0.5}
+    with results.ResultsWriter(tmp_path / "snap_results.jsonl") as w:
+        w.write_train(0, 0.01, 1.0, {"loss": 2.3})
+        w.write_test(10, 2.0, {"ensemble_accuracy": 0.5, "member_accuracy": [0.25, 0.5]})
+        w.write_test(20, 3.0, {"ensemble_accuracy": 0.75, "member_accuracy": [0.5, 0.625]})
+        w.write_test(20, 3.0, {"accuracy": 0.1}, test_net=1)
+        w.write_train(20, 0.01, 3.5, {"loss": 1.0})
+    assert rp.final_test_outputs(tmp_path) == {  # the results file wins over the log
+        "ensemble_accuracy": 0.75, "member_accuracy_0": 0.5, "member_accuracy_1": 0.625}
 
 
 def test_reproduce_table_sets_measured_beside_paper(tmp_path: Path) -> None:
     rp = _tool("reproduce")
     exps = [e for e in rp.experiments(["4"]) if e.key in ("single", "mcl_k1")]
-    for key, acc in (("single_t0", "0.75"), ("single_t1", "0.77")):
+    for key, acc in (("single_t0", 0.75), ("single_t1", 0.77)):
         (tmp_path / key).mkdir()
         (tmp_path / key / "done").write_text("1")
-        (tmp_path / key / "train.log").write_text(
-            f"Testing net (#0)\n    Test net output #0: accuracy = {acc}\n")
+        with results.ResultsWriter(tmp_path / key / "snap_results.jsonl") as w:
+            w.write_test(10, 1.0, {"accuracy": acc})
     (tmp_path / "mcl_k1_t0").mkdir()
     (tmp_path / "mcl_k1_t0" / "done").write_text("1")
     (tmp_path / "mcl_k1_t0" / "train.log").write_text(LOG)
