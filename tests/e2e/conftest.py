@@ -1,5 +1,6 @@
-"""What the end-to-end tests need: the real CIFAR-10 LMDBs (skip without them) and MPI, and a
-copy of a shipped solver whose snapshots go to the test's own folder."""
+"""What the end-to-end tests need: the real CIFAR-10 LMDBs (skip without them) and MPI, a
+copy of a shipped solver whose snapshots go to the test's own folder, and the run's results
+file (read instead of the log's text)."""
 
 from __future__ import annotations
 
@@ -10,9 +11,26 @@ from pathlib import Path
 import pytest
 
 from pycaffe_mpi import prototxt
+from pycaffe_mpi.reports import results
 from pycaffe_mpi.testing import mpirun
 
 ROOT = Path(__file__).resolve().parents[2]
+
+
+def read_test_passes(snapshot_prefix: Path) -> list[dict[str, float]]:
+    """Test net 0's outputs at each test pass, in order, from the results file the solver
+    wrote (``<snapshot_prefix>_results.jsonl``, rank 0's): name -> value, an output with
+    several elements as ``name_0 … name_{n-1}``."""
+    path = Path(f"{snapshot_prefix}_results.jsonl")
+    assert path.is_file(), f"the solver wrote no results file {path}"
+    return [r["outputs"] for r in results.read_results(path)
+            if r["kind"] == "test" and r["rank"] == 0 and r["test_net"] == 0]
+
+
+@pytest.fixture()
+def test_passes():
+    """:func:`read_test_passes`: ``test_passes(tmp_path / stem)`` after a run."""
+    return read_test_passes
 
 
 @pytest.fixture()
