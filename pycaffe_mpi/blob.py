@@ -165,7 +165,10 @@ def name_layer(exc: BaseException, layer: Any) -> BaseException:
     """
     param = getattr(layer, "layer_param", layer)
     msg = str(exc)
-    if f'layer "{param.name}"' not in msg:
+    if f'layer "{param.name}"' in msg:
+        if isinstance(exc, errors.PycaffeError):
+            return exc
+    else:
         msg = f"{errors.layer_where(param, getattr(layer, 'location', ''))}: {msg}"
     if isinstance(exc, errors.PycaffeError):
         try:

@@ -396,7 +396,7 @@ def test_name_layer_prefixes_blob_errors_once():
         named = name_layer(e, lp)
     assert type(named) is errors.ShapeError
     assert str(named).startswith('layer "fc6" (type InnerProduct): blob size exceeds INT_MAX')
-    assert str(name_layer(named, lp)) == str(named)  # already named: unchanged
+    assert name_layer(named, lp) is named  # already named: unchanged
     oom = name_layer(MemoryError(), lp)
     assert isinstance(oom, BlobAllocationError) and str(oom) == (
         'layer "fc6" (type InnerProduct): out of memory')
