@@ -166,6 +166,12 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
                    help="under MPI: seed every rank with the solver's random_seed (default: "
                         "random_seed + rank, so replicated branches start different); bagging "
                         "from the same initial weights needs it")
+    p.add_argument("--nonfinite", default="stop", choices=("stop", "continue"),
+                   help="when the loss becomes NaN or Inf: stop, naming the iteration and the "
+                        "first non-finite layer (default), or continue as Caffe does")
+    p.add_argument("--collective_timeout", type=float, default=0.0, metavar="SECONDS",
+                   help="under MPI: end the job when a rank waits longer than SECONDS in one "
+                        "collective, naming the rank that never arrived (default 0: off)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -372,8 +378,11 @@ def cmd_train(args: argparse.Namespace, comm: Any) -> int:
         param.train_state.stage.extend(stages)
     backend = choose_backend(args.gpu, param)
     log.info("Using %s", f"GPU {backend.device_id}" if backend.is_gpu else "CPU")
+    from pycaffe_mpi import comm as comm_mod
+
+    comm_mod.set_collective_timeout(comm, args.collective_timeout)
     solver = solvers.Solver(param, backend=backend, comm=comm,
-                            same_seed_all_ranks=args.same_seed)
+                            same_seed_all_ranks=args.same_seed, nonfinite=args.nonfinite)
     _install_signal_actions(solver, args.sigint_effect, args.sighup_effect)
     if args.weights:
         for w in args.weights.split(","):
@@ -404,35 +413,28 @@ def cmd_test(args: argparse.Namespace, comm: Any) -> int:
     net = Net(args.model, _phase(args.phase, TEST), weights=args.weights or None,
               level=args.level, stages=stages, backend=backend, comm=comm)
     log.info("Running for %d iterations.", args.iterations)
-    sums: list[float] = []
-    names: list[tuple[str, int]] = []
-    total_loss = 0.0
+    from pycaffe_mpi.solvers import testing
+
+    def log_batch(i: int, loss: float, values: list[tuple[str, Any]]) -> None:
+        for name, vals in values:
+            for v in vals:
+                log.info("Batch %d, %s = %g", i, name, v)
+
     try:
         net.begin_test_pass()
-        for i in range(args.iterations):
-            loss = net.forward_loss()
-            total_loss += loss
-            k = 0
-            for name in net.output_blob_names:
-                vals = np.asarray(backend.to_host(net.blobs[name].data), np.float64).ravel()
-                for j, v in enumerate(vals):
-                    if i == 0:
-                        sums.append(0.0)
-                        names.append((name, j))
-                    sums[k] += float(v)
-                    log.info("Batch %d, %s = %g", i, name, v)
-                    k += 1
+        scores = testing.average_outputs(net, args.iterations, after_batch=log_batch)
         prefix = os.path.splitext(args.weights)[0] if args.weights else "test"
         for path in net.end_test_pass(prefix):
             log.info("Wrote %s", path)
     finally:
         net.close()
-    log.info("Loss: %g", total_loss / max(args.iterations, 1))
-    for (name, _), s in zip(names, sums):
-        mean = s / max(args.iterations, 1)
+    assert scores is not None  # no before_batch: never interrupted
+    log.info("Loss: %g", scores.loss if args.iterations > 0 else 0.0)
+    for name, means in scores.outputs:
         w = net.blob_loss_weights.get(name, 0.0)
-        extra = f" (* {w:g} = {w * mean:g} loss)" if w else ""
-        log.info("%s = %g%s", name, mean, extra)
+        for mean in means:
+            extra = f" (* {w:g} = {w * mean:g} loss)" if w else ""
+            log.info("%s = %g%s", name, mean, extra)
     return 0
 
 

@@ -145,6 +145,7 @@ class Net(NetApi):
         for lp, members, root, _ in groups:
             group = self.comm.create_group(members)
             if group is not None:
+                group.label = f'layer "{lp.name}"'  # named by the collective watchdog
                 self._groups[lp.name] = (group, members.index(root), members)
                 log.debug("Layer %s: MPI group of %d members, root %d", lp.name, len(members),
                           root)

@@ -149,11 +149,29 @@ class SelfComm(Comm):
 class MPIComm(Comm):
     """An mpi4py communicator behind the :class:`Comm` interface."""
 
-    def __init__(self, comm: Any, staging: device_mod.Staging | None = None) -> None:
+    def __init__(self, comm: Any, staging: device_mod.Staging | None = None,
+                 members: Sequence[int] | None = None, label: str = "the world") -> None:
         self.comm = comm
         self.rank = comm.Get_rank()
         self.size = comm.Get_size()
         self.staging = staging or device_mod.Staging()
+        # for the collective watchdog: the members' world ranks and what this group is for
+        self.members = list(members) if members is not None else list(range(self.size))
+        self.label = label
+        self._seq = 0
+
+    def _call(self, op: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        """``fn(*args, **kwargs)``, a blocking collective, marked on the watchdog if any."""
+        w = _WATCHDOG
+        if w is None:
+            return fn(*args, **kwargs)
+        self._seq += 1
+        w.enter(f"{op} #{self._seq} on {self.label} (world ranks {self.members})",
+                self.members, (self.label, self._seq))
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            w.leave()
 
     @property
     def is_mpi(self) -> bool:
@@ -169,7 +187,7 @@ class MPIComm(Comm):
 
     def bcast(self, buf: Any, root: int) -> None:
         h, staged = self._host(buf, "bcast", fill=self.rank == root)
-        self.comm.Bcast(h, root=root)
+        self._call("Bcast", self.comm.Bcast, h, root=root)
         if self.rank != root:
             self._back(h, buf, staged)
 
@@ -184,56 +202,59 @@ class MPIComm(Comm):
             else:
                 r, staged = self._host(recvbuf, "recv", fill=False)
             if r is s or (isinstance(r, np.ndarray) and np.shares_memory(r, s)):
-                self.comm.Reduce(MPI.IN_PLACE, r, op=MPI.SUM, root=root)
+                self._call("Reduce", self.comm.Reduce, MPI.IN_PLACE, r, op=MPI.SUM, root=root)
             else:
-                self.comm.Reduce(s, r, op=MPI.SUM, root=root)
+                self._call("Reduce", self.comm.Reduce, s, r, op=MPI.SUM, root=root)
             self._back(r, recvbuf, staged)
         else:
-            self.comm.Reduce(s, None, op=MPI.SUM, root=root)
+            self._call("Reduce", self.comm.Reduce, s, None, op=MPI.SUM, root=root)
 
     def gather(self, sendbuf: Any, recvbuf: Any, root: int) -> None:
         s, _ = self._host(sendbuf)
         if self.rank == root:
             r, staged = self._host(recvbuf, "recv", fill=False)
-            self.comm.Gather(device_mod.contiguous(s), r, root=root)
+            self._call("Gather", self.comm.Gather, device_mod.contiguous(s), r, root=root)
             self._back(r, recvbuf, staged)
         else:
-            self.comm.Gather(device_mod.contiguous(s), None, root=root)
+            self._call("Gather", self.comm.Gather, device_mod.contiguous(s), None, root=root)
 
     def scatter(self, sendbuf: Any, recvbuf: Any, root: int) -> None:
         r, staged = self._host(recvbuf, "recv", fill=False)
         if self.rank == root:
             s, _ = self._host(sendbuf)
-            self.comm.Scatter(device_mod.contiguous(s), r, root=root)
+            self._call("Scatter", self.comm.Scatter, device_mod.contiguous(s), r, root=root)
         else:
-            self.comm.Scatter(None, r, root=root)
+            self._call("Scatter", self.comm.Scatter, None, r, root=root)
         self._back(r, recvbuf, staged)
 
     def allgather(self, sendbuf: Any, recvbuf: Any) -> None:
         s, _ = self._host(sendbuf)
         r, staged = self._host(recvbuf, "recv", fill=False)
-        self.comm.Allgather(device_mod.contiguous(s), r)
+        self._call("Allgather", self.comm.Allgather, device_mod.contiguous(s), r)
         self._back(r, recvbuf, staged)
 
     def bcast_obj(self, obj: Any, root: int) -> Any:
-        return self.comm.bcast(obj, root=root)
+        return self._call("bcast", self.comm.bcast, obj, root=root)
 
     def allgather_obj(self, obj: Any) -> list[Any]:
-        return self.comm.allgather(obj)
+        return self._call("allgather", self.comm.allgather, obj)
 
     def gather_obj(self, obj: Any, root: int) -> list[Any] | None:
-        return self.comm.gather(obj, root=root)
+        return self._call("gather", self.comm.gather, obj, root=root)
 
     def create_group(self, ranks: Sequence[int]) -> Comm | None:
         from mpi4py import MPI
 
         group = self.comm.Get_group().Incl(list(ranks))
-        new = self.comm.Create(group)
+        new = self._call("Create", self.comm.Create, group)
         group.Free()
-        return None if new == MPI.COMM_NULL else MPIComm(new, self.staging)
+        if new == MPI.COMM_NULL:
+            return None
+        return MPIComm(new, self.staging, members=[self.members[r] for r in ranks],
+                       label=f"a group of {self.label}")
 
     def barrier(self) -> None:
-        self.comm.Barrier()
+        self._call("Barrier", self.comm.Barrier)
 
     def local_rank(self) -> int:
         return device_mod.local_rank(self.comm)
@@ -246,6 +267,22 @@ class MPIComm(Comm):
 
 
 _WORLD: Comm | None = None
+_WATCHDOG: Any = None  # the collective watchdog of this process, once started
+
+
+def set_collective_timeout(comm: Comm, seconds: float | None) -> None:
+    """End the job when one of this process's collectives waits longer than ``seconds``,
+    naming the rank(s) that never arrived (:mod:`pycaffe_mpi.comm.watchdog`). Collective
+    over ``comm`` (the world); None or <= 0 leaves it off; nothing to do without MPI."""
+    global _WATCHDOG
+    if not seconds or seconds <= 0 or not isinstance(comm, MPIComm) or comm.size <= 1:
+        return
+    from pycaffe_mpi.comm import watchdog
+
+    if _WATCHDOG is not None:
+        _WATCHDOG.timeout = float(seconds)
+        return
+    _WATCHDOG = watchdog.Watchdog(comm.comm, seconds, comm.abort)
 
 
 def world(force_mpi: bool = False) -> Comm:

@@ -346,6 +346,8 @@ class _Prefetcher:
         except lmdb.Error as e:  # e.g. MDB_CORRUPTED: pages damaged after the meta pages
             self._put(_Failure(errors.DataError(f"the database is damaged ({e}); rebuild or "
                                                 "copy it again")))
+        except SystemExit as e:  # the thread must not end mute: forward would wait on it
+            self._put(_Failure(errors.DataError(f"sys.exit({e.code!r}) in the prefetch thread")))
         except Exception as e:  # handed to forward, which re-raises it with the source path
             self._put(_Failure(e))
 

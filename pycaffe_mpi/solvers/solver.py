@@ -386,7 +386,17 @@ class Solver(SnapshotMixin):
             self.restore(resume_file)
         agreement.check_iteration(self.comm, self.iter, resume_file)
         start_iter = self.iter
-        self.step(p.max_iter - self.iter)
+        try:
+            self.step(p.max_iter - self.iter)
+        except SystemExit as e:
+            if self.size <= 1:
+                raise
+            # NOTE: a rank leaving alone (sys.exit in a signal handler or a callback) would
+            # leave the others waiting in a collective forever; an error ends the whole job
+            raise errors.SolverError(
+                f"sys.exit({e.code!r}) was called during training at iteration {self.iter} "
+                f"on rank {self.rank}/{self.size} (a signal handler or callback?); one MPI "
+                "rank cannot leave alone, so the job ends") from e
         if p.snapshot_after_train and (not p.snapshot or self.iter % p.snapshot != 0):
             self.snapshot()
         if self.requested_early_exit:
