@@ -55,7 +55,8 @@ def _hint(msg: str) -> str:
 def parse_text(text: str, message: Any, path: str = "<string>") -> Any:
     """Merge prototxt ``text`` into ``message``; a mistake raises a located PrototxtError."""
     try:
-        text_format.Merge(text, message)
+        # Parse, not Merge: like Caffe's parser it refuses a singular field written twice
+        text_format.Parse(text, message)
     except text_format.ParseError as e:
         line = getattr(e, "GetLine", lambda: None)()
         col = getattr(e, "GetColumn", lambda: None)()
@@ -82,10 +83,19 @@ def _layer_name_near(text: str, line: int) -> str:
 
 def read_text(path: str) -> str:
     try:
-        with open(path, encoding="utf-8") as f:
-            return f.read()
+        with open(path, "rb") as f:
+            data = f.read()
     except OSError as e:
         raise errors.PrototxtError(f"cannot read {path}: {e.strerror}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        col = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+        raise errors.PrototxtError(
+            f"{path}:{line}:{col}: byte 0x{data[e.start]:02x} is not UTF-8 text ({e.reason}); "
+            "a prototxt is UTF-8 (a binary .caffemodel is not a prototxt)") from None
+    return text.replace("\r\n", "\n").replace("\r", "\n")  # as text mode reads it
 
 
 def read_net(path: str) -> tuple[Any, list[str]]:
@@ -111,3 +121,28 @@ def is_binary_net(path: str) -> bool:
     """True for a binary NetParameter (.caffemodel), judged by content like Caffe does."""
     ext = os.path.splitext(path)[1].lower()
     return ext in (".caffemodel", ".binaryproto", ".pb")
+
+
+def located(exc: errors.PycaffeError, path: str | None,
+            message_type: Any = caffe_pb2.SolverParameter) -> errors.PycaffeError:
+    """``exc`` with ``path`` in front (and the line of the first ``message_type`` field its
+    message names, where the file sets it), unless it names the file already or ``path`` is
+    None. For checks made on a parsed message, which no longer knows its lines."""
+    msg = str(exc)
+    if not path or path in msg:
+        return exc
+    try:
+        text = read_text(path)
+    except errors.PycaffeError:
+        text = ""
+    fields = {f.name for f in message_type.DESCRIPTOR.fields}
+    where = path
+    for word in re.findall(r"\b[a-z][a-z0-9_]*\b", msg):
+        m = re.search(rf"^\s*{word}\s*[:{{]", text, re.M) if word in fields else None
+        if m:
+            where = f"{path}:{text.count(chr(10), 0, m.start()) + 1}"
+            break
+    try:
+        return type(exc)(f"{where}: {msg}")
+    except TypeError:  # an error class with another signature: leave it as it is
+        return exc
