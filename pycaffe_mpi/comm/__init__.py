@@ -160,13 +160,14 @@ class MPIComm(Comm):
         self.label = label
         self._seq = 0
 
-    def _call(self, op: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+    def _call(self, what: str, fn: Any, /, *args: Any, **kwargs: Any) -> Any:
         """``fn(*args, **kwargs)``, a blocking collective, marked on the watchdog if any."""
+        # NOTE: positional-only: Reduce's own keyword is ``op``
         w = _WATCHDOG
         if w is None:
             return fn(*args, **kwargs)
         self._seq += 1
-        w.enter(f"{op} #{self._seq} on {self.label} (world ranks {self.members})",
+        w.enter(f"{what} #{self._seq} on {self.label} (world ranks {self.members})",
                 self.members, (self.label, self._seq))
         try:
             return fn(*args, **kwargs)
