@@ -30,7 +30,7 @@ import numpy as np
 
 from pycaffe_mpi import backend as backend_mod
 from pycaffe_mpi import errors, netparam, registry, upgrade
-from pycaffe_mpi.blob import Blob
+from pycaffe_mpi.blob import Blob, name_layer
 from pycaffe_mpi.comm.plan import (
     COMM_TYPES,
     check_digests,
@@ -233,9 +233,12 @@ class Net(NetApi):
             layer.setup(bottoms, tops)
             layer.reshape(bottoms, tops)
         except errors.PycaffeError as e:
+            e = name_layer(e, layer)  # blobs raise without knowing their layer
             raise type(e)(f"{e}{self._describe_bottoms(lp, bottoms)}") from None
         except (Exception, SystemExit) as e:
             if not python_layer.is_user_layer(layer) and not isinstance(e, SystemExit):
+                if isinstance(e, MemoryError):  # a NumPy temporary past the memory limit
+                    raise name_layer(e, layer) from e
                 if isinstance(e, (ValueError, IndexError, TypeError)):
                     raise errors.ShapeError(
                         f"{errors.layer_where(lp, layer.location)}: cannot set up: "

@@ -435,13 +435,15 @@ class Data(Layer):
             gen = np.random.default_rng(int(self.rng.integers(2**63)))
             skip = int(gen.integers(p.rand_skip)) if p.rand_skip else 0
             self._keys, self.bootstrap_indices = self._read_db(self._bootstrap, env)
+            # NOTE: shapes are checked (count <= INT_MAX) before the thread starts reading:
+            # a huge batch_size would otherwise read records without end in the background
+            self.reshape(bottom, top)
         except BaseException:
             _SharedEnv.release(env)
             raise
         self._entries = entries
         self._reader_state = {"pos": skip, "gen": gen.bit_generator.state}
         self._start_prefetch(env)
-        self.reshape(bottom, top)
 
     def _start_prefetch(self, env: Any) -> None:
         """Start reading at ``self._reader_state`` (record position and generator state)."""

@@ -24,6 +24,7 @@ resumed run continues exactly as an uninterrupted one would.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -95,6 +96,20 @@ class _Callback:
         self.on_gradients_ready = on_gradients_ready
 
 
+def _naming_solver_file(init: Callable[..., None]) -> Callable[..., None]:
+    """Put the solver file (and the line of the field at fault) in front of the
+    SolverErrors that ``init`` raises: its checks see the parsed message, not the file."""
+    @functools.wraps(init)
+    def wrapper(self: Any, *args: Any, **kwargs: Any) -> None:
+        try:
+            init(self, *args, **kwargs)
+        except errors.SolverError as e:
+            path = getattr(self, "source_path", None)
+            raise prototxt.located(e, path) from (e.__cause__ or None)
+
+    return wrapper
+
+
 # -- the solver ------------------------------------------------------------------------------
 class Solver(SnapshotMixin):
     """Trains a net from a ``SolverParameter`` (or a solver prototxt path).
@@ -133,6 +148,7 @@ class Solver(SnapshotMixin):
     #: subclasses (``SGDSolver``…) force the update rule, as pycaffe's classes do
     forced_type: str | None = None
 
+    @_naming_solver_file
     def __init__(
         self,
         param_or_path: Any,

@@ -1,0 +1,131 @@
+"""What the fuzz suite found, each as its minimal input: a located PycaffeError, no traceback
+of another type, no runaway thread or allocation."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import harness
+import pytest
+
+from pycaffe_mpi import errors, solvers
+from pycaffe_mpi.net import Net
+
+NET = """name: "tiny"
+layer { name: "in" type: "Input" top: "x" input_param { shape { dim: 2 dim: 3 } } }
+layer { name: "ip" type: "InnerProduct" bottom: "x" top: "y"
+  inner_product_param { num_output: 4 } }
+"""
+
+
+def _write(tmp_path: Path, text: str | bytes, name: str = "net.prototxt") -> Path:
+    path = tmp_path / name
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    return path
+
+
+def test_non_utf8_prototxt_is_a_located_prototxt_error(tmp_path: Path):
+    path = _write(tmp_path, NET.encode().replace(b'"tiny"', b'"ti\xffny"'))
+    with pytest.raises(errors.PrototxtError, match=rf"{path}:1:10: byte 0xff is not UTF-8"):
+        Net(str(path), 0)
+
+
+def test_non_utf8_solver_is_a_located_prototxt_error(tmp_path: Path):
+    path = _write(tmp_path, b"base_lr: 0.1\n# caf\xe9\n", "solver.prototxt")
+    with pytest.raises(errors.PrototxtError, match=rf"{path}:2:6: byte 0xe9"):
+        solvers.Solver(str(path))
+
+
+def test_singular_field_written_twice_is_refused(tmp_path: Path):
+    path = _write(tmp_path, NET.replace("num_output: 4", "num_output: 4 num_output: 8"))
+    with pytest.raises(errors.PrototxtError, match=rf'{path}:4:\d+ .*multiple "num_output"'):
+        Net(str(path), 0)
+
+
+def test_singular_message_written_twice_is_refused(tmp_path: Path):
+    text = NET.replace("inner_product_param { num_output: 4 }",
+                       "inner_product_param { num_output: 4 } "
+                       "inner_product_param { bias_term: false }")
+    with pytest.raises(errors.PrototxtError, match='multiple "inner_product_param"'):
+        Net(str(_write(tmp_path, text)), 0)
+
+
+def test_repeated_fields_still_repeat(tmp_path: Path):
+    text = NET.replace('top: "y"', 'top: "y" loss_weight: 1')
+    net = Net(str(_write(tmp_path, text)), 0)
+    assert net.blob_loss_weights["y"] == 1
+
+
+def test_solver_check_names_the_solver_file_and_line(tmp_path: Path):
+    net = _write(tmp_path, NET)
+    path = _write(tmp_path, f'net: "{net}"\ntest_iter: 1\ntest_interval: 0\nbase_lr: 0.1\n',
+                  "solver.prototxt")
+    with pytest.raises(errors.SolverError, match=rf"^{path}:3: test_interval must be > 0"):
+        solvers.Solver(str(path))
+
+
+def test_solver_without_a_net_names_the_solver_file(tmp_path: Path):
+    path = _write(tmp_path, "base_lr: 0.1\n", "solver.prototxt")
+    with pytest.raises(errors.SolverError, match=rf"^{path}: SolverParameter must specify"):
+        solvers.Solver(str(path))
+
+
+def test_cli_solver_error_names_the_solver_file(tmp_path: Path):
+    path = _write(tmp_path, "base_lr: 0.1\n", "solver.prototxt")
+    code, err = harness.run_cli(["train", "--solver", str(path)])
+    assert code == 1
+    assert f"error: {path}: SolverParameter must specify" in err
+
+
+def test_duplicate_layer_name_gives_file_and_line(tmp_path: Path):
+    text = NET + 'layer { name: "ip" type: "ReLU" bottom: "y" top: "y" }\n'
+    path = _write(tmp_path, text)
+    with pytest.raises(errors.NetError, match=rf'{path}:5: layer "ip" \(type ReLU\).*duplicate '
+                                              rf'layer name "ip".*{path}:3'):
+        Net(str(path), 0)
+
+
+def test_blob_over_int_max_names_the_layer(tmp_path: Path):
+    path = _write(tmp_path, NET.replace("dim: 2 dim: 3", "dim: 2147483648 dim: 3"))
+    with pytest.raises(errors.ShapeError, match=rf'{path}:2: layer "in".*exceeds INT_MAX'):
+        Net(str(path), 0)
+
+
+def _prefetchers() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "pycaffe-data-prefetch"]
+
+
+def _settle(before: int) -> int:
+    for _ in range(50):
+        if len(_prefetchers()) <= before:
+            break
+        time.sleep(0.02)
+    return len(_prefetchers())
+
+
+def test_huge_data_batch_fails_before_reading(tmp_path: Path):
+    """batch_size: 2147483647 used to start the prefetch thread before the shape check, which
+    then read records without end in the background."""
+    data = harness.make_data(tmp_path)
+    text = harness.localise_net((harness.ROOT / "models/cifar10_quick/train_test.prototxt")
+                                .read_text(), data).replace("batch_size: 2", "batch_size: "
+                                                            "2147483647", 1)
+    path = _write(tmp_path, text)
+    before = len(_prefetchers())
+    with harness.limits(), pytest.raises(errors.ShapeError,
+                                         match=rf'{path}:\d+: layer "cifar".*INT_MAX'):
+        Net(str(path), 0)
+    assert _settle(before) == before
+
+
+def test_failed_net_stops_the_prefetch_threads_it_started(tmp_path: Path):
+    data = harness.make_data(tmp_path)
+    text = harness.localise_net((harness.ROOT / "models/cifar10_quick/train_test.prototxt")
+                                .read_text(), data)
+    path = _write(tmp_path, text.replace('bottom: "pool3"', 'bottom: "missing"'))
+    before = len(_prefetchers())
+    with pytest.raises(errors.NetError, match="missing"):
+        Net(str(path), 0)
+    assert _settle(before) == before
