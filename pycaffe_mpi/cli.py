@@ -172,6 +172,15 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--collective_timeout", type=float, default=0.0, metavar="SECONDS",
                    help="under MPI: end the job when a rank waits longer than SECONDS in one "
                         "collective, naming the rank that never arrived (default 0: off)")
+    p.add_argument("--replicas", type=int, default=1, metavar="R",
+                   help="data parallelism: the MPI ranks run R replicas of the net (each on "
+                        "ranks / R ranks: world rank = replica x ranks/R + model rank; the "
+                        "net's mpi_rank rules name model ranks), each reading its share of "
+                        "the data, gradients averaged before every update (Caffe's --gpu "
+                        "0,1,2,3: mpiexec -n 4 ... --gpu 0,1,2,3 --replicas 4). Effective "
+                        "batch: R x batch_size. Default 1")
+    p.add_argument("--bucket_mb", type=float, default=4.0, metavar="MB",
+                   help="with --replicas: gradient Allreduce bucket size (default 4 MB)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -297,8 +306,10 @@ def choose_backend(gpu_flag: str, solver_param: Any = None) -> backend_mod.Backe
     if gpu_flag:
         ids = gpu_flag.split(",")
         if len(ids) > 1:
-            raise errors.PycaffeError("one process drives one GPU: give a single --gpu id (use "
-                                      "mpiexec with one id per rank for more)")
+            raise errors.PycaffeError(
+                "one process drives one GPU: give a single --gpu id (use mpiexec with one id "
+                f"per rank for more; Caffe's multi-GPU training is `mpiexec -n {len(ids)} "
+                f"pycaffe-mpi train --solver S --gpu {gpu_flag} --replicas {len(ids)}`)")
         try:
             dev = int(ids[0])
         except ValueError:
@@ -364,7 +375,11 @@ def cmd_train(args: argparse.Namespace, comm: Any) -> int:
     rank, size = comm.rank, comm.size
     args.solver = per_rank("solver", args.solver, rank, size)
     args.weights = per_rank("weights", args.weights, rank, size, split_single=False)
-    args.snapshot = _own_snapshot(per_rank("snapshot", args.snapshot, rank, size), rank, size)
+    # with replicas a snapshot is named by the model rank (rank mod ranks per replica)
+    per_replica = size // args.replicas if args.replicas >= 1 and size % args.replicas == 0 \
+        else size
+    args.snapshot = _own_snapshot(per_rank("snapshot", args.snapshot, rank, size),
+                                  rank % per_replica, per_replica)
     args.gpu = per_rank("gpu", args.gpu, rank, size)
     if not args.solver:
         raise errors.PycaffeError("train needs --solver (a solver prototxt)")
@@ -382,7 +397,9 @@ def cmd_train(args: argparse.Namespace, comm: Any) -> int:
 
     comm_mod.set_collective_timeout(comm, args.collective_timeout)
     solver = solvers.Solver(param, backend=backend, comm=comm,
-                            same_seed_all_ranks=args.same_seed, nonfinite=args.nonfinite)
+                            same_seed_all_ranks=args.same_seed, nonfinite=args.nonfinite,
+                            source_path=args.solver, replicas=args.replicas,
+                            bucket_mb=args.bucket_mb)
     _install_signal_actions(solver, args.sigint_effect, args.sighup_effect)
     if args.weights:
         for w in args.weights.split(","):
@@ -413,18 +430,21 @@ def cmd_test(args: argparse.Namespace, comm: Any) -> int:
     net = Net(args.model, _phase(args.phase, TEST), weights=args.weights or None,
               level=args.level, stages=stages, backend=backend, comm=comm)
     log.info("Running for %d iterations.", args.iterations)
+    from pycaffe_mpi.reports.results import element_names
     from pycaffe_mpi.solvers import testing
 
     def log_batch(i: int, loss: float, values: list[tuple[str, Any]]) -> None:
         for name, vals in values:
-            for v in vals:
-                log.info("Batch %d, %s = %g", i, name, v)
+            for label, v in zip(element_names(name, len(vals)), vals):
+                log.info("Batch %d, %s = %g", i, label, v)
 
     try:
         net.begin_test_pass()
         scores = testing.average_outputs(net, args.iterations, after_batch=log_batch)
         prefix = os.path.splitext(args.weights)[0] if args.weights else "test"
-        for path in net.end_test_pass(prefix):
+        # a snapshot's name carries its iteration (<prefix>_iter_<N>[_rank_<R>].caffemodel)
+        found = re.search(r"_iter_(\d+)", os.path.basename(prefix))
+        for path in net.end_test_pass(prefix, int(found.group(1)) if found else None):
             log.info("Wrote %s", path)
     finally:
         net.close()
@@ -432,9 +452,9 @@ def cmd_test(args: argparse.Namespace, comm: Any) -> int:
     log.info("Loss: %g", scores.loss if args.iterations > 0 else 0.0)
     for name, means in scores.outputs:
         w = net.blob_loss_weights.get(name, 0.0)
-        for mean in means:
+        for label, mean in zip(element_names(name, len(means)), means):
             extra = f" (* {w:g} = {w * mean:g} loss)" if w else ""
-            log.info("%s = %g%s", name, mean, extra)
+            log.info("%s = %g%s", label, mean, extra)
     return 0
 
 

@@ -143,7 +143,7 @@ class SelfComm(Comm):
         pass
 
     def abort(self, code: int = 1) -> None:
-        os._exit(code)
+        hard_exit(code)
 
 
 class MPIComm(Comm):
@@ -319,6 +319,54 @@ def abort_on_uncaught_exceptions(comm: Comm) -> None:
         finally:
             # NOTE: MPICH's Abort can return to the caller; the message is already out, so
             # leave now rather than print an untagged second traceback
-            os._exit(1)
+            hard_exit(1)
 
     sys.excepthook = hook
+    _guard_os_exit(comm)
+
+
+#: os._exit as Python provides it (the framework's own hard exits use it directly)
+hard_exit = os._exit
+
+
+def _running_layer(frame: Any) -> str:
+    """``; in layer "x" (type T) forward`` when ``frame`` runs inside a Net's layer call."""
+    from pycaffe_mpi import errors
+
+    while frame is not None:
+        name, local = frame.f_code.co_name, frame.f_locals
+        if name in ("forward_from_to", "backward_from_to", "_setup_layer"):
+            layer = local.get("layer")
+            if layer is None and "self" in local and "i" in local:
+                layer = local["self"].layers[local["i"]]
+            if layer is not None and hasattr(layer, "layer_param"):
+                method = {"_setup_layer": "setup"}.get(name, name.split("_")[0])
+                return (f" in {errors.layer_where(layer.layer_param, layer.location)}'s "
+                        f"{method}")
+        frame = frame.f_back
+    return ""
+
+
+def _guard_os_exit(comm: Comm) -> None:
+    """Make ``os._exit`` on one rank end the whole job non-zero, with a message.
+
+    NOTE: ``os._exit`` skips every handler, and MPICH's launcher then ends the other ranks but
+    may report success (status 0) for a job that never finished. Replacing ``os._exit`` in an
+    MPI job is the only place left to say where it was called (file:line and the layer) and to
+    abort with a non-zero status; the framework's own hard exits use :data:`hard_exit`.
+    """
+
+    def guarded_exit(code: int) -> None:
+        frame = sys._getframe(1)
+        where = f"{frame.f_code.co_filename}:{frame.f_lineno}"
+        status = code or 1
+        sys.stderr.write(f"[rank {comm.rank}/{comm.size}] error: os._exit({code}) called at "
+                         f"{where}{_running_layer(frame)}; one MPI rank cannot leave alone, so "
+                         f"the job ends (status {status})\n")
+        sys.stderr.flush()
+        try:
+            comm.abort(status)
+        finally:
+            hard_exit(status)
+
+    os._exit = guarded_exit

@@ -17,7 +17,6 @@ collective only.
 
 from __future__ import annotations
 
-import os
 import sys
 import threading
 import time
@@ -148,7 +147,9 @@ class Watchdog:
                f"{self.timeout:g}) in {what}; " + "; ".join(lines) + ". Ending the job.\n")
         sys.stderr.write(msg)
         sys.stderr.flush()
+        from pycaffe_mpi.comm import hard_exit
+
         try:
             self.abort(124)
         finally:
-            os._exit(124)
+            hard_exit(124)

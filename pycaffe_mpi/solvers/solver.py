@@ -38,8 +38,8 @@ from google.protobuf import text_format
 
 from pycaffe_mpi import errors, prototxt, upgrade
 from pycaffe_mpi.proto import caffe_pb2
-from pycaffe_mpi.reports.results import ResultsWriter
-from pycaffe_mpi.solvers import agreement, lr_policy, rules
+from pycaffe_mpi.reports.results import ResultsWriter, element_names
+from pycaffe_mpi.solvers import agreement, data_parallel, lr_policy, rules
 from pycaffe_mpi.solvers import nonfinite as nonfinite_mod
 from pycaffe_mpi.solvers import testing as testing_mod
 from pycaffe_mpi.solvers.snapshots import SnapshotMixin
@@ -135,6 +135,11 @@ class Solver(SnapshotMixin):
             (the displayed loss) and, with test_compute_loss, ``test_loss``): None (default) writes
             ``<snapshot_prefix>_results.jsonl`` on rank 0 when there is a snapshot_prefix;
             False writes none; a path writes there (on every rank that is given one).
+        source_path: the file a ``SolverParameter`` was read from (named in messages).
+        replicas: data-parallel replicas (:mod:`pycaffe_mpi.solvers.data_parallel`): the world
+            of ``comm`` runs this many copies of the net, each on world_size / replicas ranks,
+            averaging gradients before every update (default 1: none). bucket_mb: the size of
+            their gradient buckets (default 4).
         log: the logger (default ``logging.getLogger("pycaffe_mpi")``).
 
     Attributes:
@@ -164,6 +169,9 @@ class Solver(SnapshotMixin):
         log: logging.Logger | None = None,
         nonfinite: str = "stop",
         results: str | os.PathLike | bool | None = None,
+        source_path: str | None = None,
+        replicas: int = 1,
+        bucket_mb: float | None = None,
     ) -> None:
         from pycaffe_mpi.pycaffe import settings
 
@@ -172,7 +180,7 @@ class Solver(SnapshotMixin):
             self.source_path: str | None = os.fspath(param_or_path)
             param = read_solver_param(self.source_path, self.log)
         else:
-            self.source_path = None
+            self.source_path = source_path
             param = caffe_pb2.SolverParameter()
             param.CopyFrom(param_or_path)
         self.param = param
@@ -181,6 +189,14 @@ class Solver(SnapshotMixin):
         self.comm = comm
         if comm is not None:
             rank, size = comm.rank, comm.size
+        # with replicas the nets see this replica's model ranks; seeds differ per replica
+        self.dp = data_parallel.setup(comm, replicas, bucket_mb)
+        if self.dp is not None:
+            world = self.dp.groups.world
+            self.comm = comm = self.dp.groups.model
+            rank, size = self.dp.groups.model_rank, comm.size
+            if seed_offset is None:
+                seed_offset = world.rank - (rank if same_seed_all_ranks else 0)
         self.rank, self.size = int(rank), int(size)
         # pycaffe's caffe.set_mode_gpu()/set_device() choose the device when none is given
         self.backend = backend if backend is not None else settings.backend()
@@ -193,7 +209,8 @@ class Solver(SnapshotMixin):
                 f"average_loss should be >= 1, got {param.average_loss}")
         self._check_snapshot_settings()
         self.nonfinite = nonfinite_mod.check_policy(nonfinite)
-        agreement.check_settings(comm, param, self.source_path, {"nonfinite": self.nonfinite})
+        agreement.check_settings(self.dp.groups.world if self.dp else comm, param,
+                                 self.source_path, {"nonfinite": self.nonfinite})
         self._guard = nonfinite_mod.LossGuard(self.nonfinite, comm)
         self.seed: int | None = None
         # the file's random_seed wins; else caffe.set_random_seed()'s
@@ -223,6 +240,8 @@ class Solver(SnapshotMixin):
         self._losses: list[float] = []
         self.smoothed_loss = 0.0
         self.rule.setup(self.net.learnable_params)
+        if self.dp is not None:
+            self.dp.attach(self.net)
 
     # -- construction --------------------------------------------------------------------------
     def _net_kwargs(self) -> dict[str, Any]:
@@ -289,6 +308,8 @@ class Solver(SnapshotMixin):
 
     def _init_test_nets(self) -> list[Any]:
         p = self.param
+        if self.dp is not None and not self.dp.is_root_replica:
+            return []  # replica 0 tests for all (Caffe's root solver)
         has_net_param, has_net_file = p.HasField("net_param"), p.HasField("net")
         if has_net_param and has_net_file:
             raise errors.SolverError("Both net_param and net_file may not be specified.")
@@ -399,8 +420,13 @@ class Solver(SnapshotMixin):
         self.requested_early_exit = False
         if resume_file:
             self.log.info("Restoring previous solver status from %s", resume_file)
-            self.restore(resume_file)
+            if self.dp is not None:
+                self.dp.restore(self, resume_file, self.restore)
+            else:
+                self.restore(resume_file)
         agreement.check_iteration(self.comm, self.iter, resume_file)
+        if self.dp is not None:
+            self.dp.check_weights(self.net, self.iter)
         start_iter = self.iter
         try:
             self.step(p.max_iter - self.iter)
@@ -424,6 +450,8 @@ class Solver(SnapshotMixin):
             self._update_smoothed_loss(loss, start_iter, p.average_loss)
             self.log.info("Iteration %d, loss = %s", self.iter, _fmt(self.smoothed_loss),
                           extra={"all_ranks": bool(self.net.output_blob_names)})
+            self._record("train", [*self._output_values(self.net),
+                                   ("smoothed_loss", self.smoothed_loss)])
         if p.test_interval and self.iter % p.test_interval == 0:
             self.test_all()
         self.log.info("Optimization Done.")
@@ -453,11 +481,16 @@ class Solver(SnapshotMixin):
             self.net.debug_info = display and p.debug_info
             iter_size = max(1, p.iter_size)
             loss = 0.0
-            for _ in range(iter_size):
-                pass_loss = self.net.forward_backward()
+            for i in range(iter_size):
+                if self.dp is not None and i == iter_size - 1:
+                    pass_loss = self.dp.forward_backward(self.net)  # overlaps the Allreduce
+                else:
+                    pass_loss = self.net.forward_backward()
                 self._guard.check(self.net, pass_loss, self.iter)
                 loss += pass_loss
             loss /= iter_size
+            if self.dp is not None:  # diffs and loss: the replicas' mean
+                loss = self.dp.finish(loss)
             self._update_smoothed_loss(loss, start_iter, p.average_loss)
             if display:
                 now = time.perf_counter()
@@ -513,6 +546,12 @@ class Solver(SnapshotMixin):
         self.rule.apply(self.net.learnable_params, self.net.params_lr,
                         self.net.params_weight_decay, rate, self.iter)
 
+    def snapshot(self) -> str:
+        """See :meth:`SnapshotMixin.snapshot`; with replicas, replica 0 writes the weights."""
+        if self.dp is not None:
+            return self.dp.snapshot(self, super().snapshot)
+        return super().snapshot()
+
     # -- outputs and testing --------------------------------------------------------------------
     def _output_values(self, net: Any) -> list[tuple[str, np.ndarray]]:
         """Each output blob's values, flattened, on the host."""
@@ -523,7 +562,8 @@ class Solver(SnapshotMixin):
         if self.results is None and self._results_arg is not False:
             path = self._results_arg
             if path is None or path is True:
-                if self.rank != 0 or not self.param.snapshot_prefix:
+                if self.rank != 0 or not self.param.snapshot_prefix or \
+                        (self.dp is not None and not self.dp.is_root_replica):
                     self._results_arg = False
                     return None
                 path = f"{self.param.snapshot_prefix}_results.jsonl"
@@ -542,15 +582,19 @@ class Solver(SnapshotMixin):
             writer.write_test(self.iter, seconds, outputs, test_net)
 
     def _log_outputs(self, net: Any, what: str, values: Sequence[tuple[str, Any]]) -> None:
-        """``    <what> net output #k: name = v[ (* w = w·v loss)]``, k running over elements."""
+        """``    <what> net output #k: name = v[ (* w = w·v loss)]``, k running over elements;
+        a blob with several elements prints them as ``name_0 …`` (``results.element_names``)
+        where Caffe repeats the name, so that its parse_log keeps every element."""
+        if self.dp is not None and not self.dp.is_root_replica:
+            return  # replica 0 displays
         k = 0
         for name, vals in values:
             weight = float(net.blob_loss_weights.get(name, 0.0))
-            for v in vals:
+            for label, v in zip(element_names(name, len(vals)), vals):
                 extra = f" (* {_fmt(weight)} = {_fmt(weight * v)} loss)" if weight else ""
                 # every rank prints the outputs its own net computes (log.setup lets them pass)
-                self.log.info("    %s net output #%d: %s = %s%s", what, k, name, _fmt(v), extra,
-                              extra={"all_ranks": True})
+                self.log.info("    %s net output #%d: %s = %s%s", what, k, label, _fmt(v),
+                              extra, extra={"all_ranks": True})
                 k += 1
 
     def test_all(self) -> None:
@@ -591,7 +635,7 @@ class Solver(SnapshotMixin):
         self._log_outputs(test_net, "Test", split)
         suffix = f"_test{test_net_id}" if len(self.test_nets) > 1 else ""
         prefix = f"{self.param.snapshot_prefix}_iter_{self.iter}{suffix}"
-        for path in test_net.end_test_pass(prefix):
+        for path in test_net.end_test_pass(prefix, self.iter):
             self.log.info("Wrote %s", path, extra={"all_ranks": True})
         self.mean_scores[test_net_id] = means
         loss = [("test_loss", scores.loss)] if p.test_compute_loss else []

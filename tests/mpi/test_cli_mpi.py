@@ -23,6 +23,7 @@ import pytest
 from pycaffe_mpi import datasets
 from pycaffe_mpi import snapshot as io
 from pycaffe_mpi.proto import caffe_pb2
+from pycaffe_mpi.reports import results
 from pycaffe_mpi.testing import mpirun
 
 pytestmark = pytest.mark.skipif(mpirun.mpi_unavailable_reason() is not None,
@@ -167,7 +168,16 @@ def test_train_reports_and_snapshots(full_run: tuple[Path, str]) -> None:
     names = sorted(p.name for p in snaps.iterdir())
     want = sorted(f"snap_iter_{n}_rank_{r}.{ext}" for n in (10, 20) for r in range(RANKS)
                   for ext in ("caffemodel", "solverstate"))
-    assert names == want
+    assert names == sorted([*want, "snap_results.jsonl"])
+    # the results file: rank 0's display and test records, every output by name
+    records = results.read_results(snaps / "snap_results.jsonl")
+    train_recs = [r for r in records if r["kind"] == "train"]
+    test_recs = [r for r in records if r["kind"] == "test"]
+    assert {r["rank"] for r in records} == {0}
+    assert [r["iter"] for r in test_recs] == [0, 10, 20]
+    assert all(0 <= r["outputs"]["accuracy"] <= 1 for r in test_recs)
+    assert sorted(r["iter"] for r in train_recs) == sorted(losses(log))
+    assert all("loss" in r["outputs"] and "smoothed_loss" in r["outputs"] for r in train_recs)
     w0, w1 = params(snaps / "snap_iter_20_rank_0.caffemodel"), \
         params(snaps / "snap_iter_20_rank_1.caffemodel")
     assert set(w0) == {"conv1", *BRANCH} and set(w1) == set(BRANCH)
@@ -228,7 +238,9 @@ def test_one_rank_is_a_plain_run(work: Path) -> None:
     plain_log = ok(plain)
     assert "[rank" not in mpi_log
     assert losses(mpi_log, "") == losses(plain_log, "") and len(losses(plain_log, "")) == 13
-    want = sorted(f"snap_iter_{n}.{e}" for n in (6, 12) for e in ("caffemodel", "solverstate"))
+    want = sorted([*(f"snap_iter_{n}.{e}" for n in (6, 12) for e in ("caffemodel",
+                                                                     "solverstate")),
+                   "snap_results.jsonl"])
     for d in ("n1", "plain"):
         assert sorted(p.name for p in (work / d).iterdir()) == want
     a, b = params(work / "n1" / "snap_iter_12.caffemodel"), \

@@ -81,14 +81,15 @@ snapshot: {SNAPSHOT_AT} snapshot_prefix: "{d / name}" random_seed: 1 solver_mode
     return solver
 
 
-def launch(solver_arg: str, cwd: Path, timeout: float) -> tuple[subprocess.CompletedProcess, float]:
+def launch(solver_arg: str, cwd: Path, timeout: float,
+           extra: tuple[str, ...] = ()) -> tuple[subprocess.CompletedProcess, float]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(WORKERS), env.get("PYTHONPATH", "")]).rstrip(
         os.pathsep)
     t0 = time.monotonic()
     try:
-        proc = mpirun.run_mpi(RANKS, [*CLI, "--solver", solver_arg], timeout=timeout, env=env,
-                              cwd=cwd)
+        proc = mpirun.run_mpi(RANKS, [*CLI, "--solver", solver_arg, *extra], timeout=timeout,
+                              env=env, cwd=cwd)
     except TimeoutError as e:
         pytest.fail(f"the job hung (killed after {timeout:g} s):\n{e}")
     return proc, time.monotonic() - t0

@@ -16,6 +16,12 @@ fails once, in ``phase``:
   its first snapshot fails (as a full disk or a vanished directory would);
 - ``kill``: the process kills itself with SIGKILL in the ``iter``-th forward (no message, no
   clean-up: what the OOM killer or a node failure does);
+- ``exit``: calls ``sys.exit(3)`` in the ``iter``-th forward;
+- ``osexit``: calls ``os._exit(0)`` in the ``iter``-th forward (no clean-up, status 0);
+- ``signal``: in the ``iter``-th forward, a SIGUSR1 handler that calls ``sys.exit(4)`` runs;
+- ``stall``: sleeps 600 s in the ``iter``-th forward (alive but stuck, for the collective
+  timeout);
+- ``nan``: writes NaN into its top in the ``iter``-th forward and after;
 - ``none``: never fails (the reference run).
 
 The errors are plain ``RuntimeError``/``OSError``, not pycaffe errors, so the CLI's last line of
@@ -25,13 +31,16 @@ defence (the excepthook that prints a rank-tagged traceback and calls MPI Abort)
 import json
 import os
 import signal
+import sys
+import time
 
 import caffe
 
 from pycaffe_mpi import comm as comm_mod
 from pycaffe_mpi import snapshot as io_mod
 
-PHASES = ("none", "setup", "forward", "backward", "snapshot", "kill")
+PHASES = ("none", "setup", "forward", "backward", "snapshot", "kill", "exit", "osexit", "signal",
+          "stall", "nan")
 
 
 class Fault(caffe.Layer):
@@ -69,8 +78,23 @@ class Fault(caffe.Layer):
                 raise RuntimeError(f"injected fault in forward #{self.forwards} on {self.tag}")
             if self.fail_phase == "kill":
                 os.kill(os.getpid(), signal.SIGKILL)
+            if self.fail_phase == "exit":
+                sys.exit(3)
+            if self.fail_phase == "osexit":
+                os._exit(0)
+            if self.fail_phase == "signal":
+                def leave(signum, frame):
+                    sys.exit(4)
+
+                signal.signal(signal.SIGUSR1, leave)
+                os.kill(os.getpid(), signal.SIGUSR1)
+                time.sleep(5)  # the handler runs before this returns
+            if self.fail_phase == "stall":
+                time.sleep(600)
         self.forwards += 1
         top[0].data[...] = bottom[0].data
+        if self.mine and self.fail_phase == "nan" and self.forwards > self.fail_iter:
+            top[0].data[...] = float("nan")
 
     def backward(self, top, propagate_down, bottom):
         if self.mine and self.fail_phase == "backward" and self.backwards == self.fail_iter:
