@@ -364,9 +364,14 @@ def test_ensemble_prints_a_train_command_that_runs_as_printed(
     out = run_as_printed(words, run_dir, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "Optimization Done." in out.stderr
-    assert (run_dir / "ens" / "ens_results.jsonl").is_file()
+    # the run's results plot as an ensemble: ensemble-mean, oracle and one curve per member
+    run = plot.load_run(run_dir / "ens" / "ens_results.jsonl")
+    assert run.members() == ["member_accuracy_0", "member_accuracy_1"]
+    assert cli.main(["plot", "ens/ens_results.jsonl", "-o", "ens.png"]) == 0
+    png_pixels(run_dir / "ens.png")
 
 
+@pytest.mark.mpi
 def test_ensemble_over_ranks_prints_mpiexec_and_runs(
         run_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
     monkeypatch.chdir(run_dir)
