@@ -1,0 +1,237 @@
+"""Data-parallel replicas train exactly what one process trains at R times the batch.
+
+``workers/data_parallel.py`` trains a small net (Data from a tiny LMDB, conv, ReLU, pooling,
+inner product, softmax loss; float64, SGD with momentum, weight decay and a step lr policy) for
+20 iterations under ``mpiexec`` with ``replicas`` R at batch B / R; the same worker trains the
+reference at batch B with one replica. Every replica must end with the reference's weights and
+the same per-iteration losses to 1e-10, at 2 and 4 ranks, and with ``iter_size: 2``. Each replica
+reads its own records (i mod R == k), so the data split is real. Also: snapshots (one weights
+file per model rank, replica state files beside it) resume bit-identically; replicas whose
+weights differ refuse to start; a failure on any replica ends every rank within seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pycaffe_mpi import datasets
+from pycaffe_mpi.testing import mpirun
+
+pytestmark = [pytest.mark.mpi,
+              pytest.mark.skipif(mpirun.mpi_unavailable_reason() is not None,
+                                 reason=str(mpirun.mpi_unavailable_reason()))]
+
+WORKERS = Path(__file__).parent / "workers"
+WORKER = WORKERS / "data_parallel.py"
+ITERS = 20
+BATCH = 8
+FILLERS = ('weight_filler { type: "gaussian" std: 0.3 } '
+           'bias_filler { type: "gaussian" std: 0.1 }')
+
+
+def plain_net(lmdb: Path, batch: int) -> str:
+    return f"""name: "plain"
+layer {{ name: "data" type: "Data" top: "data" top: "label"
+  transform_param {{ scale: 0.00390625 }}
+  data_param {{ source: "{lmdb}" batch_size: {batch} backend: LMDB }} }}
+layer {{ name: "conv1" type: "Convolution" bottom: "data" top: "conv1"
+  param {{ lr_mult: 1 }} param {{ lr_mult: 2 decay_mult: 0 }}
+  convolution_param {{ num_output: 4 kernel_size: 3 pad: 1 {FILLERS} }} }}
+layer {{ name: "relu1" type: "ReLU" bottom: "conv1" top: "conv1" }}
+layer {{ name: "pool1" type: "Pooling" bottom: "conv1" top: "pool1"
+  pooling_param {{ pool: MAX kernel_size: 2 stride: 2 }} }}
+layer {{ name: "ip" type: "InnerProduct" bottom: "pool1" top: "ip"
+  inner_product_param {{ num_output: 5 {FILLERS} }} }}
+layer {{ name: "loss" type: "SoftmaxWithLoss" bottom: "ip" bottom: "label" top: "loss" }}
+"""
+
+
+def solver_text(net: Path, prefix: Path, extra: str = "") -> str:
+    return f"""net: "{net}"
+base_lr: 0.05 momentum: 0.9 weight_decay: 0.004 lr_policy: "step" gamma: 0.5 stepsize: 8
+max_iter: {ITERS} display: 0 average_loss: 1 random_seed: 7 snapshot_after_train: false
+solver_mode: CPU snapshot_prefix: "{prefix}" {extra}
+"""
+
+
+@pytest.fixture(scope="module")
+def lmdb(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("dp_data")
+    rng = np.random.default_rng(5)
+    images = rng.integers(0, 256, size=(44, 3, 8, 8), dtype=np.uint8)  # 44: not a multiple
+    labels = rng.integers(0, 5, size=44)                                # of B, so wraps shift
+    datasets.write_datum_lmdb(d / "train_lmdb", images, labels)
+    return d / "train_lmdb"
+
+
+def train(d: Path, ranks: int, replicas: int, net_text: str, extra: str = "",
+          mode: str = "train", state: str = "", timeout: float = 120) -> Path:
+    """Write the net and solver into ``d`` and run the worker; returns ``d``."""
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "net.prototxt").write_text(net_text)
+    solver = d / "solver.prototxt"
+    solver.write_text(solver_text(d / "net.prototxt", d / "snap", extra))
+    res = mpirun.run_python_mpi(ranks, WORKER, solver, d, replicas, mode, state,
+                                timeout=timeout)
+    assert res.returncode == 0, f"rc {res.returncode}\n{res.stdout}\n{res.stderr}"
+    assert res.stdout.count(f"OK data_parallel {mode}") == ranks, res.stdout
+    return d
+
+
+def params(path: Path) -> dict[str, np.ndarray]:
+    with np.load(path) as z:
+        return {k: z[k] for k in z.files}
+
+
+def assert_same_as_reference(run: Path, ref: Path, ranks: int, mode: str = "train",
+                             rtol: float = 1e-10) -> None:
+    want_losses = json.loads((ref / "losses.json").read_text())
+    if mode == "train":
+        got_losses = json.loads((run / "losses.json").read_text())
+        assert len(got_losses) == len(want_losses) == ITERS
+        np.testing.assert_allclose(got_losses, want_losses, rtol=rtol, atol=0)
+    by_model: dict[int, dict[str, np.ndarray]] = {}
+    for w in range(ranks):
+        got = params(run / f"{mode}_w{w}.npz")
+        m = int(got.pop("model_rank"))
+        got.pop("replica")
+        want = params(ref / f"train_w{m}.npz")
+        want.pop("model_rank"), want.pop("replica")
+        assert got.keys() == want.keys()
+        for k in want:
+            np.testing.assert_allclose(got[k], want[k], rtol=rtol, atol=1e-12, err_msg=k)
+        # replicas of one model rank hold bit-identical weights
+        if m in by_model:
+            for k in got:
+                np.testing.assert_array_equal(got[k], by_model[m][k], err_msg=k)
+        by_model[m] = got
+
+
+@pytest.fixture(scope="module")
+def reference(lmdb: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One process at batch B."""
+    return train(tmp_path_factory.mktemp("dp_ref"), 1, 1, plain_net(lmdb, BATCH))
+
+
+@pytest.mark.parametrize("replicas", [2, 4])
+def test_replicas_equal_one_process_at_r_times_the_batch(replicas: int, lmdb: Path,
+                                                         reference: Path,
+                                                         tmp_path: Path) -> None:
+    run = train(tmp_path, replicas, replicas, plain_net(lmdb, BATCH // replicas))
+    assert_same_as_reference(run, reference, replicas)
+
+
+def test_iter_size_with_replicas(lmdb: Path, tmp_path: Path) -> None:
+    ref = train(tmp_path / "ref", 1, 1, plain_net(lmdb, BATCH), "iter_size: 2")
+    run = train(tmp_path / "dp", 2, 2, plain_net(lmdb, BATCH // 2), "iter_size: 2")
+    assert_same_as_reference(run, ref, 2)
+
+
+def test_adam_with_replicas(lmdb: Path, tmp_path: Path) -> None:
+    extra = 'type: "Adam" momentum2: 0.999'
+    ref = train(tmp_path / "ref", 1, 1, plain_net(lmdb, BATCH), extra)
+    run = train(tmp_path / "dp", 2, 2, plain_net(lmdb, BATCH // 2), extra)
+    assert_same_as_reference(run, ref, 2, rtol=1e-9)
+
+
+# -- snapshots ---------------------------------------------------------------------------------
+def test_snapshot_resume_is_bit_identical(lmdb: Path, tmp_path: Path) -> None:
+    """2 replicas snapshot at iteration 10: one weights file and solver state (replica 0) plus
+    replica 1's own run-time state; resuming there ends with the uninterrupted run's weights."""
+    net = plain_net(lmdb, BATCH // 2)
+    run = train(tmp_path, 2, 2, net, "snapshot: 10")
+    models = sorted(p.name for p in tmp_path.glob("snap_iter_10*"))
+    assert models == ["snap_iter_10.caffemodel", "snap_iter_10.solverstate",
+                      "snap_iter_10_replica_1.solverstate"], models
+    train(tmp_path, 2, 2, net, "snapshot: 10", mode="resume",
+          state=str(tmp_path / "snap_iter_10.solverstate"))
+    for w in range(2):
+        a, b = params(run / f"train_w{w}.npz"), params(run / f"resume_w{w}.npz")
+        assert a.keys() == b.keys()
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k], err_msg=f"rank {w} {k}")
+
+
+def test_replicas_with_different_weights_refuse_to_start(lmdb: Path, tmp_path: Path) -> None:
+    (tmp_path / "net.prototxt").write_text(plain_net(lmdb, BATCH // 2))
+    solver = tmp_path / "solver.prototxt"
+    solver.write_text(solver_text(tmp_path / "net.prototxt", tmp_path / "snap"))
+    res = mpirun.run_python_mpi(2, WORKER, solver, tmp_path, 2, "mismatch", timeout=60)
+    out = res.stdout + res.stderr
+    assert res.returncode != 0, out
+    assert "the replicas disagree on the (iteration, weights digest)" in out, out
+    assert "OK data_parallel" not in out
+
+
+# -- faults ------------------------------------------------------------------------------------
+def faulty_net(fault: dict) -> str:
+    """A net over 2 model ranks (DummyData and conv on model rank 0, a branch per model rank
+    through MPIBroadcast/MPIGather) with the fault-injecting layer of workers/faults.py."""
+    r0 = "include { mpi_rank: 0 }"
+    return f"""name: "faulty"
+layer {{ name: "data" type: "DummyData" top: "data" top: "label" {r0}
+  dummy_data_param {{ shape {{ dim: 4 dim: 3 dim: 6 dim: 6 }} shape {{ dim: 4 }}
+    data_filler {{ type: "gaussian" std: 1 }} data_filler {{ type: "constant" value: 1 }} }} }}
+layer {{ name: "conv1" type: "Convolution" bottom: "data" top: "conv1" {r0}
+  convolution_param {{ num_output: 4 kernel_size: 3 weight_filler {{ type: "xavier" }} }} }}
+layer {{ name: "bcast" type: "MPIBroadcast" bottom: "conv1" top: "conv1_b" }}
+layer {{ name: "fault" type: "Python" bottom: "conv1_b" top: "conv1f"
+  python_param {{ module: "faults" layer: "Fault" param_str: '{json.dumps(fault)}' }} }}
+layer {{ name: "ip" type: "InnerProduct" bottom: "conv1f" top: "ip"
+  inner_product_param {{ num_output: 3 weight_filler {{ type: "xavier" }} }} }}
+layer {{ name: "gather" type: "MPIGather" bottom: "ip" top: "ip_0" top: "ip_1" }}
+layer {{ name: "avg" type: "Eltwise" bottom: "ip_0" bottom: "ip_1" top: "score" {r0} }}
+layer {{ name: "loss" type: "SoftmaxWithLoss" bottom: "score" bottom: "label" top: "loss"
+  {r0} }}
+"""
+
+
+def launch_cli(d: Path, fault: dict, timeout: float) -> tuple[subprocess.CompletedProcess, float]:
+    (d / "net.prototxt").write_text(faulty_net(fault))
+    solver = d / "solver.prototxt"
+    solver.write_text(f"""net: "{d / 'net.prototxt'}"
+base_lr: 0.01 momentum: 0.9 lr_policy: "fixed" max_iter: 8 display: 1
+snapshot: 4 snapshot_prefix: "{d / 'job'}" random_seed: 1 solver_mode: CPU
+""")
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(WORKERS), env.get("PYTHONPATH", "")]).rstrip(
+        os.pathsep)
+    cli = [sys.executable, "-m", "pycaffe_mpi.cli", "train", "--solver", str(solver),
+           "--replicas", "2"]
+    t0 = time.monotonic()
+    try:
+        proc = mpirun.run_mpi(4, cli, timeout=timeout, env=env, cwd=d)
+    except TimeoutError as e:
+        pytest.fail(f"the job hung (killed after {timeout:g} s):\n{e}")
+    return proc, time.monotonic() - t0
+
+
+def test_fault_on_a_replica_ends_every_rank(tmp_path: Path) -> None:
+    """4 ranks = 2 replicas x 2 model ranks, through the CLI. A normal run snapshots once per
+    model rank (replica 0) plus replica 1's states; then world rank 3 (replica 1, model rank 1)
+    raises in its 3rd forward: the job ends within seconds with a [rank 3/4] message."""
+    (tmp_path / "ok").mkdir()
+    proc, normal_s = launch_cli(tmp_path / "ok", {"rank": 0, "phase": "none"}, 90)
+    assert proc.returncode == 0, proc.stderr
+    assert "Optimization Done." in proc.stderr
+    names = sorted(p.name for p in (tmp_path / "ok").glob("job_iter_4*"))
+    assert names == ["job_iter_4_rank_0.caffemodel", "job_iter_4_rank_0.solverstate",
+                     "job_iter_4_rank_0_replica_1.solverstate",
+                     "job_iter_4_rank_1.caffemodel", "job_iter_4_rank_1.solverstate",
+                     "job_iter_4_rank_1_replica_1.solverstate"], names
+    (tmp_path / "bad").mkdir()
+    proc, seconds = launch_cli(tmp_path / "bad", {"rank": 3, "phase": "forward", "iter": 2},
+                               normal_s + 30)
+    assert proc.returncode != 0, proc.stderr
+    assert seconds < normal_s + 10, f"took {seconds:.1f} s (normal {normal_s:.1f} s)"
+    assert "Optimization Done." not in proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if "injected fault in forward" in ln]
+    assert any(ln.startswith("[rank 3/4]") for ln in lines), proc.stderr
