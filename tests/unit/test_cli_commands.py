@@ -403,3 +403,50 @@ def test_train_command_is_plain_when_the_programs_are_on_path(
     cmd = cli_tools.train_command("s.prototxt", ranks=3)
     assert cmd.split()[0].endswith(os.path.join("bin", "mpiexec")), cmd
     assert cmd.split()[3].endswith(os.path.join("bin", "pycaffe-mpi")), cmd
+
+
+# -- the documents' commands -----------------------------------------------------------------
+
+
+def documented_commands() -> list[tuple[str, list[str]]]:
+    """Every ``pycaffe-mpi`` command in the shell blocks of the README and the models' readmes:
+    (where, its words after ``pycaffe-mpi``)."""
+    found = []
+    for doc in [REPO / "README.md", *sorted((REPO / "models").glob("*/readme.md"))]:
+        in_block = False
+        lines = doc.read_text().splitlines()
+        joined: list[tuple[int, str]] = []
+        for n, line in enumerate(lines, 1):
+            if line.startswith("```"):
+                in_block = line.strip() in ("```sh", "```bash", "```shell")
+                continue
+            if not in_block:
+                continue
+            if joined and joined[-1][1].endswith("\\"):
+                joined[-1] = (joined[-1][0], joined[-1][1][:-1] + " " + line.strip())
+            else:
+                joined.append((n, line.split("#", 1)[0].strip()))
+        for n, text in joined:
+            words = shlex.split(text) if "pycaffe-mpi " in text else []
+            at = [i for i, w in enumerate(words) if os.path.basename(w) == "pycaffe-mpi"]
+            if at:
+                found.append((f"{doc.relative_to(REPO)}:{n}", words[at[0] + 1:]))
+    return found
+
+
+def test_documented_commands_parse_and_name_shipped_files() -> None:
+    parser = cli.build_parser()
+    commands = documented_commands()
+    assert any(where.startswith("README.md") and argv[:1] == ["train"]
+               for where, argv in commands), "the README shows no train command"
+    for where, argv in commands:
+        try:
+            args = parser.parse_args(cli.normalise_argv(argv, parser))
+        except SystemExit:
+            pytest.fail(f"{where}: pycaffe-mpi {' '.join(argv)} does not parse")
+        for flag in ("solver", "model"):
+            value = getattr(args, flag, "") or ""
+            for path in value.split(","):
+                # files under models/ and solvers/ ship with the project; others are the user's
+                if path.startswith(("models/", "solvers/")) and "<" not in path:
+                    assert (REPO / path).is_file(), f"{where}: --{flag} {path} does not exist"
