@@ -235,3 +235,26 @@ def test_fault_on_a_replica_ends_every_rank(tmp_path: Path) -> None:
     assert "Optimization Done." not in proc.stderr
     lines = [ln for ln in proc.stderr.splitlines() if "injected fault in forward" in ln]
     assert any(ln.startswith("[rank 3/4]") for ln in lines), proc.stderr
+
+
+# -- with model parallelism: the MCL ensemble -----------------------------------------------------
+def mcl_net(lmdb: Path, batch: int, d: Path) -> str:
+    """A 4-member MCL ensemble (k 1) of the plain net, placed over 2 model ranks by the
+    ensemble generator (members 0, 2 on model rank 0 with data and loss; 1, 3 on rank 1)."""
+    from pycaffe_mpi import ensemble
+
+    d.mkdir(parents=True, exist_ok=True)
+    base = d / "base.prototxt"
+    base.write_text(plain_net(lmdb, batch))
+    spec = ensemble.EnsembleSpec(members=4, loss="mcl", k=1, ranks=2)
+    net_path, _ = ensemble.write_ensemble(str(base), None, str(d), spec, name=f"mcl_{batch}")
+    return Path(net_path).read_text()
+
+
+def test_mcl_ensemble_two_replicas_of_two_model_ranks(lmdb: Path, tmp_path: Path) -> None:
+    """4 members over 2 model ranks x 2 replicas = 4 ranks at batch B/2 train what 2 ranks
+    (one replica) train at batch B."""
+    ref = train(tmp_path / "ref", 2, 1, mcl_net(lmdb, BATCH, tmp_path / "nets"))
+    run = train(tmp_path / "dp", 4, 2, mcl_net(lmdb, BATCH // 2, tmp_path / "nets"),
+                timeout=180)
+    assert_same_as_reference(run, ref, 4)
