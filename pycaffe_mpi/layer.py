@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from pycaffe_mpi import backend as backend_mod
-from pycaffe_mpi import errors
+from pycaffe_mpi import errors, fillers
 from pycaffe_mpi.blob import Blob, BlobVec
 
 TRAIN = 0
@@ -133,14 +133,47 @@ class Layer:
         """Called before the forward passes of one test pass (``Solver.test``, ``pycaffe-mpi
         test``); metric layers that accumulate over the whole pass reset here."""
 
-    def end_test_pass(self, prefix: str) -> list[str]:
-        """Called after a test pass; may write reports named ``<prefix>_...`` and returns the
-        paths written."""
-        return []
+    def end_test_pass(self) -> Any:
+        """Called after a test pass; returns what the layer measured over the whole pass for a
+        report writer outside it (e.g. EnsembleAccuracy's oracle assignment), or None.
+        Layers never write report files themselves (see :meth:`Net.end_test_pass`)."""
+        return None
 
     def new_blob(self, shape: Sequence[int]) -> Blob:
         """A fresh blob on this layer's device and dtype (for parameters or buffers)."""
         return Blob(shape, self.dtype, self.backend)
+
+    def init_param_blobs(self, shapes: Sequence[Sequence[int]], param_field: str,
+                         filler_fields: Sequence[str | None], default: Any = None) -> None:
+        """Caffe's "parameters given? skip initialization" step of a layer's setup.
+
+        Blobs the Net already put in ``self.blobs`` (loaded from weights or shared with another
+        layer) are kept once their shapes match ``shapes``; otherwise one blob per shape is
+        created and filled in order, so the draws from ``self.rng`` follow Caffe's blob order.
+
+        Args:
+            shapes: the parameter shapes in Caffe's blob order.
+            param_field: the layer's parameter message, e.g. ``"inner_product_param"``.
+            filler_fields: per shape, the ``FillerParameter`` field of that message that fills
+                it (e.g. ``"weight_filler"``), or None for ``default``.
+            default: the filler of a blob whose field is None or unset (None = constant 0).
+        """
+        want = [tuple(int(d) for d in s) for s in shapes]
+        if len(self.blobs) > 0:
+            got = [tuple(b.shape) for b in self.blobs]
+            self.require(got == want, param_field,
+                         f"expected parameter shapes {want}, got {got}; to learn this layer "
+                         "from scratch, rename it")
+            return
+        message = getattr(self.layer_param, param_field)
+        for shape, name in zip(want, filler_fields, strict=True):
+            filler = default
+            if name is not None and message.HasField(name):
+                filler = getattr(message, name)
+            blob = self.new_blob(shape)
+            blob.data[...] = self.xp.asarray(fillers.fill(
+                filler, shape, self.rng, self.dtype, self, f"{param_field}.{name or 'filler'}"))
+            self.blobs.append(blob)
 
     def require(self, cond: Any, field: str, msg: str) -> None:
         errors.require(cond, self.layer_param, field, msg, location=self.location)

@@ -583,9 +583,17 @@ class Net(NetApi):
         for layer in self.layers:
             layer.begin_test_pass()
 
-    def end_test_pass(self, prefix: str) -> list[str]:
-        """Tell every layer the test pass ended; returns the report files they wrote."""
-        return [path for layer in self.layers for path in layer.end_test_pass(prefix)]
+    def end_test_pass(self, prefix: str, iteration: int | None = None) -> list[str]:
+        """Tell every layer the test pass ended and write what they measured over it (e.g.
+        the oracle assignment, as ``<prefix>_<layer>_assignment.csv|.png``, with
+        ``iteration`` in the figure's title) by :func:`pycaffe_mpi.reports.assignment.
+        write_reports`; returns the paths written. The solver's test pass and ``pycaffe-mpi
+        test`` both end here."""
+        from pycaffe_mpi.reports import assignment
+
+        measured = [(layer.name, layer.end_test_pass()) for layer in self.layers]
+        return assignment.write_reports([m for m in measured if m[1] is not None], prefix,
+                                        iteration)
 
     def close(self) -> None:
         """Stop background work (data prefetch threads)."""

@@ -199,7 +199,8 @@ def _loss_layers(loss: Any, scores: Sequence[str], labels: Sequence[str],
     top = loss.top[0] if len(loss.top) else "loss"
     kind = {"mcl": "MultipleChoiceLoss", "score-avg": "ScoreAverageLoss",
             "prob-avg": "ProbabilityAverageLoss"}[spec.loss]
-    tops = [top, f"{top}_member", f"{top}_assigned"] if spec.loss == "mcl" else [top]
+    # per-member vectors, logged as member_<top>_<i> and member_assigned_<i>
+    tops = [top, f"member_{top}", "member_assigned"] if spec.loss == "mcl" else [top]
     lp = _like(loss, loss.name, kind, [*scores, labels[0]], tops)
     if loss.HasField("loss_param"):
         lp.loss_param.CopyFrom(loss.loss_param)

@@ -14,7 +14,6 @@ from typing import Any
 
 import numpy as np
 
-from pycaffe_mpi import fillers
 from pycaffe_mpi import layer as layer_mod
 from pycaffe_mpi.blob import Blob
 from pycaffe_mpi.kernels import softmax as softmax_kernel
@@ -84,17 +83,8 @@ class InnerProduct(Layer):
         n, k = self.num_output, self.K
         w_shape = (k, n) if self.transpose else (n, k)
         shapes = [w_shape, (n,)] if self.bias_term else [w_shape]
-        if len(self.blobs) > 0:  # weights given by the Net (loaded or shared): keep them
-            got = [tuple(b.shape) for b in self.blobs]
-            self.require(got == shapes, "inner_product_param",
-                         f"expected parameter shapes {shapes}, got {got}")
-            return
-        fills = [p.weight_filler if p.HasField("weight_filler") else None,
-                 p.bias_filler if p.HasField("bias_filler") else None]
-        for shape, filler in zip(shapes, fills):
-            blob = self.new_blob(shape)
-            blob.data[...] = self.xp.asarray(fillers.fill(filler, shape, self.rng, self.dtype))
-            self.blobs.append(blob)
+        self.init_param_blobs(shapes, "inner_product_param",
+                              ["weight_filler", "bias_filler"][:len(shapes)])
 
     def reshape(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
         shape = bottom[0].shape

@@ -12,7 +12,6 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from pycaffe_mpi import fillers
 from pycaffe_mpi.blob import Blob
 from pycaffe_mpi.kernels import im2col as im2col_k
 from pycaffe_mpi.layer import Layer, canonical_axis
@@ -111,24 +110,9 @@ class _BaseConvolution(Layer):
         self.plan = im2col_k.ConvPlan(self.xp, self.dtype, conv_in, conv_out, self.group,
                                       g.kernel, g.stride, g.pad, g.dilation)
         wshape = (conv_out, conv_in // self.group, *g.kernel)
-        self._make_blobs([wshape, (self.num_output,)][: 1 + self.bias_term], p)
-
-    def _make_blobs(self, shapes: list[tuple[int, ...]], p: Any) -> None:
-        if len(self.blobs) > 0:
-            self.require(len(self.blobs) == len(shapes), "blobs",
-                         f"expected {len(shapes)} parameter blob(s) (bias_term: "
-                         f"{str(self.bias_term).lower()}), got {len(self.blobs)}")
-            for i, (b, want) in enumerate(zip(self.blobs, shapes)):
-                self.require(tuple(b.shape) == want, "blobs",
-                             f"parameter {i} has shape {tuple(b.shape)}, expected {want}; to "
-                             "learn this layer from scratch, rename it")
-            return
-        fills = [p.weight_filler if p.HasField("weight_filler") else None,
-                 p.bias_filler if p.HasField("bias_filler") else None]
-        for s, f in zip(shapes, fills):
-            blob = self.new_blob(s)
-            blob.data[...] = self.xp.asarray(fillers.fill(f, s, self.rng, self.dtype))
-            self.blobs.append(blob)
+        n_blobs = 1 + self.bias_term
+        self.init_param_blobs([wshape, (self.num_output,)][:n_blobs], "convolution_param",
+                              ["weight_filler", "bias_filler"][:n_blobs])
 
     def _check_bottoms(self, bottom: Sequence[Blob]) -> tuple[int, ...]:
         shape = tuple(bottom[0].shape)

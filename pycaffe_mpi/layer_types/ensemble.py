@@ -1,5 +1,5 @@
 """Ensemble layers: the multiple-choice (MCL) loss, score- and probability-averaged losses, and
-ensemble accuracies with the oracle assignment report.
+ensemble accuracies with the oracle assignment matrix.
 
 Every layer here takes M ≥ 1 member **score** blobs (before softmax) followed by the label blob
 as the **last** bottom:
@@ -14,29 +14,23 @@ scores, log p_m = log_softmax(s_m), so no member's loss overflows for large scor
 
 from __future__ import annotations
 
-import logging
 import math
-import os
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 from pycaffe_mpi import errors
-from pycaffe_mpi import snapshot as io_mod
 from pycaffe_mpi.blob import Blob
-from pycaffe_mpi.heatmap import heatmap_png
 from pycaffe_mpi.kernels import cuda as cuda_k
 from pycaffe_mpi.kernels import softmax as softmax_kernel
 from pycaffe_mpi.layer import Layer
 from pycaffe_mpi.layer_types import loss as loss_mod
 from pycaffe_mpi.proto import caffe_pb2
 from pycaffe_mpi.registry import register_layer
-
-log = logging.getLogger("pycaffe_mpi")
+from pycaffe_mpi.reports import assignment as assignment_report
 
 _MCL = caffe_pb2.MultipleChoiceLossParameter
-_LOSS = caffe_pb2.LossParameter  # its NormalizationMode values
 
 
 class _MemberLayer(Layer):
@@ -74,7 +68,7 @@ class _MemberLayer(Layer):
 
     def _labels(self, bottom: Sequence[Blob], ignore_label: int | None) -> tuple[Any, Any]:
         """Integer labels (N,) with ignored ones set to 0, and the valid mask (N,) bool."""
-        label, valid = loss_mod._labels(self, bottom[self.n_members], (self.num,),
+        label, valid = loss_mod.labels(self, bottom[self.n_members], (self.num,),
                                         self.channels, ignore_label)
         if valid is None:
             valid = self.xp.ones(self.num, dtype=bool)
@@ -215,7 +209,7 @@ class _AveragedLoss(_MemberLayer):
         super().setup(bottom, top)
         lp = self.layer_param.loss_param
         self.ignore_label = int(lp.ignore_label) if lp.HasField("ignore_label") else None
-        self.normalization = loss_mod._normalization(self)
+        self.normalization = loss_mod.normalization(self)
 
     def reshape(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
         self._reshape_members(bottom)
@@ -223,9 +217,7 @@ class _AveragedLoss(_MemberLayer):
 
     def _normalizer(self, valid: Any) -> float:
         """SoftmaxWithLoss's normalizer for N examples (FULL = BATCH_SIZE = N), clamped ≥ 1."""
-        n = {_LOSS.FULL: self.num, _LOSS.VALID: int(valid.sum()),
-             _LOSS.BATCH_SIZE: self.num, _LOSS.NONE: 1}[self.normalization]
-        return max(1.0, float(n))
+        return loss_mod.normalizer(self.normalization, self.num, 1, int(valid.sum()))
 
 
 @register_layer("ScoreAverageLoss")
@@ -313,8 +305,9 @@ def _top1_correct(xp: Any, scores: Any, label: Any) -> Any:
 class EnsembleAccuracy(_MemberLayer):
     """Ensemble accuracies and, over a test pass, the oracle assignment matrix.
 
-    Params: ``accuracy_param.ignore_label`` (unset = none; ``top_k`` must stay 1),
-    ``ensemble_accuracy_param.write_assignment`` (true).
+    Params: ``accuracy_param.ignore_label`` (unset = none; ``top_k`` must stay 1);
+    ``ensemble_accuracy_param`` write_assignment (true), label_file (unset; one class name per
+    line, exactly C of them).
 
     Shapes:
         bottom[0..M-1]: member scores s_m, (N, C) or (N, C, 1, 1, …); bottom[M]: labels (N).
@@ -323,17 +316,17 @@ class EnsembleAccuracy(_MemberLayer):
         top[2] (optional): oracle accuracy: some member's top-1 is the label.
         top[3] (optional): the authors' oracle: the member with the highest true-class
             probability (ties → lowest index) decides; correct iff its top-1 is the label.
-        top[4] (optional): (M,) per-member accuracy.
+        top[4] (optional): (M,) per-member accuracy (logged and recorded as ``<top>_0`` …
+            ``<top>_{M-1}``).
         Tops 0–3 have shape (). "Top-1 is the label" is Accuracy's rule: no other class has a
         score ≥ the true class's score. Ignored examples are skipped; 0 when none is valid.
 
-    Test-pass report: every forward adds won[m, c] (class-c examples whose highest true-class
+    Test pass: every forward adds won[m, c] (class-c examples whose highest true-class
     probability is member m's, as for top[3]) and the class totals; ``begin_test_pass`` resets
-    them. ``end_test_pass(prefix)`` (if ``write_assignment`` and examples were seen) writes
-    ``<prefix>_<name>_assignment.csv`` (header ``member,0,1,…``; row m = share won[m, c] /
-    total[c] with 4 decimals, 0 for a class never seen) and the same matrix as a heat map
-    ``<prefix>_<name>_assignment.png`` (rows = members, columns = classes), where "/" in the
-    layer name becomes "_"; it logs the matrix and returns both paths.
+    them. :meth:`assignment_matrix` gives the shares won[m, c] / total[c]; ``end_test_pass``
+    returns them as a :class:`~pycaffe_mpi.reports.assignment.Assignment` (with the label
+    file's class names) when ``write_assignment`` is set and examples were seen, and the Net
+    has it written as ``<prefix>_<name>_assignment.csv|.png`` (the layer writes no file).
     Backward: none; ``propagate_down`` on any bottom is an error.
     """
 
@@ -349,12 +342,24 @@ class EnsembleAccuracy(_MemberLayer):
         self.ignore_label = int(p.ignore_label) if p.HasField("ignore_label") else None
         self.require(p.top_k == 1, "accuracy_param.top_k",
                      f"EnsembleAccuracy measures top-1 accuracy only, got top_k {p.top_k}")
-        self.write_assignment = bool(self.layer_param.ensemble_accuracy_param.write_assignment)
+        ep = self.layer_param.ensemble_accuracy_param
+        self.write_assignment = bool(ep.write_assignment)
+        self.class_names: list[str] | None = None
+        if ep.label_file:
+            try:
+                self.class_names = assignment_report.read_class_names(ep.label_file)
+            except errors.DataError as e:
+                self.require(False, "ensemble_accuracy_param.label_file", str(e))
         self.won: np.ndarray | None = None
         self.totals: np.ndarray | None = None
 
     def reshape(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
         self._reshape_members(bottom)
+        if self.class_names is not None:
+            self.require(len(self.class_names) == self.channels,
+                         "ensemble_accuracy_param.label_file",
+                         f"the label file must name each of the {self.channels} classes on "
+                         f"its own line, got {len(self.class_names)} names")
         for t in top[:4]:
             t.reshape(())
         if len(top) > 4:
@@ -398,32 +403,16 @@ class EnsembleAccuracy(_MemberLayer):
                                   "differentiable); it must not feed a loss or be "
                                   "back-propagated through")
 
-    def assignment(self) -> np.ndarray:
-        """The (M, C) share of each class's examples won by each member so far (0 for a class
-        never seen)."""
-        assert self.won is not None and self.totals is not None
+    def assignment_matrix(self) -> np.ndarray | None:
+        """The (M, C) share of each class's examples won by each member since the test pass
+        began (0 for a class never seen), float64 on the host; None before any example."""
+        if self.won is None or self.totals is None or not self.totals.sum():
+            return None
         return self.won / np.maximum(self.totals, 1)[None, :]
 
-    def end_test_pass(self, prefix: str) -> list[str]:
-        if not self.write_assignment or self.totals is None or not self.totals.sum():
-            return []
-        share = self.assignment()
-        base = f"{prefix}_{self.name.replace('/', '_')}_assignment"
-        directory = os.path.dirname(base)
-        if directory:
-            os.makedirs(directory, exist_ok=True)
-        classes = range(share.shape[1])
-        lines = ["member," + ",".join(str(c) for c in classes)]
-        lines += [f"{m}," + ",".join(f"{v:.4f}" for v in row) for m, row in enumerate(share)]
-        csv_path, png_path = base + ".csv", base + ".png"
-        io_mod.atomic_write(csv_path, ("\n".join(lines) + "\n").encode())
-        io_mod.atomic_write(png_path, heatmap_png(
-            share, row_labels=[str(m) for m in range(share.shape[0])],
-            col_labels=[str(c) for c in classes]))
-        log.info("%s: oracle assignment over %d examples (rows: members, columns: classes "
-                 "0..%d, share of the class won)", self.name, int(self.totals.sum()),
-                 share.shape[1] - 1, extra={"all_ranks": True})
-        for m, row in enumerate(share):
-            log.info("%s: member %d: %s", self.name, m, " ".join(f"{v:.2f}" for v in row),
-                     extra={"all_ranks": True})
-        return [csv_path, png_path]
+    def end_test_pass(self) -> assignment_report.Assignment | None:
+        share = self.assignment_matrix()
+        if not self.write_assignment or share is None:
+            return None
+        assert self.totals is not None
+        return assignment_report.Assignment(share, int(self.totals.sum()), self.class_names)

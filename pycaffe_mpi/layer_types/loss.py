@@ -23,35 +23,34 @@ from pycaffe_mpi import layer as layer_mod
 from pycaffe_mpi.blob import Blob
 from pycaffe_mpi.kernels import softmax as softmax_kernel
 from pycaffe_mpi.layer import Layer
+from pycaffe_mpi.proto import caffe_pb2
 from pycaffe_mpi.registry import register_layer
 
 FLT_MIN = 1.17549435e-38
 LOG_FLT_MIN = float(np.log(np.float64(FLT_MIN)))  # log(max(p, FLT_MIN)) = max(log p, this)
 LOG_THRESHOLD = 1e-20  # MultinomialLogisticLoss's kLOG_THRESHOLD
 
-# LossParameter.NormalizationMode
-FULL, VALID, BATCH_SIZE, NONE = 0, 1, 2, 3
-
+_LOSS = caffe_pb2.LossParameter  # its NormalizationMode values: FULL, VALID, BATCH_SIZE, NONE
 
 _count = layer_mod.count_of
 _canonical_axis = layer_mod.canonical_axis
 
 
-def _no_label_backward(layer: Layer, propagate_down: Sequence[bool]) -> None:
+def no_label_backward(layer: Layer, propagate_down: Sequence[bool]) -> None:
     if len(propagate_down) > 1 and propagate_down[1]:
         where = errors.layer_where(layer.layer_param, layer.location)
         raise errors.NetError(f"{where} cannot backpropagate to label inputs (bottom 1); "
                               "set propagate_down: false for it")
 
 
-def _check_same_num(layer: Layer, bottom: Sequence[Blob]) -> None:
+def check_same_num(layer: Layer, bottom: Sequence[Blob]) -> None:
     """``LossLayer::Reshape``: data and label share their first dimension."""
     layer.require(bottom[0].num == bottom[1].num, "bottom",
                   f"the data and label should have the same first dimension, got data "
                   f"{bottom[0].shape} and label {bottom[1].shape}")
 
 
-def _labels(layer: Layer, label_blob: Blob, shape: tuple[int, ...], n_classes: int,
+def labels(layer: Layer, label_blob: Blob, shape: tuple[int, ...], n_classes: int,
             ignore_label: int | None) -> tuple[Any, Any]:
     """Integer labels of ``shape`` (ignored ones replaced by 0) and the valid mask (or None).
 
@@ -74,15 +73,24 @@ def _labels(layer: Layer, label_blob: Blob, shape: tuple[int, ...], n_classes: i
     return label, valid
 
 
-def _normalization(layer: Layer) -> int:
-    """The effective NormalizationMode: ``normalization`` if set, else deprecated ``normalize``."""
+def normalization(layer: Layer) -> int:
+    """The effective ``LossParameter.NormalizationMode``: ``normalization`` if set, else the
+    deprecated ``normalize`` (true → VALID, false → BATCH_SIZE)."""
     lp = layer.layer_param.loss_param
     if not lp.HasField("normalization") and lp.HasField("normalize"):
-        return VALID if lp.normalize else BATCH_SIZE
+        return _LOSS.VALID if lp.normalize else _LOSS.BATCH_SIZE
     return int(lp.normalization)
 
 
-class _LabelledLoss(Layer):
+def normalizer(mode: int, outer: int, inner: int, valid_count: int) -> float:
+    """Caffe's ``LossLayer::GetNormalizer`` for a loss over outer·inner positions: FULL →
+    outer·inner, VALID → ``valid_count``, BATCH_SIZE → outer, NONE → 1; clamped to ≥ 1."""
+    n = {_LOSS.FULL: outer * inner, _LOSS.VALID: valid_count, _LOSS.BATCH_SIZE: outer,
+         _LOSS.NONE: 1}[mode]
+    return max(1.0, float(n))
+
+
+class LabelledLoss(Layer):
     """Base of losses over (predictions, labels): a loss (top 0 weighs 1 by default) whose
     label bottom takes no gradient."""
 
@@ -94,7 +102,7 @@ class _LabelledLoss(Layer):
 
 
 @register_layer("SoftmaxWithLoss")
-class SoftmaxWithLoss(_LabelledLoss):
+class SoftmaxWithLoss(LabelledLoss):
     """Softmax over an axis followed by the multinomial logistic loss, computed stably.
 
     Params: ``softmax_param.axis`` (1); ``loss_param.ignore_label`` (unset = none),
@@ -124,7 +132,7 @@ class SoftmaxWithLoss(_LabelledLoss):
         lp = self.layer_param.loss_param
         self.axis_param = int(self.layer_param.softmax_param.axis)
         self.ignore_label = int(lp.ignore_label) if lp.HasField("ignore_label") else None
-        self.normalization = _normalization(self)
+        self.normalization = normalization(self)
 
     def reshape(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
         # NOTE: Caffe's LossLayer also requires equal first dimensions; only the label count
@@ -142,17 +150,14 @@ class SoftmaxWithLoss(_LabelledLoss):
             top[1].reshape(shape)
 
     def _normalizer(self, valid_count: int) -> float:
-        """Caffe's ``get_normalizer``, clamped to ≥ 1."""
-        n = {FULL: self.outer * self.inner, VALID: valid_count, BATCH_SIZE: self.outer,
-             NONE: 1}[self.normalization]
-        return max(1.0, float(n))
+        return normalizer(self.normalization, self.outer, self.inner, valid_count)
 
     def forward(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
         xp = self.xp
         x = bottom[0].data.reshape(self.outer, self.channels, self.inner)
         fused = softmax_kernel.loss_forward(  # CUDA only: one kernel, no host round-trip
             xp, x, bottom[1].data, self.ignore_label, LOG_FLT_MIN,
-            None if self.normalization == VALID and self.ignore_label is not None
+            None if self.normalization == _LOSS.VALID and self.ignore_label is not None
             else self._normalizer(self.outer * self.inner), top[0].data)
         if fused is not None:
             (self.prob, self.valid, self.normalizer), self.label = fused, bottom[1].data
@@ -161,7 +166,7 @@ class SoftmaxWithLoss(_LabelledLoss):
             return
         logp = softmax_kernel.log_softmax(xp, x, 1)  # (outer, C, inner)
         self.prob = xp.exp(logp)
-        self.label, self.valid = _labels(self, bottom[1], (self.outer, self.inner),
+        self.label, self.valid = labels(self, bottom[1], (self.outer, self.inner),
                                          self.channels, self.ignore_label)
         picked = xp.take_along_axis(logp, self.label[:, None, :], axis=1)[:, 0, :]
         picked = xp.maximum(picked, LOG_FLT_MIN)  # Caffe's log(max(p, FLT_MIN))
@@ -177,7 +182,7 @@ class SoftmaxWithLoss(_LabelledLoss):
 
     def backward(self, top: Sequence[Blob], propagate_down: Sequence[bool],
                  bottom: Sequence[Blob]) -> None:
-        _no_label_backward(self, propagate_down)
+        no_label_backward(self, propagate_down)
         if not propagate_down[0]:
             return
         xp = self.xp
@@ -249,7 +254,7 @@ class Accuracy(Layer):
     def forward(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
         xp = self.xp
         s = bottom[0].data.reshape(self.outer, self.channels, self.inner)
-        label, valid = _labels(self, bottom[1], (self.outer, self.inner), self.channels,
+        label, valid = labels(self, bottom[1], (self.outer, self.inner), self.channels,
                                self.ignore_label)
         true_score = xp.take_along_axis(s, label[:, None, :], axis=1)  # (outer, 1, inner)
         n_better = (s >= true_score).sum(axis=1) - 1  # the true class counts itself
@@ -293,7 +298,7 @@ class EuclideanLoss(Layer):
     is_loss = True
 
     def reshape(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
-        _check_same_num(self, bottom)
+        check_same_num(self, bottom)
         self.require(bottom[0].count == bottom[1].count, "bottom",
                      f"inputs must have the same count, got {bottom[0].shape} "
                      f"({bottom[0].count}) and {bottom[1].shape} ({bottom[1].count})")
@@ -315,7 +320,7 @@ class EuclideanLoss(Layer):
 
 
 @register_layer("MultinomialLogisticLoss")
-class MultinomialLogisticLoss(_LabelledLoss):
+class MultinomialLogisticLoss(LabelledLoss):
     """Negative log-likelihood of given probabilities: loss = −Σ_n log(max(p[n, y_n], 1e-20)) / N.
 
     Params: none (``loss_param`` is not read, as in Caffe).
@@ -332,7 +337,7 @@ class MultinomialLogisticLoss(_LabelledLoss):
     exact_num_top = 1
 
     def reshape(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
-        _check_same_num(self, bottom)
+        check_same_num(self, bottom)
         lab = bottom[1]
         self.require(lab.channels == 1 and lab.height == 1 and lab.width == 1, "bottom[1]",
                      f"labels must have channels, height and width 1, got shape {lab.shape}")
@@ -343,7 +348,7 @@ class MultinomialLogisticLoss(_LabelledLoss):
     def _picked(self, bottom: Sequence[Blob]) -> tuple[Any, Any, Any]:
         xp = self.xp
         p = bottom[0].data.reshape(self.num, self.dim)
-        label, _ = _labels(self, bottom[1], (self.num,), self.dim, None)
+        label, _ = labels(self, bottom[1], (self.num,), self.dim, None)
         rows = xp.arange(self.num)
         return rows, label, xp.maximum(p[rows, label], LOG_THRESHOLD)
 
@@ -353,7 +358,7 @@ class MultinomialLogisticLoss(_LabelledLoss):
 
     def backward(self, top: Sequence[Blob], propagate_down: Sequence[bool],
                  bottom: Sequence[Blob]) -> None:
-        _no_label_backward(self, propagate_down)
+        no_label_backward(self, propagate_down)
         if not propagate_down[0]:
             return
         rows, label, prob = self._picked(bottom)

@@ -14,25 +14,21 @@ from collections.abc import Sequence
 from typing import Any
 
 from pycaffe_mpi import errors
+from pycaffe_mpi import layer as layer_mod
 from pycaffe_mpi import snapshot as snapshot_mod
 from pycaffe_mpi.blob import Blob
 from pycaffe_mpi.kernels import softmax as softmax_kernel
 from pycaffe_mpi.layer import Layer
 from pycaffe_mpi.layer_types import loss as loss_mod
+from pycaffe_mpi.proto import caffe_pb2
 from pycaffe_mpi.registry import register_layer
 
-FULL, VALID, BATCH_SIZE, NONE = loss_mod.FULL, loss_mod.VALID, loss_mod.BATCH_SIZE, loss_mod.NONE
+_LOSS = caffe_pb2.LossParameter  # its NormalizationMode values
 # log of Caffe's kLOG_THRESHOLD (1e-20): log(max(p, 1e-20)) = max(log p, this)
 LOG_LOG_THRESHOLD = math.log(loss_mod.LOG_THRESHOLD)
 # ContrastiveLoss's guard against dividing by a zero distance (Caffe's constant, kept so the
 # gradients agree with Caffe's to the last digit).
 DIST_EPS = 1e-4
-
-
-def _normalizer(mode: int, outer: int, inner: int, valid_count: int) -> float:
-    """Caffe's ``get_normalizer`` for a loss over outer·inner positions, clamped to ≥ 1."""
-    n = {FULL: outer * inner, VALID: valid_count, BATCH_SIZE: outer, NONE: 1}[mode]
-    return max(1.0, float(n))
 
 
 def _refuse_backward(layer: Layer, index: int, what: str) -> None:
@@ -83,7 +79,7 @@ class ContrastiveLoss(Layer):
 
     def reshape(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
         a, b, y = bottom
-        loss_mod._check_same_num(self, bottom)
+        loss_mod.check_same_num(self, bottom)
         self.require(a.channels == b.channels, "bottom",
                      f"a and b must have the same channels, got {a.shape} and {b.shape}")
         for i, blob in enumerate(bottom):
@@ -132,7 +128,7 @@ class ContrastiveLoss(Layer):
 
 
 @register_layer("HingeLoss")
-class HingeLoss(loss_mod._LabelledLoss):
+class HingeLoss(loss_mod.LabelledLoss):
     """One-versus-all hinge loss over C classes (L1 or squared L2).
 
     Params: ``hinge_loss_param.norm`` (L1; or L2). ``loss_param`` is not read (as in Caffe:
@@ -157,7 +153,7 @@ class HingeLoss(loss_mod._LabelledLoss):
                      f"unknown norm {self.norm} (L1 = 1 or L2 = 2)")
 
     def reshape(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
-        loss_mod._check_same_num(self, bottom)
+        loss_mod.check_same_num(self, bottom)
         self.num = bottom[0].num
         self.dim = bottom[0].count // max(self.num, 1)
         # NOTE: Caffe reads label[i] for i < N only; a label blob of another count is surely a
@@ -168,7 +164,7 @@ class HingeLoss(loss_mod._LabelledLoss):
 
     def forward(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
         xp = self.xp
-        label, _ = loss_mod._labels(self, bottom[1], (self.num,), self.dim, None)
+        label, _ = loss_mod.labels(self, bottom[1], (self.num,), self.dim, None)
         self.rows, self.label = xp.arange(self.num), label
         signed = bottom[0].data.reshape(self.num, self.dim).copy()
         signed[self.rows, label] *= -1
@@ -179,7 +175,7 @@ class HingeLoss(loss_mod._LabelledLoss):
 
     def backward(self, top: Sequence[Blob], propagate_down: Sequence[bool],
                  bottom: Sequence[Blob]) -> None:
-        loss_mod._no_label_backward(self, propagate_down)
+        loss_mod.no_label_backward(self, propagate_down)
         if not propagate_down[0]:
             return
         grad = self.margin.copy()
@@ -196,7 +192,7 @@ class HingeLoss(loss_mod._LabelledLoss):
 
 
 @register_layer("InfogainLoss")
-class InfogainLoss(loss_mod._LabelledLoss):
+class InfogainLoss(loss_mod.LabelledLoss):
     """Softmax followed by the infogain-weighted log loss (Caffe's current InfogainLossLayer).
 
     Params: ``infogain_loss_param.source`` (a .binaryproto holding H; required unless H is
@@ -249,12 +245,12 @@ class InfogainLoss(loss_mod._LabelledLoss):
             self.h_file = self.backend.asarray(arr, dtype=self.dtype)
 
     def reshape(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
-        loss_mod._check_same_num(self, bottom)
+        loss_mod.check_same_num(self, bottom)
         shape = bottom[0].shape
-        self.axis = loss_mod._canonical_axis(self, self.axis_param, len(shape),
+        self.axis = layer_mod.canonical_axis(self, self.axis_param, len(shape),
                                              "infogain_loss_param.axis")
-        self.outer = loss_mod._count(shape, 0, self.axis)
-        self.inner = loss_mod._count(shape, self.axis + 1)
+        self.outer = layer_mod.count_of(shape, 0, self.axis)
+        self.inner = layer_mod.count_of(shape, self.axis + 1)
         self.channels = shape[self.axis]
         self.require(self.outer * self.inner == bottom[1].count, "bottom[1]",
                      f"number of labels must match number of predictions: scores {shape} with "
@@ -279,7 +275,7 @@ class InfogainLoss(loss_mod._LabelledLoss):
         x = bottom[0].data.reshape(self.outer, self.channels, self.inner)
         logp = softmax_kernel.log_softmax(xp, x, 1)  # (outer, C, inner)
         self.prob = xp.exp(logp)
-        self.label, self.valid = loss_mod._labels(self, bottom[1], (self.outer, self.inner),
+        self.label, self.valid = loss_mod.labels(self, bottom[1], (self.outer, self.inner),
                                                   self.channels, self.ignore_label)
         # Caffe's log(max(p, kLOG_THRESHOLD)), evaluated from log p so it cannot underflow
         logp = xp.maximum(logp, LOG_LOG_THRESHOLD)
@@ -290,14 +286,14 @@ class InfogainLoss(loss_mod._LabelledLoss):
         else:
             per_pos = xp.where(self.valid, per_pos, 0)
             count = int(self.valid.sum())
-        self.normalizer = _normalizer(self.normalization, self.outer, self.inner, count)
+        self.normalizer = loss_mod.normalizer(self.normalization, self.outer, self.inner, count)
         top[0].data[...] = -per_pos.sum() / self.normalizer
         if len(top) > 1:
             top[1].data[...] = self.prob.reshape(bottom[0].shape)
 
     def backward(self, top: Sequence[Blob], propagate_down: Sequence[bool],
                  bottom: Sequence[Blob]) -> None:
-        loss_mod._no_label_backward(self, propagate_down)
+        loss_mod.no_label_backward(self, propagate_down)
         if len(propagate_down) > 2 and propagate_down[2]:
             _refuse_backward(self, 2, "the infogain matrix H")
         if not propagate_down[0]:
@@ -318,7 +314,7 @@ class InfogainLoss(loss_mod._LabelledLoss):
 
 
 @register_layer("SigmoidCrossEntropyLoss")
-class SigmoidCrossEntropyLoss(loss_mod._LabelledLoss):
+class SigmoidCrossEntropyLoss(loss_mod.LabelledLoss):
     """Cross-entropy between targets and the sigmoid of scores, computed stably from the scores.
 
     Params: ``loss_param.ignore_label`` (unset = none; compared with the target truncated to an
@@ -346,17 +342,17 @@ class SigmoidCrossEntropyLoss(loss_mod._LabelledLoss):
         if lp.HasField("normalization"):
             self.normalization = int(lp.normalization)
         elif lp.HasField("normalize"):
-            self.normalization = VALID if lp.normalize else BATCH_SIZE
+            self.normalization = _LOSS.VALID if lp.normalize else _LOSS.BATCH_SIZE
         else:
-            self.normalization = BATCH_SIZE
+            self.normalization = _LOSS.BATCH_SIZE
 
     def reshape(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
-        loss_mod._check_same_num(self, bottom)
+        loss_mod.check_same_num(self, bottom)
         self.require(bottom[0].count == bottom[1].count, "bottom",
                      f"scores and targets must have the same count, got {bottom[0].shape} "
                      f"and {bottom[1].shape}")
         self.outer = bottom[0].shape[0] if bottom[0].num_axes else 1
-        self.inner = loss_mod._count(bottom[0].shape, 1)
+        self.inner = layer_mod.count_of(bottom[0].shape, 1)
         top[0].reshape(())
 
     def forward(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
@@ -373,12 +369,12 @@ class SigmoidCrossEntropyLoss(loss_mod._LabelledLoss):
             self.valid = t.astype(xp.int64) != self.ignore_label  # static_cast<int>
             per_elem = xp.where(self.valid, per_elem, 0)
             count = int(self.valid.sum())
-        self.normalizer = _normalizer(self.normalization, self.outer, self.inner, count)
+        self.normalizer = loss_mod.normalizer(self.normalization, self.outer, self.inner, count)
         top[0].data[...] = per_elem.sum() / self.normalizer
 
     def backward(self, top: Sequence[Blob], propagate_down: Sequence[bool],
                  bottom: Sequence[Blob]) -> None:
-        loss_mod._no_label_backward(self, propagate_down)
+        loss_mod.no_label_backward(self, propagate_down)
         if not propagate_down[0]:
             return
         grad = self.sigmoid - bottom[1].data.reshape(-1)

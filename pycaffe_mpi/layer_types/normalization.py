@@ -12,7 +12,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from pycaffe_mpi import fillers
 from pycaffe_mpi import layer as layer_mod
 from pycaffe_mpi.blob import Blob
 from pycaffe_mpi.layer import TEST, Layer
@@ -56,12 +55,6 @@ def _broadcast_dims(layer: Layer, shape: Sequence[int], pshape: Sequence[int], a
     return _count(shape, 0, axis), _count(pshape), _count(shape, axis + len(pshape))
 
 
-def _fill_blob(layer: Layer, shape: Sequence[int], filler: Any) -> Blob:
-    blob = layer.new_blob(shape)
-    blob.data[...] = layer.xp.asarray(fillers.fill(filler, shape, layer.rng, layer.dtype))
-    return blob
-
-
 @register_layer("BatchNorm")
 class BatchNorm(Layer):
     """Batch normalization of each channel (axis 1) over the batch and spatial axes.
@@ -98,12 +91,7 @@ class BatchNorm(Layer):
         self.eps = float(p.eps)
         self.channels = 1 if bottom[0].num_axes == 1 else int(bottom[0].shape[1])
         shapes = [(self.channels,), (self.channels,), (1,)]
-        if len(self.blobs):
-            got = [tuple(b.shape) for b in self.blobs]
-            self.require(got == shapes, "blobs", f"expected parameter shapes {shapes}, got {got}")
-        else:
-            for shape in shapes:
-                self.blobs.append(self.new_blob(shape))  # zeros
+        self.init_param_blobs(shapes, "batch_norm_param", [None] * len(shapes))  # zeros
         specs = self.layer_param.param
         for i in range(len(self.blobs)):
             if len(specs) == i:
@@ -277,8 +265,7 @@ class Bias(Layer):
         if len(bottom) == 1 and not len(self.blobs):
             shape = _param_shape(self, bottom[0].shape, self.axis_param, int(p.num_axes),
                                  "bias_param", "bias")
-            self.blobs.append(_fill_blob(self, shape, p.filler if p.HasField("filler")
-                                         else None))
+            self.init_param_blobs([shape], "bias_param", ["filler"])
 
     def _operand(self, bottom: Sequence[Blob]) -> Blob:
         return bottom[1] if len(bottom) > 1 else self.blobs[0]
@@ -342,9 +329,8 @@ class Scale(Layer):
         if len(bottom) == 1 and not len(self.blobs):
             shape = _param_shape(self, bottom[0].shape, self.axis_param, int(p.num_axes),
                                  "scale_param", "scale")
-            filler = (p.filler if p.HasField("filler")
-                      else caffe_pb2.FillerParameter(type="constant", value=1.0))
-            self.blobs.append(_fill_blob(self, shape, filler))
+            self.init_param_blobs([shape], "scale_param", ["filler"],
+                                  default=caffe_pb2.FillerParameter(type="constant", value=1.0))
         self._bias = None
         if p.bias_term:
             self._setup_bias(bottom, top, p)

@@ -31,7 +31,6 @@ import logging
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
-from pycaffe_mpi import fillers
 from pycaffe_mpi import layer as layer_mod
 from pycaffe_mpi.blob import Blob
 from pycaffe_mpi.layer import Layer
@@ -128,18 +127,10 @@ class _Recurrent(Layer):
         self.S = _count(bottom[2].shape, 1) if self.static_input else 0
         self._state: list[Any] | None = None
         shapes = self.param_shapes()
-        if len(self.blobs) > 0:  # weights given by the Net (loaded or shared): keep them
-            got = [tuple(b.shape) for b in self.blobs]
-            self.require(got == shapes, "recurrent_param",
-                         f"expected parameter shapes {shapes}, got {got}")
-            return
-        weight = p.weight_filler if p.HasField("weight_filler") else None
-        bias = p.bias_filler if p.HasField("bias_filler") else None
-        for shape in shapes:  # Caffe's unrolled-net order: fill draws in blob order
-            blob = self.new_blob(shape)
-            arr = fillers.fill(weight if len(shape) == 2 else bias, shape, self.rng, self.dtype)
-            blob.data[...] = self.xp.asarray(arr)
-            self.blobs.append(blob)
+        # Caffe's unrolled-net order: matrices take the weight filler, vectors the bias filler
+        self.init_param_blobs(shapes, "recurrent_param",
+                              ["weight_filler" if len(s) == 2 else "bias_filler"
+                               for s in shapes])
 
     def param_shapes(self) -> list[tuple[int, ...]]:
         """Parameter shapes in Caffe's order: W_x, b, [W_x_static], then ``_recur_shapes``."""

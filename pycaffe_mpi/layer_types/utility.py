@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from pycaffe_mpi import errors, fillers
+from pycaffe_mpi import errors
 from pycaffe_mpi import layer as layer_mod
 from pycaffe_mpi.blob import Blob
 from pycaffe_mpi.layer import Layer
@@ -363,17 +363,7 @@ class Embed(Layer):
         self.require(self.N > 0, "embed_param.num_output", "num_output must be positive")
         self.require(self.K > 0, "embed_param.input_dim", "input_dim must be positive")
         shapes = [(self.K, self.N), (self.N,)] if self.bias_term else [(self.K, self.N)]
-        if len(self.blobs) > 0:  # loaded or shared: keep them
-            got = [tuple(b.shape) for b in self.blobs]
-            self.require(got == shapes, "embed_param",
-                         f"expected parameter shapes {shapes}, got {got}")
-            return
-        fills = [p.weight_filler if p.HasField("weight_filler") else None,
-                 p.bias_filler if p.HasField("bias_filler") else None]
-        for shape, filler in zip(shapes, fills):
-            blob = self.new_blob(shape)
-            blob.data[...] = self.xp.asarray(fillers.fill(filler, shape, self.rng, self.dtype))
-            self.blobs.append(blob)
+        self.init_param_blobs(shapes, "embed_param", ["weight_filler", "bias_filler"][:len(shapes)])
 
     def reshape(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
         top[0].reshape(*bottom[0].shape, self.N)

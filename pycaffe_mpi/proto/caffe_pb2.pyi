@@ -1424,10 +1424,12 @@ class MultipleChoiceLossParameter(_message.Message):
     def __init__(self, k: _Optional[int] = ..., ce_weight: _Optional[float] = ..., normalization: _Optional[_Union[MultipleChoiceLossParameter.Normalization, str]] = ...) -> None: ...
 
 class EnsembleAccuracyParameter(_message.Message):
-    __slots__ = ("write_assignment",)
+    __slots__ = ("write_assignment", "label_file")
     WRITE_ASSIGNMENT_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FILE_FIELD_NUMBER: _ClassVar[int]
     write_assignment: bool
-    def __init__(self, write_assignment: bool = ...) -> None: ...
+    label_file: str
+    def __init__(self, write_assignment: bool = ..., label_file: _Optional[str] = ...) -> None: ...
 
 class BootstrapParameter(_message.Message):
     __slots__ = ("enable", "seed", "member")

@@ -6,13 +6,20 @@ c's test examples that member m wins (the member with the highest true-class pro
 ``m,share,…`` with 4 decimals) and ``<prefix>.png``: members × classes as coloured cells with
 their values written in, class names when given, a colour bar and the iteration in the title.
 ``pycaffe-mpi assignment CSV -o PNG [--labels FILE]`` draws the figure again from a CSV.
+
+The EnsembleAccuracy layer only measures: after a test pass it returns an :class:`Assignment`
+(the matrix, the example count and its class names); :meth:`Net.end_test_pass` hands what its
+layers returned to :func:`write_reports`, which writes ``<prefix>_<layer>_assignment.csv|.png``
+and logs the matrix. The solver's test pass and ``pycaffe-mpi test`` both end that way.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import io
+import logging
 import math
 import os
 import sys
@@ -23,6 +30,24 @@ import numpy as np
 
 from pycaffe_mpi import errors
 from pycaffe_mpi import snapshot as io_mod
+
+log = logging.getLogger("pycaffe_mpi")
+
+
+@dataclasses.dataclass
+class Assignment:
+    """An oracle assignment measured over one test pass (what EnsembleAccuracy returns).
+
+    Attributes:
+        share: (M, C) float64; share[m, c] = the fraction of class c's examples won by member m
+            (0 for a class never seen).
+        examples: how many (non-ignored) examples the pass counted.
+        class_names: C names for the figure and the CSV header, or None (class indices).
+    """
+
+    share: np.ndarray
+    examples: int
+    class_names: list[str] | None = None
 
 
 def read_class_names(path: str | os.PathLike) -> list[str]:
@@ -170,6 +195,31 @@ def write_assignment(matrix: Any, out_prefix: str | os.PathLike, iteration: int 
     io_mod.atomic_write(csv_path, text.encode("utf-8"))
     io_mod.atomic_write(png_path, png.getvalue())
     return csv_path, png_path
+
+
+def write_reports(reports: Sequence[tuple[str, Any]], prefix: str,
+                  iteration: int | None = None) -> list[str]:
+    """Write what layers returned from a test pass (``(layer name, report)`` pairs) and return
+    the paths written.
+
+    Each :class:`Assignment` becomes ``<prefix>_<layer>_assignment.csv`` and ``.png`` ("/" in
+    the layer name becomes "_") and is logged row by row; other reports are ignored.
+    """
+    paths: list[str] = []
+    for name, report in reports:
+        if not isinstance(report, Assignment):
+            continue
+        base = f"{prefix}_{name.replace('/', '_')}_assignment"
+        paths += write_assignment(report.share, base, iteration, report.class_names)
+        classes = (" ".join(report.class_names) if report.class_names
+                   else f"0..{report.share.shape[1] - 1}")
+        log.info("%s: oracle assignment over %d examples (rows: members, columns: classes "
+                 "%s, share of the class won)", name, report.examples, classes,
+                 extra={"all_ranks": True})
+        for m, row in enumerate(report.share):
+            log.info("%s: member %d: %s", name, m, " ".join(f"{v:.2f}" for v in row),
+                     extra={"all_ranks": True})
+    return paths
 
 
 # -- command line ------------------------------------------------------------------------------

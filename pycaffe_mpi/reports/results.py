@@ -47,16 +47,20 @@ def _number(v: float) -> float | str:
     return v
 
 
+def element_names(name: str, count: int) -> list[str]:
+    """The names of an output blob's elements wherever a run reports them (log lines, results
+    file, ``pycaffe-mpi test``): the blob's name for one element, ``name_0 … name_{n-1}`` for
+    n > 1 (e.g. ``member_accuracy_0``), so that Caffe's ``parse_log.py`` keeps every element."""
+    return [name] if count == 1 else [f"{name}_{i}" for i in range(count)]
+
+
 def flatten_outputs(outputs: Mapping[str, Any] | Iterable[tuple[str, Any]]) -> dict[str, float]:
-    """Outputs by name as floats; an output with n > 1 elements becomes ``name_0 … name_{n-1}``."""
+    """Outputs by name as floats, elements named by :func:`element_names`."""
     items = outputs.items() if isinstance(outputs, Mapping) else outputs
     flat: dict[str, float] = {}
     for name, value in items:
         values = np.asarray(value, dtype=np.float64).ravel()
-        if values.size == 1:
-            flat[name] = float(values[0])
-        else:
-            flat.update((f"{name}_{i}", float(v)) for i, v in enumerate(values))
+        flat.update(zip(element_names(name, values.size), values.tolist()))
     return flat
 
 

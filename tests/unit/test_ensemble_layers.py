@@ -1,6 +1,7 @@
 """Ensemble layers: MultipleChoiceLoss against independent losses and hand-computed values,
 seeded tie-breaking, the averaged losses against their composed forms, EnsembleAccuracy on
-hand-made score tables, and the assignment report (CSV + PNG heat map)."""
+hand-made score tables, its assignment matrix and the report the Net writes from it (CSV +
+matplotlib figure), and the per-member outputs named member_<what>_<i> in the solver's log."""
 
 from __future__ import annotations
 
@@ -11,9 +12,10 @@ import pytest
 from google.protobuf import text_format
 
 import pycaffe_mpi
-from pycaffe_mpi import errors, heatmap
+from pycaffe_mpi import errors
 from pycaffe_mpi.net import Net
 from pycaffe_mpi.proto import caffe_pb2
+from pycaffe_mpi.reports import assignment
 from pycaffe_mpi.testing import gradient_check
 from pycaffe_mpi.testing.layer_cases import LayerCase, build_layer
 
@@ -406,29 +408,22 @@ def _feed(layer, bb, tb, keys: str) -> None:
     layer.forward(bb, tb)
 
 
-def test_assignment_report_over_a_two_batch_pass(tmp_path):
+def test_assignment_matrix_over_a_two_batch_pass():
     layer, bb, tb = _layer("EnsembleAccuracy", "", _table("AB"))
     layer.begin_test_pass()
+    assert layer.assignment_matrix() is None and layer.end_test_pass() is None
     _feed(layer, bb, tb, "AB")
     _feed(layer, bb, tb, "CD")
-    prefix = tmp_path / "sub" / "run_iter_10"
-    paths = layer.end_test_pass(str(prefix))
-    name = "ensembleaccuracy_under_test"
-    assert paths == [f"{prefix}_{name}_assignment.csv", f"{prefix}_{name}_assignment.png"]
-    with open(paths[0]) as f:
-        assert f.read() == _CSV
-    with PIL_Image.open(paths[1]) as img:
-        # 2 × 3 cells of 16 px; labels at font scale 2: left margin 3·2 + 4, top margin 7·2
-        assert img.size == (10 + 3 * 16, 14 + 2 * 16)
-        rgb = img.convert("RGB")
-        assert rgb.getpixel((10 + 2 * 16 + 8, 14 + 8)) == heatmap.colour(1.0)  # member 0, class 2
-        assert rgb.getpixel((10 + 2 * 16 + 8, 14 + 16 + 8)) == heatmap.colour(0.0)
+    want = [[0.5, 0.0, 1.0], [0.5, 1.0, 0.0]]
+    np.testing.assert_array_equal(layer.assignment_matrix(), want)
+    report = layer.end_test_pass()
+    assert isinstance(report, assignment.Assignment)
+    np.testing.assert_array_equal(report.share, want)
+    assert report.examples == 4 and report.class_names is None
     # a new pass starts from zero
     layer.begin_test_pass()
     _feed(layer, bb, tb, "C")
-    layer.end_test_pass(str(prefix))
-    with open(paths[0]) as f:
-        assert f.read() == "member,0,1,2\n0,0.0000,0.0000,1.0000\n1,0.0000,0.0000,0.0000\n"
+    np.testing.assert_array_equal(layer.assignment_matrix(), [[0, 0, 1], [0, 0, 0]])
 
 
 def test_assignment_skips_ignored_examples():
@@ -440,62 +435,159 @@ def test_assignment_skips_ignored_examples():
     np.testing.assert_array_equal(layer.totals, [0, 0, 1])
 
 
-def test_assignment_report_can_be_switched_off_and_needs_examples(tmp_path):
+def test_assignment_report_can_be_switched_off():
     layer, bb, tb = _layer("EnsembleAccuracy",
                            "ensemble_accuracy_param { write_assignment: false }", _table("AB"))
     layer.begin_test_pass()
     layer.forward(bb, tb)
-    assert layer.end_test_pass(str(tmp_path / "x")) == []
-    layer, bb, tb = _layer("EnsembleAccuracy", "", _table("AB"))
+    assert layer.assignment_matrix() is not None  # still measured, only not reported
+    assert layer.end_test_pass() is None
+
+
+def test_assignment_label_file(tmp_path):
+    labels = tmp_path / "labels.txt"
+    labels.write_text("cat\ndog\nship\n\n")
+    layer, bb, tb = _layer("EnsembleAccuracy",
+                           f"ensemble_accuracy_param {{ label_file: '{labels}' }}", _table("AB"))
+    assert layer.class_names == ["cat", "dog", "ship"]
     layer.begin_test_pass()
-    assert layer.end_test_pass(str(tmp_path / "x")) == []
-    assert not list(tmp_path.iterdir())
+    layer.forward(bb, tb)
+    assert layer.end_test_pass().class_names == ["cat", "dog", "ship"]
+    labels.write_text("cat\ndog\n")
+    with pytest.raises(errors.NetError, match=r"ensemble_accuracy_param\.label_file.*3 classes"):
+        _layer("EnsembleAccuracy", f"ensemble_accuracy_param {{ label_file: '{labels}' }}",
+               _table("AB"))
+    with pytest.raises(errors.NetError, match=r"label_file.*cannot read"):
+        _layer("EnsembleAccuracy",
+               f"ensemble_accuracy_param {{ label_file: '{tmp_path / 'missing.txt'}' }}",
+               _table("AB"))
 
 
-def test_assignment_report_through_the_net_hooks(tmp_path):
-    text = """
-    layer { name: 'in' type: 'Input' top: 's0' top: 's1' top: 'y'
-            input_param { shape { dim: 2 dim: 3 } shape { dim: 2 dim: 3 } shape { dim: 2 } } }
-    layer { name: 'ens/acc' type: 'EnsembleAccuracy' bottom: 's0' bottom: 's1' bottom: 'y'
-            top: 'mean_acc' top: 'score_acc' top: 'oracle' top: 'authors' top: 'member' }
-    """
-    net = Net(text_format.Merge(text, caffe_pb2.NetParameter()), pycaffe_mpi.TEST,
+_NET = """
+layer { name: 'in' type: 'Input' top: 's0' top: 's1' top: 'y'
+        input_param { shape { dim: 2 dim: 3 } shape { dim: 2 dim: 3 } shape { dim: 2 } } }
+layer { name: 'ens/acc' type: 'EnsembleAccuracy' bottom: 's0' bottom: 's1' bottom: 'y'
+        top: 'mean_acc' top: 'score_acc' top: 'oracle' top: 'authors' top: 'member'
+        %s }
+"""
+
+
+def _net_pass(param: str = "") -> Net:
+    net = Net(text_format.Merge(_NET % param, caffe_pb2.NetParameter()), pycaffe_mpi.TEST,
               dtype=np.float32)
     net.begin_test_pass()
     for keys in ("AB", "CD"):
         s0, s1, y = _table(keys)
         net.forward(s0=s0, s1=s1, y=y)
-    paths = net.end_test_pass(str(tmp_path / "t"))
-    assert paths == [str(tmp_path / "t_ens_acc_assignment.csv"),
-                     str(tmp_path / "t_ens_acc_assignment.png")]
-    assert (tmp_path / "t_ens_acc_assignment.csv").read_text() == _CSV
+    return net
 
 
-# -- heat map ------------------------------------------------------------------------------------
+def test_assignment_report_written_by_the_net_hook(tmp_path, caplog):
+    net = _net_pass()
+    prefix = tmp_path / "sub" / "run_iter_10"
+    with caplog.at_level("INFO", logger="pycaffe_mpi"):
+        paths = net.end_test_pass(str(prefix), 10)
+    assert paths == [f"{prefix}_ens_acc_assignment.csv", f"{prefix}_ens_acc_assignment.png"]
+    assert (tmp_path / "sub" / "run_iter_10_ens_acc_assignment.csv").read_text() == _CSV
+    with PIL_Image.open(paths[1]) as img:
+        assert img.width >= 500 and img.height >= 300  # a readable figure, not a thumbnail
+        colours = img.convert("RGB").getcolors(maxcolors=1 << 16)
+        assert colours is not None and len(colours) > 50  # not blank: cells, text, colour bar
+    assert "ens/acc: member 1: 0.50 1.00 0.00" in caplog.text
+    # no examples, or the report switched off: nothing written
+    net.begin_test_pass()
+    assert net.end_test_pass(str(tmp_path / "empty"), 11) == []
+    off = _net_pass("ensemble_accuracy_param { write_assignment: false }")
+    assert off.end_test_pass(str(tmp_path / "off"), 12) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sub"]
 
 
-def test_heatmap_png_decodes_to_the_matrix_colours(tmp_path):
-    m = np.array([[0.0, 0.25, 1.0], [0.5, float("nan"), 2.0]])
-    data = heatmap.heatmap_png(m, cell=4)
-    path = tmp_path / "h.png"
-    path.write_bytes(data)
-    with PIL_Image.open(path) as img:
-        assert img.size == (12, 8) and img.mode == "RGB"
-        want = {(0, 0): (68, 1, 84), (0, 1): (59, 82, 139), (0, 2): (253, 231, 37),
-                (1, 0): (33, 145, 140), (1, 1): (160, 160, 160), (1, 2): (253, 231, 37)}
-        for (r, c), colour in want.items():
-            for dy in range(4):
-                for dx in range(4):
-                    assert img.getpixel((4 * c + dx, 4 * r + dy)) == colour
+def test_assignment_report_with_class_names(tmp_path, monkeypatch):
+    labels = tmp_path / "labels.txt"
+    labels.write_text("cat\ndog\nship\n")
+    figures = []
+    draw = assignment.assignment_figure
+    monkeypatch.setattr(assignment, "assignment_figure",
+                        lambda *a, **k: figures.append(draw(*a, **k)) or figures[-1])
+    net = _net_pass(f"ensemble_accuracy_param {{ label_file: '{labels}' }}")
+    csv_path, _ = net.end_test_pass(str(tmp_path / "t"), 3)
+    with open(csv_path) as f:
+        assert f.readline() == "member,cat,dog,ship\n"
+    (fig,) = figures
+    assert fig.axes[0].get_title() == "Oracle assignment at iteration 3"
+    assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["cat", "dog", "ship"]
+    assert len(fig.axes) == 2  # the matrix and its colour bar
 
 
-def test_heatmap_labels_and_errors():
-    img = heatmap.heatmap_image(np.zeros((3, 2)), cell=8, row_labels=["0", "1", "12"],
-                                col_labels=["100", "7"])
-    # scale 1: left = width of "12" (7) + 2; top = 7; column width = max(8, "100" (11) + 2)
-    assert img.shape == (7 + 3 * 8, 9 + 2 * 13, 3)
-    assert (img[:7, 9:] == 0).any() and (img[7:, :9] == 0).any()  # some ink in both margins
-    with pytest.raises(ValueError, match="row_labels"):
-        heatmap.heatmap_image(np.zeros((2, 2)), row_labels=["a"])
-    with pytest.raises(ValueError, match="2-D"):
-        heatmap.heatmap_png(np.zeros(3))
+def test_heatmap_module_is_gone():
+    with pytest.raises(ImportError):
+        __import__("pycaffe_mpi.heatmap")
+
+
+# -- through the solver and `pycaffe-mpi test`: per-member names and the report ----------------
+_SOLVER_NET = """
+layer { name: 'data' type: 'DummyData' top: 'x' top: 'y'
+        dummy_data_param { shape { dim: 6 dim: 4 } shape { dim: 6 }
+                           data_filler { type: 'gaussian' std: 1 }
+                           data_filler { type: 'uniform' min: 0 max: 2.99 } } }
+layer { name: 's0' type: 'InnerProduct' bottom: 'x' top: 's0'
+        inner_product_param { num_output: 3 weight_filler { type: 'gaussian' std: 1 } } }
+layer { name: 's1' type: 'InnerProduct' bottom: 'x' top: 's1'
+        inner_product_param { num_output: 3 weight_filler { type: 'gaussian' std: 1 } } }
+layer { name: 'mcl' type: 'MultipleChoiceLoss' bottom: 's0' bottom: 's1' bottom: 'y'
+        top: 'loss' top: 'member_loss' top: 'member_assigned' }
+layer { name: 'acc' type: 'EnsembleAccuracy' bottom: 's0' bottom: 's1' bottom: 'y'
+        top: 'ensemble_accuracy' top: 'score_mean_accuracy' top: 'oracle_accuracy'
+        top: 'oracle_accuracy_authors' top: 'member_accuracy'
+        include { phase: TEST } }
+"""
+
+
+def test_solver_names_every_member_and_writes_the_report(tmp_path, caplog):
+    from pycaffe_mpi import solvers
+    from pycaffe_mpi.reports import parse_log, results
+
+    p = caffe_pb2.SolverParameter(base_lr=0.01, lr_policy="fixed", max_iter=2, display=1,
+                                  test_iter=[2], test_interval=2, random_seed=3,
+                                  snapshot_prefix=str(tmp_path / "run"))
+    text_format.Merge(_SOLVER_NET, p.net_param)
+    solver = solvers.Solver(p)
+    with caplog.at_level("INFO", logger="pycaffe_mpi"):
+        solver.solve()
+    solver.close()
+    lines = [r.getMessage() for r in caplog.records]
+    for name in ("member_loss_0", "member_loss_1", "member_assigned_0", "member_assigned_1"):
+        assert any("Train net output #" in ln and f": {name} = " in ln for ln in lines), name
+    for name in ("member_accuracy_0", "member_accuracy_1"):
+        assert any("Test net output #" in ln and f": {name} = " in ln for ln in lines), name
+    assert not any(ln.endswith(("member_accuracy", "member_loss")) for ln in lines)
+    # Caffe's parse_log keys its rows by name: both members survive
+    log = tmp_path / "run.log"
+    log.write_text("".join(f"I1206 08:00:00.000000 1 solver.py:1] {ln}\n" for ln in lines))
+    _, test_rows = parse_log.parse_log(log)
+    assert {"member_accuracy_0", "member_accuracy_1"} <= set(test_rows[-1])
+    last = [r for r in results.read_results(tmp_path / "run_results.jsonl")
+            if r["kind"] == "test"][-1]
+    assert {"member_accuracy_0", "member_accuracy_1"} <= set(last["outputs"])
+    for n in (0, 2):  # test_initialization, then test_interval
+        csv_path = tmp_path / f"run_iter_{n}_acc_assignment.csv"
+        assert csv_path.read_text().startswith("member,0,1,2\n")
+        assert (tmp_path / f"run_iter_{n}_acc_assignment.png").stat().st_size > 1000
+
+
+def test_cli_test_names_members_and_writes_the_report(tmp_path, capfd):
+    from pycaffe_mpi import cli
+
+    model = tmp_path / "net.prototxt"
+    model.write_text(_SOLVER_NET.replace("include { phase: TEST }", ""))
+    weights = tmp_path / "snap_iter_7.caffemodel"
+    net = Net(str(model), pycaffe_mpi.TEST)
+    net.save(str(weights))
+    net.close()
+    assert cli.main(["test", "--model", str(model), "--weights", str(weights),
+                     "--iterations", "2"]) == 0
+    text = capfd.readouterr().err  # the command's own log handler writes to stderr
+    assert "member_accuracy_1 = " in text and "member_assigned_0 = " in text
+    csv_path = tmp_path / "snap_iter_7_acc_assignment.csv"
+    assert csv_path.is_file() and (tmp_path / "snap_iter_7_acc_assignment.png").is_file()
+    assert f"Wrote {csv_path}" in text

@@ -68,13 +68,13 @@ def test_main_job_is_mcl_over_three_ranks() -> None:
 LOG = """I1128 solver.py:528] Iteration 500, Testing net (#0)
 I1128 solver.py:513]     Test net output #0: ensemble_accuracy = 0.5
 I1128 solver.py:513]     Test net output #1: oracle_accuracy = 0.7
-I1128 solver.py:513]     Test net output #2: member_accuracy = 0.25
-I1128 solver.py:513]     Test net output #3: member_accuracy = 0.5
+I1128 solver.py:513]     Test net output #2: member_accuracy_0 = 0.25
+I1128 solver.py:513]     Test net output #3: member_accuracy_1 = 0.5
 I1128 solver.py:528] Iteration 1000, Testing net (#0)
 I1128 solver.py:513]     Test net output #0: ensemble_accuracy = 0.625
 I1128 solver.py:513]     Test net output #1: oracle_accuracy = 0.875
-I1128 solver.py:513]     Test net output #2: member_accuracy = 0.375
-I1128 solver.py:513]     Test net output #3: member_accuracy = 0.5
+I1128 solver.py:513]     Test net output #2: member_accuracy_0 = 0.375
+I1128 solver.py:513]     Test net output #3: member_accuracy_1 = 0.5
 I1128 solver.py:415] Optimization Done.
 """
 

@@ -408,9 +408,10 @@ def test_solve_logs_caffe_lines(tmp_path: Path, caplog: pytest.LogCaptureFixture
     for want in ["Solving LeastSquares", "Learning Rate Policy: fixed",
                  "Iteration 0, Testing net (#0)", "Iteration 2, Testing net (#0)",
                  "Iteration 4, Testing net (#0)", "Iteration 0, lr = 0.01",
-                 "Iteration 2, lr = 0.01", "    Train net output #0: aux = 1",
-                 "    Train net output #1: aux = 2", "    Test net output #0: aux = 1",
-                 "    Test net output #1: aux = 2",
+                 # a 2-element output: one name per element, so that parse_log keeps both
+                 "Iteration 2, lr = 0.01", "    Train net output #0: aux_0 = 1",
+                 "    Train net output #1: aux_1 = 2", "    Test net output #0: aux_0 = 1",
+                 "    Test net output #1: aux_1 = 2",
                  f"Snapshotting to binary proto file {tmp_path / 'run'}_iter_4.caffemodel",
                  "Snapshotting solver state to binary proto file "
                  f"{tmp_path / 'run'}_iter_4.solverstate",
