@@ -5,8 +5,8 @@ Nets: CIFAR10-Quick at batch 100 and 350 (models/cifar10_quick), NiN for CIFAR-1
 each: the mean time of one SGD train step (forward, backward, momentum update; the input fixed
 on the device, so no data loading is timed), images/s, each layer type's share of the step, and
 the peak device memory (CuPy's pool high-water mark); then PyTorch's step for the same net
-(cuDNN autotuned, float32, NCHW) and the ratio of throughputs. Results go to stdout and, with
-``--out``, to a text file.
+(cuDNN autotuned, float32 without TF32, NCHW) and the ratio of throughputs. Results go to
+stdout and, with ``--out``, to a text file.
 
 ``--dry-run`` builds every net and runs one step of each on the CPU at a small batch (and the
 PyTorch nets on the CPU where torch is installed): it checks the script, not the speed.
@@ -193,6 +193,9 @@ def theirs(name: str, device: str, steps: int, batch: int | None = None,
     if size is not None:
         chw = (chw[0], size, size)
     torch.backends.cudnn.benchmark = True
+    # NOTE: exact float32 like ours: PyTorch lets cuDNN use TF32 tensor cores by default
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
     model = torch_net(kind, classes).to(device)
     opt = torch.optim.SGD(model.parameters(), lr=0.001, momentum=0.9, weight_decay=0.004)
     x = torch.randn(batch, *chw, device=device)
