@@ -258,3 +258,50 @@ def test_mcl_ensemble_two_replicas_of_two_model_ranks(lmdb: Path, tmp_path: Path
     run = train(tmp_path / "dp", 4, 2, mcl_net(lmdb, BATCH // 2, tmp_path / "nets"),
                 timeout=180)
     assert_same_as_reference(run, ref, 4)
+
+
+# -- planning, data split and the printed command (no MPI job) -----------------------------------
+def test_layout_and_buckets() -> None:
+    from pycaffe_mpi import errors
+    from pycaffe_mpi.comm import replicas
+
+    lay = replicas.Layout(8, 2)
+    assert lay.model_size == 4 and lay.place(6) == (1, 2) and lay.world_rank(1, 2) == 6
+    assert lay.model_members(1) == [4, 5, 6, 7] and lay.across_members(3) == [3, 7]
+    with pytest.raises(errors.PycaffeError, match="does not divide"):
+        replicas.Layout(6, 4)
+    # params 0..3 used by layers 0, 1, 3 and (shared) 0: backward finishes 2 first, then 1,
+    # then 3 and 0 (both final after layer 0)
+    sizes, ready = [10, 10, 10, 10], [0, 1, 3, 0]
+    assert replicas.plan_buckets(sizes, ready, 80, 4) == [[2, 1], [3, 0]]
+    assert replicas.plan_buckets(sizes, ready, 1, 4) == [[2], [1], [3], [0]]
+    assert replicas.plan_buckets(sizes, ready, 10**9, 4) == [[2, 1, 3, 0]]
+
+
+def test_data_layer_reads_its_replicas_records(lmdb: Path) -> None:
+    """Replica k of n reads records k, k+n, k+2n... of the whole stream, across epochs."""
+    from google.protobuf import text_format
+
+    from pycaffe_mpi.net import Net
+    from pycaffe_mpi.proto import caffe_pb2
+
+    text = f"""layer {{ name: "data" type: "Data" top: "data" top: "label"
+      data_param {{ source: "{lmdb}" batch_size: 3 backend: LMDB }} }}"""
+    param = text_format.Merge(text, caffe_pb2.NetParameter())
+    whole = Net(param, 0, dtype=np.float64)
+    stream = np.concatenate([whole.forward()["data"].copy() for _ in range(30)])  # 2+ epochs
+    whole.close()
+    for n in (2, 3):
+        for k in range(n):
+            net = Net(param, 0, dtype=np.float64)
+            net.layers[0].set_replica(k, n)
+            got = np.concatenate([net.forward()["data"].copy() for _ in range(10)])
+            net.close()
+            np.testing.assert_array_equal(got, stream[k::n][:30], err_msg=f"{k} of {n}")
+
+
+def test_ensemble_train_command_with_replicas() -> None:
+    from pycaffe_mpi import cli_tools
+
+    cmd = cli_tools.train_command("s.prototxt", ranks=2, replicas=2)
+    assert " -n 4 " in cmd and cmd.endswith("--replicas 2")
