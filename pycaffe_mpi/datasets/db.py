@@ -1,0 +1,404 @@
+"""Key-value databases of Datum records: LMDB and LevelDB, read and written one way.
+
+Caffe's ``db::DB`` in Python: ``data_param.backend`` picks LEVELDB (0, the proto default) or
+LMDB (1). :func:`open_db` gives an ``lmdb.Environment`` or a :class:`LevelDBEnv`, which
+offers the part of py-lmdb's read API that readers use (``begin``, ``get``, ``stat``, a
+cursor with ``first``/``next``/``key``/``value``), so one reader serves both backends;
+writers use :class:`DatumWriter`, which commits every 1,000 records as Caffe's tools do and
+renames a finished database into place.
+
+* LMDB through the ``lmdb`` package (:func:`pycaffe_mpi.snapshot.open_lmdb` checks a data file
+  cut short before any page is read, since a missing page of a memory map is a SIGBUS).
+* LevelDB through ``plyvel`` with Caffe's options (``db_leveldb.cpp``: 64 KiB blocks, 256 MiB
+  write buffer, at most 100 open files). LevelDB lets one process open a database at a time;
+  when another process (another MPI rank) holds it, the reader opens a private view instead:
+  a directory of hard links to the immutable table files plus copies of the small log and
+  manifest files, removed on close.
+
+Every failure (missing package, missing or damaged database) is a
+:class:`~pycaffe_mpi.errors.DataError` naming the path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import secrets
+import shutil
+import tempfile
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, ClassVar
+
+from pycaffe_mpi import errors
+from pycaffe_mpi import snapshot as pio
+
+log = logging.getLogger(__name__)
+
+LEVELDB, LMDB = 0, 1
+BACKENDS = {"leveldb": LEVELDB, "lmdb": LMDB}
+COMMIT_EVERY = 1000  # Caffe's tools commit a transaction every 1,000 records
+
+
+def backend_code(backend: str | int) -> int:
+    """``"lmdb"``/``"leveldb"`` (any case) or a DataParameter.DB value as LMDB or LEVELDB."""
+    if isinstance(backend, int):
+        if backend not in (LEVELDB, LMDB):
+            raise errors.DataError(f"unknown database backend {backend}")
+        return backend
+    try:
+        return BACKENDS[backend.lower()]
+    except KeyError:
+        raise errors.DataError(f"unknown database backend {backend!r}; expected lmdb or "
+                               "leveldb") from None
+
+
+def is_lmdb_dir(path: str | os.PathLike) -> bool:
+    return (Path(path) / "data.mdb").is_file()
+
+
+def is_leveldb_dir(path: str | os.PathLike) -> bool:
+    return (Path(path) / "CURRENT").is_file()
+
+
+def detect_backend(path: str | os.PathLike) -> int:
+    """The backend of an existing database directory, by its files."""
+    if is_lmdb_dir(path):
+        return LMDB
+    if is_leveldb_dir(path):
+        return LEVELDB
+    if not os.path.exists(path):
+        raise errors.DataError(f"database {os.fspath(path)!r} does not exist")
+    raise errors.DataError(f"{os.fspath(path)!r} is neither an LMDB (no data.mdb) nor a "
+                           "LevelDB (no CURRENT)")
+
+
+def _plyvel() -> Any:
+    try:
+        import plyvel
+    except ImportError:
+        raise errors.DataError("LevelDB support needs the plyvel package: "
+                               "pip install plyvel") from None
+    return plyvel
+
+
+def _lmdb_errors() -> tuple[type[BaseException], ...]:
+    import lmdb
+
+    return (lmdb.Error,)
+
+
+def _message(e: BaseException) -> str:
+    arg = e.args[0] if e.args else e
+    return arg.decode(errors="replace") if isinstance(arg, bytes) else str(arg)
+
+
+# -- reading ----------------------------------------------------------------------------------
+class LevelDBEnv:
+    """A LevelDB opened for reading, behind the part of py-lmdb's read API that readers use.
+
+    ``begin()`` gives a :class:`_LevelTxn` on a snapshot (``get``, ``stat``, ``cursor``), so
+    code written for an ``lmdb.Environment`` reads either backend.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path, self._view_dir = path, None
+        plyvel = _plyvel()
+        if not os.path.isdir(path):
+            raise errors.DataError(f"LevelDB {path!r} does not exist")
+        try:
+            self.db = plyvel.DB(path, create_if_missing=False)
+        except plyvel.IOError as e:
+            if "lock" not in _message(e).lower():
+                raise errors.DataError(f"LevelDB {path!r} cannot be opened: "
+                                       f"{_message(e)}") from None
+            self.db = self._open_view(plyvel)
+        except plyvel.Error as e:
+            raise errors.DataError(f"LevelDB {path!r} cannot be opened: it is damaged or not "
+                                   f"a LevelDB ({_message(e)}); rebuild or copy it again"
+                                   ) from None
+        self._entries: int | None = None
+
+    def _open_view(self, plyvel: Any) -> Any:
+        """Another process holds the database: open a private view of its files.
+
+        NOTE: table files (.ldb/.sst) are never modified once written, so hard links are safe;
+        the manifest, CURRENT and write-ahead logs are small and copied.
+        """
+        parent = os.path.dirname(os.path.abspath(self.path))
+        try:
+            view = tempfile.mkdtemp(prefix=".leveldb-view-", dir=parent)
+        except OSError:
+            view = tempfile.mkdtemp(prefix="pycaffe-leveldb-view-")
+        try:
+            for entry in os.scandir(self.path):
+                if entry.name == "LOCK" or not entry.is_file():
+                    continue
+                dst = os.path.join(view, entry.name)
+                if entry.name.endswith((".ldb", ".sst")):
+                    try:
+                        os.link(entry.path, dst)
+                        continue
+                    except OSError:
+                        pass  # another file system: copy instead
+                shutil.copyfile(entry.path, dst)
+            db = plyvel.DB(view, create_if_missing=False)
+        except (OSError, plyvel.Error) as e:
+            shutil.rmtree(view, ignore_errors=True)
+            raise errors.DataError(f"LevelDB {self.path!r} is in use by another process and a "
+                                   f"private view of it failed: {_message(e)}") from None
+        log.info("LevelDB %s is open in another process; reading a private view", self.path)
+        self._view_dir = view
+        return db
+
+    def entries(self) -> int:
+        # NOTE: LevelDB keeps no count; one pass over the keys, once.
+        if self._entries is None:
+            self._entries = sum(1 for _ in self.db.iterator(include_value=False))
+        return self._entries
+
+    def stat(self) -> dict[str, int]:
+        return {"entries": self.entries()}
+
+    @contextlib.contextmanager
+    def begin(self, buffers: bool = False) -> Iterator[_LevelTxn]:
+        snap = self.db.snapshot()
+        try:
+            yield _LevelTxn(self, snap)
+        finally:
+            snap.close()
+
+    def close(self) -> None:
+        self.db.close()
+        if self._view_dir is not None:
+            shutil.rmtree(self._view_dir, ignore_errors=True)
+
+
+class _LevelTxn:
+    """A LevelDB snapshot with py-lmdb Transaction's read methods."""
+
+    def __init__(self, env: LevelDBEnv, snap: Any) -> None:
+        self.env, self.snap = env, snap
+
+    def get(self, key: bytes) -> bytes | None:
+        return self.snap.get(key)
+
+    def stat(self) -> dict[str, int]:
+        return self.env.stat()
+
+    def cursor(self) -> _LevelCursor:
+        return _LevelCursor(self.snap)
+
+
+class _LevelCursor:
+    """py-lmdb Cursor's ``first``/``next``/``key``/``value``/``iternext`` over a snapshot."""
+
+    def __init__(self, snap: Any) -> None:
+        self.snap = snap
+        self._it: Any = None
+        self._item: tuple[bytes, bytes] | None = None
+
+    def first(self) -> bool:
+        self._it = self.snap.iterator()
+        self._item = next(self._it, None)
+        return self._item is not None
+
+    def next(self) -> bool:
+        if self._it is None:
+            return self.first()
+        self._item = next(self._it, None)
+        return self._item is not None
+
+    def key(self) -> bytes:
+        return self._item[0] if self._item else b""
+
+    def value(self) -> bytes:
+        return self._item[1] if self._item else b""
+
+    def iternext(self, keys: bool = True, values: bool = True) -> Iterator[Any]:
+        ok = self.first() if self._it is None else self._item is not None
+        while ok:
+            k, v = self._item  # type: ignore[misc]
+            yield (k, v) if keys and values else (k if keys else v)
+            ok = self.next()
+
+    def __iter__(self) -> Iterator[tuple[bytes, bytes]]:
+        return self.iternext()
+
+
+def backend_errors(env: Any) -> tuple[type[BaseException], ...]:
+    """The exception types a read of ``env`` may raise for a damaged database."""
+    if isinstance(env, LevelDBEnv):
+        return (_plyvel().Error,)
+    import lmdb
+
+    return (lmdb.Error,)
+
+
+def is_lmdb_env(env: Any) -> bool:
+    return not isinstance(env, LevelDBEnv)
+
+
+def open_db(path: str | os.PathLike, backend: str | int | None = None) -> Any:
+    """Open a database for reading (``backend`` None: detected from its files).
+
+    Returns:
+        an ``lmdb.Environment`` (opened by :func:`pycaffe_mpi.snapshot.open_lmdb`, so its
+        size is checked) or a :class:`LevelDBEnv` with the same read API.
+
+    Raises:
+        errors.DataError: naming ``path``: missing, damaged, or of the other backend.
+    """
+    path = os.fspath(path)
+    code = detect_backend(path) if backend is None else backend_code(backend)
+    if code == LMDB:
+        if not is_lmdb_dir(path):
+            hint = "; it is a LevelDB: use backend LEVELDB" if is_leveldb_dir(path) else ""
+            raise errors.DataError(f"{path!r} is not an LMDB directory (no data.mdb){hint}")
+        return pio.open_lmdb(path)
+    return LevelDBEnv(path)
+
+
+def entries(env: Any) -> int:
+    """The number of records of an opened database."""
+    return int(env.stat()["entries"])
+
+
+class SharedDB:
+    """One open database per path and process, shared by reference count.
+
+    NOTE: LMDB and LevelDB both refuse to open one database twice in a process, yet a TRAIN
+    and a TEST net, or several Data layers, may read the same source; each reader takes its
+    own transaction (LMDB) or snapshot (LevelDB).
+    """
+
+    _open: ClassVar[dict[str, list[Any]]] = {}  # realpath -> [env, users]
+    _lock = threading.Lock()
+
+    @classmethod
+    def acquire(cls, path: str, backend: str | int | None = None) -> Any:
+        """The database at ``path``, opened (and checked for damage) by its first user."""
+        key = os.path.realpath(path)
+        with cls._lock:
+            if key not in cls._open:
+                cls._open[key] = [open_db(key, backend), 0]
+            cls._open[key][1] += 1
+            return cls._open[key][0]
+
+    @classmethod
+    def release(cls, env: Any) -> None:
+        with cls._lock:
+            for key, entry in list(cls._open.items()):
+                if entry[0] is env:
+                    entry[1] -= 1
+                    if entry[1] == 0:
+                        del cls._open[key]
+                        env.close()
+                    return
+
+
+def iter_records(path: str | os.PathLike, backend: str | int | None = None
+                 ) -> Iterator[tuple[bytes, bytes]]:
+    """Yield ``(key, raw value)`` of every record, in key order, once."""
+    env = open_db(path, backend)
+    try:
+        with env.begin(buffers=False) as txn:
+            yield from txn.cursor()
+    except backend_errors(env) as e:
+        raise errors.DataError(f"reading {os.fspath(path)!r} failed: the database is damaged "
+                               f"({_message(e)}); rebuild or copy it again") from None
+    finally:
+        env.close()
+
+
+# -- writing ----------------------------------------------------------------------------------
+class DatumWriter:
+    """Write (key, value) records into a new database, Caffe's ``db::Transaction`` way.
+
+    Records are committed every :data:`COMMIT_EVERY`; the database is built under a temporary
+    name beside ``path`` and renamed into place by :meth:`close`, so an interrupted run never
+    leaves a half-written database. :meth:`abort` (or leaving a ``with`` block by an
+    exception) removes it.
+
+    Raises:
+        errors.DataError: ``path`` exists (Caffe refuses too) and not ``overwrite``.
+    """
+
+    def __init__(self, path: str | os.PathLike, backend: str | int = "lmdb",
+                 overwrite: bool = False) -> None:
+        self.path, self.backend = Path(path), backend_code(backend)
+        if self.path.exists():
+            if not overwrite:
+                raise errors.DataError(f"{self.path} already exists; delete it to rebuild it")
+            shutil.rmtree(self.path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = self.path.parent / f".{self.path.name}.{secrets.token_hex(6)}.tmp"
+        self.pending: list[tuple[bytes, bytes]] = []
+        self.count = 0
+        if self.backend == LMDB:
+            import lmdb
+
+            self.tmp.mkdir()  # NOTE: not mkdtemp, whose 0700 would outlive the rename
+            self.map_size = 64 << 20
+            self.db = lmdb.open(str(self.tmp), map_size=self.map_size, subdir=True,
+                                meminit=False)
+        else:
+            plyvel = _plyvel()
+            self.db = plyvel.DB(str(self.tmp), create_if_missing=True, error_if_exists=True,
+                                block_size=65536, write_buffer_size=256 << 20,
+                                max_open_files=100)
+
+    def put(self, key: bytes, value: bytes) -> None:
+        self.pending.append((key, value))
+        self.count += 1
+        if len(self.pending) >= COMMIT_EVERY:
+            self.commit()
+
+    def commit(self) -> None:
+        if not self.pending:
+            return
+        if self.backend == LMDB:
+            import lmdb
+
+            while True:
+                try:
+                    with self.db.begin(write=True) as txn:
+                        for key, value in self.pending:
+                            txn.put(key, value)
+                    break
+                except lmdb.MapFullError:  # Caffe's newer writers double the map too
+                    self.map_size *= 2
+                    self.db.set_mapsize(self.map_size)
+        else:
+            with self.db.write_batch() as wb:
+                for key, value in self.pending:
+                    wb.put(key, value)
+        self.pending.clear()
+
+    def close(self) -> None:
+        """Commit what is pending and move the finished database to ``path``."""
+        try:
+            self.commit()
+            if self.backend == LMDB:
+                self.db.sync(True)
+        except BaseException:
+            self.abort()
+            raise
+        self.db.close()
+        os.replace(self.tmp, self.path)
+
+    def abort(self) -> None:
+        with contextlib.suppress(Exception):
+            self.db.close()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def __enter__(self) -> DatumWriter:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
