@@ -273,7 +273,11 @@ def user_layer_error(layer: Any, method: str, exc: BaseException) -> errors.NetE
             f"{cls.__module__}.{cls.__qualname__}{on}: {what}")
     tag = f"[rank {rank}/{size}] " if size > 1 else ""
     body = "\n".join(tag + line for line in _user_frames(exc).splitlines())
-    return _error_class(exc)(f"{head}\n{body}")
+    message = f"{head}\n{body}"
+    try:
+        return _error_class(exc)(message)
+    except TypeError:  # an exception type whose constructor wants other arguments
+        return errors.NetError(message)
 
 
 _ERROR_CLASSES: dict[type, type] = {}
@@ -288,8 +292,10 @@ def _error_class(exc: BaseException) -> type:
         return errors.NetError
     if kind not in _ERROR_CLASSES:
         try:
+            # NOTE: BaseException's __str__, not e.g. KeyError's, which would quote the message
             _ERROR_CLASSES[kind] = type(f"PythonLayer{kind.__name__}", (errors.NetError, kind),
-                                        {"__module__": __name__})
+                                        {"__module__": __name__,
+                                         "__str__": BaseException.__str__})
         except TypeError:  # incompatible layouts (e.g. OSError): the plain error
             _ERROR_CLASSES[kind] = errors.NetError
     return _ERROR_CLASSES[kind]
