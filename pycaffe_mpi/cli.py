@@ -195,7 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="pycaffe-mpi",
         description="Caffe-compatible training and testing, with MPI model parallelism and "
-                    "ensembles. Run `pycaffe-mpi COMMAND --help` for a command's flags.",
+                    "ensembles. Run `pycaffe-mpi COMMAND --help` for a command's flags. Caffe's "
+                    "commands take Caffe's flags, also spelt as gflags does (-solver s.prototxt, "
+                    "-gpu=0, flags before the command).",
         epilog=ENVIRONMENT, formatter_class=_HelpFormatter)
     p.add_argument("--version", action="version",
                    version=f"pycaffe-mpi {pycaffe_mpi.__version__}")
