@@ -1,0 +1,133 @@
+"""No layer waits for the device inside an iteration (without a GPU).
+
+Each layer case runs forward and backward on a stand-in device: an array module named "cupy"
+whose arrays are NumPy arrays of a subclass that records every read of a value into Python
+(``float()``, ``int()``, ``bool()``, ``.item()``, ``.tolist()``): on a GPU each such read waits
+for every kernel queued before it. The CUDA kernels run through the host stand-in of
+conftest.py. A layer type that reads values in forward or backward must be listed in
+``KNOWN_SYNCS`` with the reason; a new one fails here.
+"""
+
+from __future__ import annotations
+
+import traceback
+import types
+from typing import Any
+
+import numpy as np
+import pytest
+
+from pycaffe_mpi import backend as backend_mod
+from pycaffe_mpi.testing import layer_cases
+from pycaffe_mpi.testing.layer_cases import build_layer, make_bottoms
+
+# Layer types that read device values in forward/backward today, and why (a GPU pays a pipeline
+# stall for each). Data layers fill their tops on the host by design.
+KNOWN_SYNCS = {
+    "Accuracy": "label range check (loss._labels); count and hits read for the division",
+    "EnsembleAccuracy": "label range check; per-class counts kept on the host",
+    "MultinomialLogisticLoss": "label range check (loss._labels)",
+    "MultipleChoiceLoss": "label range check (loss._labels)",
+    "ScoreAverageLoss": "label range check; the VALID normalizer read as an int",
+    "ProbabilityAverageLoss": "label range check; the VALID normalizer read as an int",
+    "InfogainLoss": "label range check; the valid count",
+    "HingeLoss": "label range check",
+    "SigmoidCrossEntropyLoss": "the valid count with ignore_label",
+    "Embed": "index range and integrality checks (utility._indices)",
+    "BatchReindex": "index range check (utility._indices)",
+}
+
+
+_ACTIVE = [False]
+SYNCS: list[str] = []
+
+
+def _record(what: str) -> None:
+    if _ACTIVE[0]:
+        frame = next(f for f in reversed(traceback.extract_stack())
+                     if not f.filename.endswith("test_host_syncs.py"))
+        SYNCS.append(f"{what} at {frame.filename.rsplit('/', 1)[-1]}:{frame.lineno}")
+
+
+class DeviceArray(np.ndarray):
+    """A NumPy array that records reads of its values into Python."""
+
+    def __float__(self) -> float:
+        _record("float()")
+        return float(np.asarray(self))
+
+    def __int__(self) -> int:
+        _record("int()")
+        return int(np.asarray(self))
+
+    def __bool__(self) -> bool:
+        _record("bool()")
+        return bool(np.asarray(self))
+
+    def __index__(self) -> int:
+        _record("index")
+        return np.asarray(self).__index__()
+
+    def item(self, *args: Any) -> Any:
+        _record(".item()")
+        return np.asarray(self).item(*args)
+
+    def tolist(self) -> Any:
+        _record(".tolist()")
+        return np.asarray(self).tolist()
+
+
+def _wrap(out: Any) -> Any:
+    if isinstance(out, np.ndarray) and not isinstance(out, DeviceArray):
+        return out.view(DeviceArray)
+    if isinstance(out, tuple):
+        return tuple(_wrap(o) for o in out)
+    return out
+
+
+class _Module(types.ModuleType):
+    """``numpy`` under the name ``cupy``, every array it returns a :class:`DeviceArray`."""
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(np, name)
+        if callable(attr) and not isinstance(attr, type):
+            def call(*args: Any, **kwargs: Any) -> Any:
+                return _wrap(attr(*args, **kwargs))
+            return call
+        return attr
+
+
+FAKE = _Module("cupy")
+
+
+def _device() -> backend_mod.Backend:
+    b = backend_mod.Backend()
+    b.xp = FAKE
+    return b
+
+
+SKIP = {"Python", "Data", "HDF5Data", "ImageData", "WindowData", "MemoryData", "HDF5Output"}
+CASES = [c for c in layer_cases.all_cases() if c.type not in SKIP]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.test_id for c in CASES])
+def test_no_host_reads_in_forward_or_backward(case, cuda_standin):
+    bottoms = make_bottoms(case.bottoms, np.random.default_rng(0))
+    layer, bb, tb = build_layer(case, bottoms, np.float32, backend=_device())
+    for t in tb:
+        t.diff[...] = FAKE.ones(t.shape, np.float32)
+    SYNCS.clear()
+    _ACTIVE[0] = True
+    try:
+        layer.forward(bb, tb)
+        if case.grad:
+            checked = [i for i in range(len(bb)) if layer.allow_force_backward(i)]
+            if case.grad_bottoms is not None:
+                checked = list(case.grad_bottoms)
+            layer.backward(tb, [i in checked for i in range(len(bb))], bb)
+    finally:
+        _ACTIVE[0] = False
+    if case.type in KNOWN_SYNCS:
+        return
+    assert not SYNCS, (f"{case.type} reads device values during forward/backward (a GPU "
+                       f"waits at each): {sorted(set(SYNCS))[:5]}")
