@@ -126,8 +126,9 @@ def is_binary_net(path: str) -> bool:
 def located(exc: errors.PycaffeError, path: str | None,
             message_type: Any = caffe_pb2.SolverParameter) -> errors.PycaffeError:
     """``exc`` with ``path`` in front (and the line of the first ``message_type`` field its
-    message names, where the file sets it), unless it names the file already or ``path`` is
-    None. For checks made on a parsed message, which no longer knows its lines."""
+    message names, or of a quoted value it quotes, where the file has one), unless it names the
+    file already or ``path`` is None. For checks made on a parsed message, which no longer
+    knows its lines."""
     msg = str(exc)
     if not path or path in msg:
         return exc
@@ -137,11 +138,14 @@ def located(exc: errors.PycaffeError, path: str | None,
         text = ""
     fields = {f.name for f in message_type.DESCRIPTOR.fields}
     where = path
-    for word in re.findall(r"\b[a-z][a-z0-9_]*\b", msg):
-        m = re.search(rf"^\s*{word}\s*[:{{]", text, re.M) if word in fields else None
-        if m:
-            where = f"{path}:{text.count(chr(10), 0, m.start()) + 1}"
-            break
+    # the line of a field the message names, else of a quoted value it quotes (a file name)
+    spots = [re.search(rf"^\s*{w}\s*[:{{]", text, re.M)
+             for w in re.findall(r"\b[a-z][a-z0-9_]*\b", msg) if w in fields]
+    spots += [m for m in re.finditer(r'^\s*\w+\s*:\s*"([^"\n]+)"', text, re.M)
+              if m.group(1) in msg]
+    spot = next((m for m in spots if m), None)
+    if spot:
+        where = f"{path}:{text.count(chr(10), 0, spot.start()) + 1}"
     try:
         return type(exc)(f"{where}: {msg}")
     except TypeError:  # an error class with another signature: leave it as it is

@@ -98,14 +98,20 @@ class _Callback:
 
 def _naming_solver_file(init: Callable[..., None]) -> Callable[..., None]:
     """Put the solver file (and the line of the field at fault) in front of the
-    SolverErrors that ``init`` raises: its checks see the parsed message, not the file."""
+    SolverErrors that ``init`` (or ``solve``) raises, and of a net file it names that cannot be
+    read: those checks see the parsed message, not the file."""
     @functools.wraps(init)
     def wrapper(self: Any, *args: Any, **kwargs: Any) -> None:
         try:
             init(self, *args, **kwargs)
-        except errors.SolverError as e:
-            path = getattr(self, "source_path", None)
-            raise prototxt.located(e, path) from (e.__cause__ or None)
+        except (errors.SolverError, errors.PrototxtError) as e:
+            # NOTE: exact types: subclasses (a non-finite loss) are not the file's mistakes,
+            # and a mistake inside a net file names that file already
+            unreadable = type(e) is errors.PrototxtError and str(e).startswith("cannot read")
+            if unreadable or type(e) is errors.SolverError:
+                raise prototxt.located(e, getattr(self, "source_path", None)) \
+                    from (e.__cause__ or None)
+            raise
 
     return wrapper
 
@@ -412,6 +418,7 @@ class Solver(SnapshotMixin):
         return action
 
     # -- training -------------------------------------------------------------------------------
+    @_naming_solver_file
     def solve(self, resume_file: str | None = None) -> None:
         """Train to ``max_iter`` (Caffe's ``Solver::Solve``), optionally resuming a snapshot."""
         p = self.param

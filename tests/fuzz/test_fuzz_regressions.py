@@ -72,6 +72,24 @@ def test_solver_without_a_net_names_the_solver_file(tmp_path: Path):
         solvers.Solver(str(path))
 
 
+def test_unreadable_net_file_names_the_solver_line(tmp_path: Path):
+    path = _write(tmp_path, 'base_lr: 0.1\nnet: "no/such.prototxt"\n', "solver.prototxt")
+    with pytest.raises(errors.PrototxtError,
+                       match=rf"^{path}:2: cannot read no/such.prototxt"):
+        solvers.Solver(str(path))
+
+
+def test_solver_error_during_solve_names_the_solver_file(tmp_path: Path):
+    """An unknown lr_policy is found at the first step (as in Caffe), after set-up."""
+    net = _write(tmp_path, NET.replace("inner_product_param", 'loss_weight: 1 '
+                                       "inner_product_param"))
+    path = _write(tmp_path, f'net: "{net}"\nbase_lr: 0.1\nlr_policy: "bogus"\nmax_iter: 1\n'
+                  "snapshot_after_train: false\n", "solver.prototxt")
+    solver = solvers.Solver(str(path))
+    with pytest.raises(errors.SolverError, match=rf'^{path}:3: Unknown learning rate policy'):
+        solver.solve()
+
+
 def test_cli_solver_error_names_the_solver_file(tmp_path: Path):
     path = _write(tmp_path, "base_lr: 0.1\n", "solver.prototxt")
     code, err = harness.run_cli(["train", "--solver", str(path)])
