@@ -305,3 +305,32 @@ def test_ensemble_train_command_with_replicas() -> None:
 
     cmd = cli_tools.train_command("s.prototxt", ranks=2, replicas=2)
     assert " -n 4 " in cmd and cmd.endswith("--replicas 2")
+
+
+def test_hdf5_data_reads_its_replicas_rows(tmp_path: Path) -> None:
+    """HDF5Data over two files (7 and 5 rows): replica k of n reads rows k, k+n... of the
+    stream, across files and wraps."""
+    import h5py
+    from google.protobuf import text_format
+
+    from pycaffe_mpi.net import Net
+    from pycaffe_mpi.proto import caffe_pb2
+
+    names = []
+    for i, rows in enumerate((7, 5)):
+        path = tmp_path / f"part{i}.h5"
+        with h5py.File(path, "w") as f:
+            f["x"] = np.arange(rows, dtype=np.float64)[:, None] + 100 * i
+        names.append(str(path))
+    (tmp_path / "list.txt").write_text("\n".join(names))
+    text = f"""layer {{ name: "h5" type: "HDF5Data" top: "x"
+      hdf5_data_param {{ source: "{tmp_path / 'list.txt'}" batch_size: 3 }} }}"""
+    param = text_format.Merge(text, caffe_pb2.NetParameter())
+    whole = Net(param, 0, dtype=np.float64)
+    stream = np.concatenate([whole.forward()["x"].ravel().copy() for _ in range(20)])
+    for n in (2, 3):
+        for k in range(n):
+            net = Net(param, 0, dtype=np.float64)
+            net.layers[0].set_replica(k, n)
+            got = np.concatenate([net.forward()["x"].ravel().copy() for _ in range(6)])
+            np.testing.assert_array_equal(got, stream[k::n][:18], err_msg=f"{k} of {n}")
