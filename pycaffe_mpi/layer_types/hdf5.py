@@ -16,7 +16,7 @@ import numpy as np
 
 from pycaffe_mpi import errors
 from pycaffe_mpi.blob import Blob
-from pycaffe_mpi.layer import Layer
+from pycaffe_mpi.layer import TRAIN, Layer
 from pycaffe_mpi.registry import register_layer
 
 log = logging.getLogger(__name__)
@@ -48,6 +48,9 @@ class HDF5Data(Layer):
     each time it is (re)entered, all from ``self.rng``. Values are cast to the layer's dtype.
     Each file is read whole into memory, as Caffe does. ``get_state`` holds the position and
     permutations, so a resumed run reads exactly the rows an uninterrupted one would.
+    Data-parallel replica k of n (``set_replica``) takes row i of the stream only when
+    i mod n == k (Caffe's ``HDF5DataLayer::Skip``); with shuffle each replica shuffles with
+    its own generator, so their rows are not disjoint then.
     """
 
     is_data = True
@@ -69,6 +72,7 @@ class HDF5Data(Layer):
         if self.shuffle:
             self.rng.shuffle(self.file_perm)
         self.current_file, self.current_row = 0, 0
+        self._offset = 0  # rows passed over in the whole stream (data-parallel replicas)
         self._load(self.filenames[self.file_perm[0]])
         self.shapes = [(self.batch_size, *a.shape[1:]) for a in self.arrays]
         self.reshape(bottom, top)
@@ -148,7 +152,34 @@ class HDF5Data(Layer):
         for t, shape in zip(top, self.shapes):
             t.reshape(shape)
 
+    def set_replica(self, index: int, count: int) -> None:
+        """Read only data-parallel replica ``index`` of ``count``'s rows (TRAIN nets)."""
+        if self.phase == TRAIN:
+            self._replica = (int(index), int(count))
+
+    def _forward_replica(self, top: Sequence[Blob], k: int, n: int) -> None:
+        done = 0
+        while done < self.batch_size:
+            left = len(self.row_perm) - self.current_row
+            # the rows of this file segment whose place in the whole stream is this replica's
+            keep = np.flatnonzero((self._offset + np.arange(left)) % n == k)
+            keep = keep[:self.batch_size - done]
+            rows = self.row_perm[self.current_row + keep]
+            for t, a in zip(top, self.arrays):
+                chunk = a[rows]
+                t.data[done:done + len(rows)] = chunk if self.xp is np else self.xp.asarray(chunk)
+            done += len(rows)
+            used = int(keep[-1]) + 1 if done == self.batch_size and len(keep) else left
+            self._offset += used
+            self.current_row += used
+            if self.current_row == len(self.row_perm):
+                self._next_file()
+
     def forward(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
+        k, n = getattr(self, "_replica", (0, 1))
+        if n > 1:
+            self._forward_replica(top, k, n)
+            return
         done = 0
         # one slice per file segment the batch spans (a loop over files, not rows)
         while done < self.batch_size:
@@ -165,8 +196,8 @@ class HDF5Data(Layer):
     def get_state(self) -> bytes:
         return json.dumps({"rng": self.rng.bit_generator.state,
                            "file_perm": self.file_perm.tolist(), "file": self.current_file,
-                           "row": self.current_row, "row_perm": self.row_perm.tolist()}
-                          ).encode()
+                           "row": self.current_row, "row_perm": self.row_perm.tolist(),
+                           "offset": self._offset}).encode()
 
     def set_state(self, state: bytes) -> None:
         s = json.loads(state)
@@ -175,6 +206,7 @@ class HDF5Data(Layer):
         self._load(self.filenames[self.file_perm[self.current_file]])
         self.row_perm = np.asarray(s["row_perm"], dtype=np.int64)
         self.current_row = int(s["row"])
+        self._offset = int(s.get("offset", 0))
         self.rng.bit_generator.state = s["rng"]  # after _load, which may have drawn from it
 
 
