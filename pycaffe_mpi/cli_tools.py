@@ -38,6 +38,10 @@ def configure_ensemble(p: argparse.ArgumentParser) -> None:
                    "layers instead of one fused layer")
     p.add_argument("--ranks", type=int, default=1, help="place the members over this many MPI "
                    "ranks (member i on rank i %% ranks; default 1)")
+    p.add_argument("--replicas", type=int, default=1,
+                   help="train R data-parallel replicas of the placed ensemble (ranks x R MPI "
+                        "ranks; the printed command says so); each reads 1/R of every batch "
+                        "stream, so batch_size / R keeps the effective batch (default 1)")
     p.add_argument("--bagging", action="store_true",
                    help="each member trains on its own bootstrap sample of the TRAIN data")
     p.add_argument("--same_init", action="store_true",
@@ -76,7 +80,8 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
     except errors.DataError as e:  # the base net is built for its shapes
         print(f"parameters: not counted ({e})")
     if solver_path:
-        print(f"train with: {train_command(solver_path, spec.ranks, spec.same_init)}")
+        print(f"train with: "
+              f"{train_command(solver_path, spec.ranks, spec.same_init, args.replicas)}")
     return 0
 
 
@@ -100,18 +105,22 @@ def _program(name: str) -> str | None:
     return _shown_path(beside)
 
 
-def train_command(solver_path: str, ranks: int = 1, same_seed: bool = False) -> str:
+def train_command(solver_path: str, ranks: int = 1, same_seed: bool = False,
+                  replicas: int = 1) -> str:
     """The shell command that trains ``solver_path``, written to run as printed from the
     current directory: ``mpiexec -n R pycaffe-mpi train --solver S`` when both programs are
     on PATH, else with the paths of the ones installed beside this Python (a venv's bin); the
-    ``mpiexec`` of mpi4py's MPI is preferred over another one on PATH."""
+    ``mpiexec`` of mpi4py's MPI is preferred over another one on PATH. With ``replicas`` R
+    the job has R x ranks ranks and ``--replicas R``."""
     prog = _program("pycaffe-mpi")
     cmd = [prog] if prog else [_shown_path(Path(sys.executable)), "-m", "pycaffe_mpi.cli"]
     cmd += ["train", "--solver", solver_path]
-    if ranks > 1:
-        cmd = [_program("mpiexec") or "mpiexec", "-n", str(ranks), *cmd]
+    if ranks * replicas > 1:
+        cmd = [_program("mpiexec") or "mpiexec", "-n", str(ranks * replicas), *cmd]
     if same_seed:
         cmd.append("--same_seed")
+    if replicas > 1:
+        cmd += ["--replicas", str(replicas)]
     return shlex.join(cmd)
 
 
