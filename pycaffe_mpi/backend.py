@@ -118,6 +118,34 @@ def pinned_empty(shape: Sequence[int], dtype: Any) -> np.ndarray:
     return np.frombuffer(mem, np.uint8, size).view(dtype).reshape(tuple(shape))
 
 
+class LateFlag:
+    """A device boolean read on the host later, without waiting for the device now.
+
+    On a GPU the flag is copied into page-locked host memory behind the work queued so far on
+    the current stream; :meth:`value` gives it once that copy has happened (None before). A
+    check that would otherwise stop the GPU every iteration (a label range check, say) can so
+    fail an iteration or two late instead. On the CPU the value is read at once.
+    """
+
+    def __init__(self, xp: Any, flag: Any) -> None:
+        self._value: bool | None = None
+        if not is_cupy(xp):
+            self._value = bool(flag)
+            return
+        self._src = flag.astype(np.bool_).reshape(1)  # kept alive until the copy is done
+        self._host = pinned_empty((1,), np.bool_)
+        stream = xp.cuda.get_current_stream()
+        xp.cuda.runtime.memcpyAsync(self._host.ctypes.data, self._src.data.ptr, 1,
+                                    xp.cuda.runtime.memcpyDeviceToHost, stream.ptr)
+        self._event = stream.record()
+
+    def value(self) -> bool | None:
+        """The flag, or None while the device has not reached it yet."""
+        if self._value is None and self._event.done:
+            self._value, self._src = bool(self._host[0]), None
+        return self._value
+
+
 def memory_in_use(device_id: int = 0) -> dict[str, int]:
     """Device bytes held by CuPy's pool (``held``: a high-water mark, since the pool keeps
     freed blocks) and in use now (``used``); zeros without CuPy."""

@@ -215,9 +215,12 @@ class _AveragedLoss(_MemberLayer):
         self._reshape_members(bottom)
         top[0].reshape(())
 
-    def _normalizer(self, valid: Any) -> float:
-        """SoftmaxWithLoss's normalizer for N examples (FULL = BATCH_SIZE = N), clamped ≥ 1."""
-        return loss_mod.normalizer(self.normalization, self.num, 1, int(valid.sum()))
+    def _normalizer(self, valid: Any) -> Any:
+        """SoftmaxWithLoss's normalizer for N examples (FULL = BATCH_SIZE = N), clamped ≥ 1;
+        VALID's count stays on the device (reading it would wait for a GPU)."""
+        if self.normalization == caffe_pb2.LossParameter.VALID:
+            return self.xp.maximum(valid.sum(), 1).astype(self.dtype)
+        return loss_mod.normalizer(self.normalization, self.num, 1, self.num)
 
 
 @register_layer("ScoreAverageLoss")

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from pycaffe_mpi import backend as backend_mod
 from pycaffe_mpi import errors
 from pycaffe_mpi import layer as layer_mod
 from pycaffe_mpi.blob import Blob
@@ -62,7 +63,9 @@ def labels(layer: Layer, label_blob: Blob, shape: tuple[int, ...], n_classes: in
     bad = (label < 0) | (label >= n_classes)
     if valid is not None:
         bad &= valid
-    if bool(bad.any()):
+    if backend_mod.is_cupy(xp):  # a GPU: read the check later instead of waiting for it now
+        _late_label_check(layer, bad, n_classes)
+    elif bool(bad.any()):
         value = int(label[bad].ravel()[0])
         where = errors.layer_where(layer.layer_param, layer.location)
         raise errors.NetError(
@@ -71,6 +74,22 @@ def labels(layer: Layer, label_blob: Blob, shape: tuple[int, ...], n_classes: in
     if valid is not None:
         label = xp.where(valid, label, 0)
     return label, valid
+
+
+def _late_label_check(layer: Layer, bad: Any, n_classes: int) -> None:
+    """Raise for a label outside ``[0, n_classes)`` of an earlier batch once its flag reached the
+    host (a GPU runs an iteration or two behind), and queue this batch's flag."""
+    flags = []
+    for flag in [*getattr(layer, "_label_flags", ()), backend_mod.LateFlag(layer.xp, bad.any())]:
+        seen = flag.value()
+        if seen:
+            where = errors.layer_where(layer.layer_param, layer.location)
+            raise errors.NetError(f"{where}: a label outside [0, {n_classes}) (and not "
+                                  "ignore_label) in a recent batch (found on the GPU, where the "
+                                  "check runs behind the batch)")
+        if seen is None:
+            flags.append(flag)
+    layer._label_flags = flags
 
 
 def normalization(layer: Layer) -> int:

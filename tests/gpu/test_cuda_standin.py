@@ -115,3 +115,8 @@ def test_kernels_compile_for_the_device(name, dtype, tmp_path):
     r = subprocess.run([nvcc, "--ptx", "-std=c++14", "-arch=sm_80", str(src), "-o",
                         str(tmp_path / f"{name}.ptx")], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+
+
+def test_late_flag_on_the_cpu_is_read_at_once():
+    assert backend_mod.LateFlag(np, np.asarray(True)).value() is True
+    assert backend_mod.LateFlag(np, np.bool_(False)).value() is False

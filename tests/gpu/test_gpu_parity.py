@@ -160,3 +160,11 @@ def test_cifar10_quick_trains_like_cpu():
     want, got = losses(None), losses(_gpu())
     assert np.isfinite(got).all()
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-3)
+
+
+def test_late_flag_arrives_after_the_device_gets_there():
+    gpu = _gpu()
+    flag = backend_mod.LateFlag(gpu.xp, gpu.xp.asarray(True))
+    gpu.synchronize()
+    assert flag.value() is True
+    assert backend_mod.LateFlag(np, np.asarray(False)).value() is False

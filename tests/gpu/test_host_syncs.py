@@ -24,18 +24,23 @@ from pycaffe_mpi.testing.layer_cases import build_layer, make_bottoms
 # Layer types that read device values in forward/backward today, and why (a GPU pays a pipeline
 # stall for each). Data layers fill their tops on the host by design.
 KNOWN_SYNCS = {
-    "Accuracy": "label range check (loss._labels); count and hits read for the division",
-    "EnsembleAccuracy": "label range check; per-class counts kept on the host",
-    "MultinomialLogisticLoss": "label range check (loss._labels)",
-    "MultipleChoiceLoss": "label range check (loss._labels)",
-    "ScoreAverageLoss": "label range check; the VALID normalizer read as an int",
-    "ProbabilityAverageLoss": "label range check; the VALID normalizer read as an int",
-    "InfogainLoss": "label range check; the valid count",
-    "HingeLoss": "label range check",
-    "SigmoidCrossEntropyLoss": "the valid count with ignore_label",
+    "Accuracy": "count and hits read for the division (TEST phase)",
+    "EnsembleAccuracy": "per-class counts kept on the host (TEST phase)",
+    "InfogainLoss": "the valid count read as an int",
+    "SigmoidCrossEntropyLoss": "the valid count with ignore_label read as an int",
     "Embed": "index range and integrality checks (utility._indices)",
     "BatchReindex": "index range check (utility._indices)",
 }
+
+
+class PendingFlag:
+    """backend.LateFlag as on a GPU whose copy has not arrived yet (no value, no wait)."""
+
+    def __init__(self, xp: Any, flag: Any) -> None:
+        pass
+
+    def value(self) -> None:
+        return None
 
 
 _ACTIVE = [False]
@@ -111,7 +116,8 @@ CASES = [c for c in layer_cases.all_cases() if c.type not in SKIP]
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.test_id for c in CASES])
-def test_no_host_reads_in_forward_or_backward(case, cuda_standin):
+def test_no_host_reads_in_forward_or_backward(case, cuda_standin, monkeypatch):
+    monkeypatch.setattr(backend_mod, "LateFlag", PendingFlag)
     bottoms = make_bottoms(case.bottoms, np.random.default_rng(0))
     layer, bb, tb = build_layer(case, bottoms, np.float32, backend=_device())
     for t in tb:
@@ -131,3 +137,34 @@ def test_no_host_reads_in_forward_or_backward(case, cuda_standin):
         return
     assert not SYNCS, (f"{case.type} reads device values during forward/backward (a GPU "
                        f"waits at each): {sorted(set(SYNCS))[:5]}")
+
+
+def test_a_bad_label_is_reported_once_its_flag_arrives(monkeypatch):
+    """On a GPU the label range check of loss.labels fails a batch or two late, not never."""
+    from pycaffe_mpi import errors
+    from pycaffe_mpi.layer_types import loss as loss_mod
+
+    arrived: list[bool] = []
+
+    class LateByOne:
+        def __init__(self, xp: Any, flag: Any) -> None:
+            self.flag, self.checked = bool(np.asarray(flag)), False
+
+        def value(self) -> bool | None:
+            if not self.checked:  # the device has not reached it on the first look
+                self.checked = True
+                return None
+            arrived.append(self.flag)
+            return self.flag
+
+    monkeypatch.setattr(backend_mod, "LateFlag", LateByOne)
+    case = next(c for c in CASES if c.type == "MultinomialLogisticLoss")
+    bottoms = make_bottoms(case.bottoms, np.random.default_rng(0))
+    layer, bb, _ = build_layer(case, bottoms, np.float32, backend=_device())
+    shape, classes = (bb[1].count,), bb[0].shape[1]
+    loss_mod.labels(layer, bb[1], shape, classes, None)
+    bb[1].data[...] = 99  # out of range from now on
+    loss_mod.labels(layer, bb[1], shape, classes, None)  # queued, not yet seen
+    with pytest.raises(errors.NetError, match="label outside"):
+        loss_mod.labels(layer, bb[1], shape, classes, None)
+    assert arrived == [False, True]
