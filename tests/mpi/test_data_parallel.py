@@ -37,11 +37,17 @@ FILLERS = ('weight_filler { type: "gaussian" std: 0.3 } '
            'bias_filler { type: "gaussian" std: 0.1 }')
 
 
-def plain_net(lmdb: Path, batch: int) -> str:
+def plain_net(lmdb: Path, batch: int, test: bool = False) -> str:
+    """The plain net; ``test`` adds a TEST Data layer (batch 4) beside the TRAIN one."""
+    train_only = "include { phase: TRAIN }" if test else ""
+    test_data = f"""layer {{ name: "data_test" type: "Data" top: "data" top: "label"
+  include {{ phase: TEST }} transform_param {{ scale: 0.00390625 }}
+  data_param {{ source: "{lmdb}" batch_size: 4 backend: LMDB }} }}""" if test else ""
     return f"""name: "plain"
-layer {{ name: "data" type: "Data" top: "data" top: "label"
+layer {{ name: "data" type: "Data" top: "data" top: "label" {train_only}
   transform_param {{ scale: 0.00390625 }}
   data_param {{ source: "{lmdb}" batch_size: {batch} backend: LMDB }} }}
+{test_data}
 layer {{ name: "conv1" type: "Convolution" bottom: "data" top: "conv1"
   param {{ lr_mult: 1 }} param {{ lr_mult: 2 decay_mult: 0 }}
   convolution_param {{ num_output: 4 kernel_size: 3 pad: 1 {FILLERS} }} }}
@@ -160,6 +166,18 @@ def test_snapshot_resume_is_bit_identical(lmdb: Path, tmp_path: Path) -> None:
             np.testing.assert_array_equal(a[k], b[k], err_msg=f"rank {w} {k}")
 
 
+def test_resume_with_another_replica_count(lmdb: Path, reference: Path,
+                                          tmp_path: Path) -> None:
+    """A snapshot of 2 replicas at batch B/2 resumed by one process at batch B ends where the
+    uninterrupted single-process run ends: the data position saved is the stream's."""
+    train(tmp_path / "dp", 2, 2, plain_net(lmdb, BATCH // 2), "snapshot: 10")
+    one = train(tmp_path / "one", 1, 1, plain_net(lmdb, BATCH), mode="resume",
+                state=str(tmp_path / "dp" / "snap_iter_10.solverstate"))
+    got, want = params(one / "resume_w0.npz"), params(reference / "train_w0.npz")
+    for k in want:
+        np.testing.assert_allclose(got[k], want[k], rtol=1e-10, atol=1e-12, err_msg=k)
+
+
 def test_replicas_with_different_weights_refuse_to_start(lmdb: Path, tmp_path: Path) -> None:
     (tmp_path / "net.prototxt").write_text(plain_net(lmdb, BATCH // 2))
     solver = tmp_path / "solver.prototxt"
@@ -245,7 +263,7 @@ def mcl_net(lmdb: Path, batch: int, d: Path) -> str:
 
     d.mkdir(parents=True, exist_ok=True)
     base = d / "base.prototxt"
-    base.write_text(plain_net(lmdb, batch))
+    base.write_text(plain_net(lmdb, batch, test=True))
     spec = ensemble.EnsembleSpec(members=4, loss="mcl", k=1, ranks=2)
     net_path, _ = ensemble.write_ensemble(str(base), None, str(d), spec, name=f"mcl_{batch}")
     return Path(net_path).read_text()
@@ -253,11 +271,25 @@ def mcl_net(lmdb: Path, batch: int, d: Path) -> str:
 
 def test_mcl_ensemble_two_replicas_of_two_model_ranks(lmdb: Path, tmp_path: Path) -> None:
     """4 members over 2 model ranks x 2 replicas = 4 ranks at batch B/2 train what 2 ranks
-    (one replica) train at batch B."""
-    ref = train(tmp_path / "ref", 2, 1, mcl_net(lmdb, BATCH, tmp_path / "nets"))
-    run = train(tmp_path / "dp", 4, 2, mcl_net(lmdb, BATCH // 2, tmp_path / "nets"),
+    (one replica) train at batch B. The test passes (ensemble metrics over the test batches)
+    run once, on replica 0, and agree with the reference's."""
+    extra = "test_iter: 3 test_interval: 10 test_initialization: false"
+    ref = train(tmp_path / "ref", 2, 1, mcl_net(lmdb, BATCH, tmp_path / "nets"), extra)
+    run = train(tmp_path / "dp", 4, 2, mcl_net(lmdb, BATCH // 2, tmp_path / "nets"), extra,
                 timeout=180)
     assert_same_as_reference(run, ref, 4)
+
+    def tests(d: Path) -> list[dict]:
+        lines = (d / "snap_results.jsonl").read_text().splitlines()
+        return [r for r in map(json.loads, lines) if r["kind"] == "test"]
+
+    got, want = tests(run), tests(ref)
+    assert [r["iter"] for r in got] == [r["iter"] for r in want] == [10, 20]
+    assert all(r["rank"] == 0 for r in got)
+    for g, w in zip(got, want):
+        assert g["outputs"].keys() == w["outputs"].keys()
+        for k in w["outputs"]:
+            np.testing.assert_allclose(g["outputs"][k], w["outputs"][k], rtol=1e-8, err_msg=k)
 
 
 # -- planning, data split and the printed command (no MPI job) -----------------------------------
