@@ -6,6 +6,9 @@ communicator and moves arrays with the buffer (upper-case) methods on preallocat
 by pickling; only small metadata (shapes, flags, digests) goes through the pickle methods.
 Device (CuPy) arrays reach MPI as :class:`pycaffe_mpi.comm.device.Staging` decides: directly when
 MPI is CUDA-aware, else through pinned host buffers; ranks pick GPUs by local rank (same module).
+Data-parallel replicas (:mod:`pycaffe_mpi.comm.replicas`) split the world into the ranks of one
+replica and the ranks holding one model rank across replicas, and average gradients with a
+bucketed non-blocking Allreduce.
 
 :func:`world` gives the world communicator: MPI's when the process was started by ``mpiexec``
 (or when asked for), the stand-in otherwise. Before MPI starts, :func:`world` sets MPICH's
