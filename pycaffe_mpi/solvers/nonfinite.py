@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from pycaffe_mpi import backend as backend_mod
 from pycaffe_mpi import errors
 
 POLICIES = ("stop", "continue")
@@ -82,12 +83,28 @@ class LossGuard:
         if self.comm is not None:
             self._send = np.zeros(1, np.float64)
             self._recv = np.zeros((self.comm.size, 1), np.float64)
+        self._pending: list[Any] = []  # GPU losses whose finiteness has not reached the host
+
+    def _tripped(self, loss: Any) -> bool:
+        """Whether ``loss`` (or, on a GPU, a recent pass's loss) is NaN or Inf.
+
+        NOTE: a GPU loss is a device scalar; reading it now would stop the device every pass,
+        so its check is copied behind the queued work (backend.LateFlag) and seen a pass or two
+        later; the run then stops there, naming where the non-finite values are.
+        """
+        if isinstance(loss, (float, int, np.generic)):
+            return not math.isfinite(loss)
+        xp = backend_mod.get_array_module(loss)
+        self._pending.append(backend_mod.LateFlag(xp, ~xp.isfinite(loss)))
+        seen = [f.value() for f in self._pending]
+        self._pending = [f for f, v in zip(self._pending, seen) if v is None]
+        return any(seen)
 
     def check(self, net: Any, loss: float, iteration: int) -> None:
         """Raise :class:`NonFiniteError` when ``loss`` (on any rank) is NaN or Inf."""
         if self.policy != "stop":
             return
-        bad = not math.isfinite(loss)
+        bad = self._tripped(loss)
         if self.comm is None:
             if bad:
                 raise NonFiniteError(self._message(iteration, [(0, loss, first_nonfinite(net))]))

@@ -168,3 +168,34 @@ def test_a_bad_label_is_reported_once_its_flag_arrives(monkeypatch):
     with pytest.raises(errors.NetError, match="label outside"):
         loss_mod.labels(layer, bb[1], shape, classes, None)
     assert arrived == [False, True]
+
+
+def test_the_nonfinite_guard_waits_for_no_device_loss(monkeypatch):
+    """A device loss is checked late (backend.LateFlag), not read every pass."""
+    from pycaffe_mpi.solvers import nonfinite
+
+    flags: list[Any] = []
+
+    class Late:
+        def __init__(self, xp: Any, flag: Any) -> None:
+            self.flag, self.arrived = flag, False
+            flags.append(self)
+
+        def value(self) -> bool | None:
+            return bool(np.asarray(self.flag)) if self.arrived else None
+
+    monkeypatch.setattr(backend_mod, "LateFlag", Late)
+    guard = nonfinite.LossGuard("stop")
+    net = types.SimpleNamespace(layers=[], layer_need_backward=[])
+    SYNCS.clear()
+    _ACTIVE[0] = True
+    try:
+        guard.check(net, FAKE.asarray(np.float32(1.5)), 0)
+        guard.check(net, FAKE.asarray(np.float32(np.nan)), 1)
+    finally:
+        _ACTIVE[0] = False
+    assert not SYNCS
+    for f in flags:
+        f.arrived = True
+    with pytest.raises(nonfinite.NonFiniteError, match="iteration 2"):
+        guard.check(net, FAKE.asarray(np.float32(2.0)), 2)
