@@ -33,6 +33,7 @@ from typing import IO, Any
 
 import numpy as np
 
+from pycaffe_mpi import backend as backend_mod
 from pycaffe_mpi import errors
 
 KINDS = ("train", "test")
@@ -59,7 +60,8 @@ def flatten_outputs(outputs: Mapping[str, Any] | Iterable[tuple[str, Any]]) -> d
     items = outputs.items() if isinstance(outputs, Mapping) else outputs
     flat: dict[str, float] = {}
     for name, value in items:
-        values = np.asarray(value, dtype=np.float64).ravel()
+        # NOTE: to_host: a GPU run's values (the smoothed loss too) are device arrays
+        values = np.asarray(backend_mod.to_host(value), dtype=np.float64).ravel()
         flat.update(zip(element_names(name, values.size), values.tolist()))
     return flat
 
