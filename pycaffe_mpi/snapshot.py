@@ -156,13 +156,20 @@ def atomic_write(path: str | os.PathLike, data: bytes) -> None:
                 os.unlink(tmp)
             raise
     except OSError as e:
-        kept = "the previous file is unchanged" if os.path.exists(path) else "nothing was written"
-        full = e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
-        hint = "; free some space and retry" if full else ""
-        err = WriteError(f"cannot write {path!r} ({len(data)} bytes): "
-                         f"{e.strerror or e}; {kept}{hint}")
-        err.errno, err.strerror, err.filename = e.errno, e.strerror, path
-        raise err from e
+        raise write_error(path, e, f" ({len(data)} bytes)") from e
+
+
+def write_error(path: str, e: OSError, size: str = "") -> WriteError:
+    """The :class:`WriteError` for an ``OSError`` ``e`` that stopped an atomic write of
+    ``path``: it says whether the previous file survived and, for a full disk, what to do."""
+    kept = "the previous file is unchanged" if os.path.exists(path) else "nothing was written"
+    # NOTE: h5py reports a full disk in its message only, without errno
+    full = (e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
+            or "No space left" in str(e))
+    hint = "; free some space and retry" if full else ""
+    err = WriteError(f"cannot write {path!r}{size}: {e.strerror or e}; {kept}{hint}")
+    err.errno, err.strerror, err.filename = e.errno, e.strerror, path
+    return err
 
 
 def _read_bytes(path: str | os.PathLike, what: str) -> bytes:

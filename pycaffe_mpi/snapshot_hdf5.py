@@ -17,7 +17,9 @@ The layouts are BVLC Caffe's, so files go both ways between Caffe and us:
   :meth:`pycaffe_mpi.layer.Layer.get_state`.
 
 Files are written to a temporary file in the target directory, flushed to disk, then moved
-over the target with ``os.replace``, so a reader sees the old file or the whole new one.
+over the target with ``os.replace``, so a reader sees the old file or the whole new one; a
+failed write (a full disk) is a :class:`~pycaffe_mpi.snapshot.WriteError` that leaves the old
+file and no temporary file, and a killed writer's temporary file is removed by the next write.
 Reading a solver state gives back a ``SolverState`` message so the solver restores binary and
 HDF5 states through one path.
 """
@@ -26,7 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import secrets
 from collections.abc import Iterator
 from typing import Any
 
@@ -53,23 +54,33 @@ def is_hdf5(path: str | os.PathLike) -> bool:
 
 @contextlib.contextmanager
 def _atomic_h5(path: str | os.PathLike) -> Iterator[Any]:
-    """An open, empty HDF5 file that replaces ``path`` only once it is completely written."""
+    """An open, empty HDF5 file that replaces ``path`` only once it is completely written.
+
+    As :func:`pycaffe_mpi.snapshot.atomic_write`: stale temporary files of killed writers of
+    ``path`` are removed first, the new file gets a tagged temporary name
+    (:func:`~pycaffe_mpi.snapshot.temp_path`), and any ``OSError`` (a full disk) becomes a
+    :class:`~pycaffe_mpi.snapshot.WriteError` with the previous ``path`` unchanged and no
+    temporary file left behind.
+    """
     path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.{secrets.token_hex(6)}.tmp")
+    pio.remove_stale_temps(path)
+    tmp = pio.temp_path(path)
     try:
-        with _h5py().File(tmp, "w") as f:
-            yield f
-        fd = os.open(tmp, os.O_RDONLY)
         try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+            with _h5py().File(tmp, "w") as f:
+                yield f
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+    except OSError as e:
+        raise pio.write_error(path, e) from e
 
 
 def _open(path: str | os.PathLike, what: str) -> Any:

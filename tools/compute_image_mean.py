@@ -1,7 +1,9 @@
 #!/usr/bin/env python
-"""Compute the per-pixel mean of a Datum LMDB, as Caffe's compute_image_mean.
+"""Compute the per-pixel mean of a Datum LMDB or LevelDB, as Caffe's compute_image_mean.
 
-Usage mirrors Caffe's tool: compute_image_mean.py [--backend lmdb] INPUT_DB [OUTPUT_FILE].
+Usage mirrors Caffe's tool: compute_image_mean.py [--backend lmdb|leveldb] INPUT_DB [OUTPUT_FILE].
+Without --backend the type is read from INPUT_DB's files. Encoded records (convert_imageset
+--encoded) are decoded first, as stored.
 The mean over all records (sum per pixel / count) is written to OUTPUT_FILE as a BlobProto with
 legacy dims 1 x C x H x W (what transform_param.mean_file reads); without OUTPUT_FILE it is only
 computed and its per-channel values printed.
@@ -22,14 +24,14 @@ from pycaffe_mpi import snapshot as pio
 
 def main(argv: list[str] | None = None) -> int:
     ap = _tool.parser(__doc__)
-    ap.add_argument("input_db", help="LMDB directory of Datum records")
+    ap.add_argument("input_db", help="LMDB or LevelDB directory of Datum records")
     ap.add_argument("output_file", nargs="?", help="where to write the mean .binaryproto")
-    ap.add_argument("--backend", default="lmdb", choices=("lmdb",),
-                    help="database type; only lmdb is supported (default: %(default)s)")
+    ap.add_argument("--backend", default=None, choices=("lmdb", "leveldb"),
+                    help="database type (default: detected from INPUT_DB's files)")
     args = ap.parse_args(argv)
 
     def body() -> int:
-        mean = datasets.compute_image_mean(args.input_db)
+        mean = datasets.compute_image_mean(args.input_db, args.backend)
         if args.output_file:
             pio.write_binaryproto(args.output_file, mean, legacy=True)
         for c, v in enumerate(mean.reshape(mean.shape[1], -1).mean(axis=1)):

@@ -24,14 +24,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("input_image_file", help="IDX images, N x H x W uint8 (.gz or raw)")
     ap.add_argument("input_label_file", help="IDX labels, N (.gz or raw)")
     ap.add_argument("output_db", help="LMDB directory to create")
-    ap.add_argument("--backend", default="lmdb", choices=("lmdb",),
-                    help="database type; only lmdb is supported (default: %(default)s)")
+    ap.add_argument("--backend", default="lmdb", choices=("lmdb", "leveldb"),
+                    help="database type (default: %(default)s)")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing output_db")
     args = ap.parse_args(argv)
 
     def body() -> int:
         n = datasets.convert_idx(args.input_image_file, args.input_label_file, args.output_db,
-                                 overwrite=args.overwrite)
+                                 overwrite=args.overwrite, backend=args.backend)
         print(f"wrote {n} records to {args.output_db}")
         return 0
 

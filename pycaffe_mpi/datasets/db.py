@@ -156,8 +156,39 @@ class LevelDBEnv:
     def entries(self) -> int:
         # NOTE: LevelDB keeps no count; one pass over the keys, once.
         if self._entries is None:
-            self._entries = sum(1 for _ in self.db.iterator(include_value=False))
+            count, last = 0, None
+            with self.db.iterator(include_value=False, verify_checksums=True) as it:
+                for k in it:
+                    count, last = count + 1, k
+            self.check_end(last)
+            self._entries = count
         return self._entries
+
+    def last_key(self) -> bytes | None:
+        """The largest key, read backwards from the end of the database (cached)."""
+        if not hasattr(self, "_last_key"):
+            with self.db.iterator(reverse=True, include_value=False,
+                                  verify_checksums=True) as it:
+                self._last_key = next(it, None)
+        return self._last_key
+
+    def check_end(self, key: bytes | None) -> None:
+        """Raise a DataError unless a forward pass that ended after ``key`` saw every record.
+
+        NOTE: a plyvel iterator that meets a corrupt block just stops (it does not raise), so
+        a pass is complete only when it ended at the key that a backward read finds last.
+        """
+        last = self.last_key()
+        if key is None and last is None and any(
+                name.endswith((".ldb", ".sst")) and os.path.getsize(os.path.join(self.path, name))
+                for name in os.listdir(self.path)):
+            raise errors.DataError(f"LevelDB {self.path!r} is damaged: it has table files but "
+                                   "no readable record; rebuild or copy it again")
+        if key != last:
+            at = f"after key {key!r}" if key is not None else "at the first record"
+            raise errors.DataError(
+                f"LevelDB {self.path!r} is damaged: reading stopped {at}, before the last key "
+                f"{last!r} (a corrupt table block); rebuild or copy it again")
 
     def stat(self) -> dict[str, int]:
         return {"entries": self.entries()}
@@ -165,9 +196,15 @@ class LevelDBEnv:
     @contextlib.contextmanager
     def begin(self, buffers: bool = False) -> Iterator[_LevelTxn]:
         snap = self.db.snapshot()
+        txn = _LevelTxn(self, snap)
         try:
-            yield _LevelTxn(self, snap)
+            yield txn
         finally:
+            # NOTE: an iterator freed after its database is closed crashes plyvel: close
+            # and drop every iterator of this snapshot now, while the database is open
+            for cursor in txn.cursors:
+                cursor.release()
+            txn.cursors.clear()
             snap.close()
 
     def close(self) -> None:
@@ -181,35 +218,50 @@ class _LevelTxn:
 
     def __init__(self, env: LevelDBEnv, snap: Any) -> None:
         self.env, self.snap = env, snap
+        self.cursors: list[_LevelCursor] = []
 
     def get(self, key: bytes) -> bytes | None:
-        return self.snap.get(key)
+        return self.snap.get(key, verify_checksums=True)
 
     def stat(self) -> dict[str, int]:
         return self.env.stat()
 
     def cursor(self) -> _LevelCursor:
-        return _LevelCursor(self.snap)
+        cursor = _LevelCursor(self)
+        self.cursors.append(cursor)
+        return cursor
 
 
 class _LevelCursor:
     """py-lmdb Cursor's ``first``/``next``/``key``/``value``/``iternext`` over a snapshot."""
 
-    def __init__(self, snap: Any) -> None:
-        self.snap = snap
+    def __init__(self, txn: _LevelTxn) -> None:
+        self.txn = txn
         self._it: Any = None
         self._item: tuple[bytes, bytes] | None = None
 
     def first(self) -> bool:
-        self._it = self.snap.iterator()
+        self.release()
+        # NOTE: checksums on: a damaged table is a Corruption error, not garbled records
+        self._it = self.txn.snap.iterator(verify_checksums=True)
         self._item = next(self._it, None)
+        if self._item is None:
+            self.txn.env.check_end(None)
         return self._item is not None
 
     def next(self) -> bool:
         if self._it is None:
             return self.first()
+        key = self._item[0] if self._item else None
         self._item = next(self._it, None)
+        if self._item is None:
+            self.txn.env.check_end(key)
         return self._item is not None
+
+    def release(self) -> None:
+        if self._it is not None:
+            self._it.close()
+            self._it, self._item = None, None
 
     def key(self) -> bytes:
         return self._item[0] if self._item else b""
@@ -383,6 +435,10 @@ class DatumWriter:
             self.commit()
             if self.backend == LMDB:
                 self.db.sync(True)
+            else:
+                # NOTE: moves the write-ahead log into tables, so a reader's open need not
+                # replay it (which would write into the database directory)
+                self.db.compact_range()
         except BaseException:
             self.abort()
             raise
