@@ -87,6 +87,8 @@ def read_text(path: str) -> str:
             data = f.read()
     except OSError as e:
         raise errors.PrototxtError(f"cannot read {path}: {e.strerror}") from None
+    except ValueError as e:  # a NUL byte in the name, e.g. in a path a solver file gives
+        raise errors.PrototxtError(f"cannot read {path!r}: {e}") from None
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:

@@ -151,7 +151,7 @@ class PythonLayer(Layer):
                 ctx: Any = None) -> Any:
         if param is None:
             raise errors.NetError('a "Python" layer needs its LayerParameter (python_param)')
-        user_cls = _user_class(param, "")
+        user_cls = _user_class(param, getattr(ctx, "location", "") or "")
         obj = object.__new__(user_cls)
         on_device = backend is not None and backend.is_gpu
         # NOTE: as in BVLC, user code sees host (NumPy) arrays even in a GPU net

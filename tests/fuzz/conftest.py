@@ -12,9 +12,12 @@ from pathlib import Path
 
 import harness
 import pytest
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, Phase, settings
 
+# NOTE: no "explain" phase: it traces every line, which slows a failing CLI example past its
+# time limit and buries the real failure under a TimeLimit
 _COMMON = {"derandomize": True, "deadline": None, "database": None, "print_blob": True,
+           "phases": [Phase.explicit, Phase.reuse, Phase.generate, Phase.target, Phase.shrink],
            "suppress_health_check": [HealthCheck.too_slow, HealthCheck.data_too_large,
                                      HealthCheck.function_scoped_fixture]}
 settings.register_profile("fuzz", max_examples=40, **_COMMON)

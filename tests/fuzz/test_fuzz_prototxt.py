@@ -86,7 +86,8 @@ def _cli_case(solver_seeds: list[tuple[str, str]], fuzz_dir: Path, data: st.Data
         if code == 1:
             line = next((x for x in err.splitlines() if x.startswith("error:")), "")
             assert line, f"no error line: {err}"
-            harness.check_error(errors.PycaffeError(line), p)
+            # the solver file or the net file it names (both live in the fuzz directory)
+            harness.check_error(errors.PycaffeError(line), p.parent)
 
     harness.expect_clean(train, path)
 
@@ -96,6 +97,32 @@ test_cli_train = settings(settings.get_profile("fuzz"), **_cli_settings)(
     given(st.data())(_cli_case))
 test_cli_train_slow = pytest.mark.slow(settings(settings.get_profile("fuzz-slow"),
                                                 max_examples=150)(given(st.data())(_cli_case)))
+
+
+def _cli_model_case(net_seeds: list[tuple[str, str]], fuzz_dir: Path,
+                    data: st.DataObject) -> None:
+    """``pycaffe-mpi test|time --model X --iterations 1`` on a mutated net."""
+    name, content = data.draw(strategies.mutated(net_seeds))
+    command = data.draw(st.sampled_from(["test", "time"]))
+    path = _write(fuzz_dir, name, content)
+
+    def run(p: Path) -> None:
+        code, err = harness.run_cli([command, "--model", str(p), "--iterations", "1",
+                                     "--log_level", "ERROR"])
+        assert code in (0, 1), f"exit code {code}: {err}"
+        if code == 1:
+            line = next((x for x in err.splitlines() if x.startswith("error:")), "")
+            assert line, f"no error line: {err}"
+            harness.check_error(errors.PycaffeError(line), p)
+
+    harness.expect_clean(run, path)
+
+
+test_cli_model = settings(settings.get_profile("fuzz"), max_examples=10)(
+    given(st.data())(_cli_model_case))
+test_cli_model_slow = pytest.mark.slow(settings(settings.get_profile("fuzz-slow"),
+                                                max_examples=150)(given(st.data())(
+                                                    _cli_model_case)))
 
 
 # -- every seed once, with byte damage (non-UTF-8, truncated, empty) ----------------------------

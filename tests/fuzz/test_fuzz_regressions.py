@@ -147,3 +147,17 @@ def test_failed_net_stops_the_prefetch_threads_it_started(tmp_path: Path):
     with pytest.raises(errors.NetError, match="missing"):
         Net(str(path), 0)
     assert _settle(before) == before
+
+
+def test_python_layer_without_module_names_file_and_line(tmp_path: Path):
+    text = NET + 'layer { name: "py" type: "Python" bottom: "y" top: "z" }\n'
+    path = _write(tmp_path, text)
+    with pytest.raises(errors.NetError, match=rf'{path}:5: layer "py" \(type Python\), field '
+                                              "python_param.module"):
+        Net(str(path), 0)
+
+
+def test_nul_byte_in_a_net_path_is_a_prototxt_error(tmp_path: Path):
+    path = _write(tmp_path, b'net: "a\x00b.prototxt"\n', "solver.prototxt")
+    with pytest.raises(errors.PrototxtError, match=rf"^{path}: cannot read 'a\\x00b"):
+        solvers.Solver(str(path))
