@@ -3,16 +3,18 @@
 Part 1 (measured). CIFAR10-Quick (synthetic DummyData of CIFAR-10's shape, ``--batch`` images per
 replica, Caffe's rule: the effective batch grows with the replicas) trained with ``--replicas N``
 at N = 1, 2 (and oversubscribed 3, 4) ranks under the venv's ``mpiexec``; BLAS threads are split
-cores / ranks (``pycaffe_mpi._threads``). For each N: the step time, images/s and its ratio to
-N = 1; the Allreduce time with every bucket started after backward (no overlap) and the wait
-left at the end of the step when buckets start during backward (overlap), and the share of the
-Allreduce that backward hid. All numbers come from the same run.
+cores / ranks (``pycaffe_mpi._threads``; one process runs with all cores' threads and with one).
+For each N: the step time, images/s and its ratio to the faster one-process run; the Allreduce
+time with every bucket started after backward (no overlap) and the wait left at the end of the
+step when buckets start during backward (overlap), and the share of the Allreduce that backward
+hid (the wait also holds any load imbalance between the ranks). All from the same run.
 
 Part 2 (modelled). For CIFAR10-Quick (batch 100), NiN (CIFAR-10, batch 128) and ResNet-50
-(ImageNet, batch 32) per replica: the compute time of one step (measured here in one process:
-ResNet-50 and NiN at a small batch, scaled linearly; ``--compute_ms net=ms`` replaces a
-measurement, e.g. with a GPU's time) and the gradient bytes (float32 parameters), then the step
-time on n ranks over common interconnects with a ring Allreduce in buckets::
+(ImageNet, batch 32) per replica: the compute time of one step (forward + backward measured
+here on one core, in a child process with one BLAS thread; ResNet-50 and NiN at a small batch,
+scaled linearly; ``--compute_ms NET=MS`` replaces a measurement, e.g. with a GPU's time) and
+the gradient bytes (float32 parameters), then the step time on n ranks over common
+interconnects with a ring Allreduce in buckets::
 
     t_comm(n) = 2 (n-1)/n * bytes / bandwidth + buckets * 2 (n-1) * latency
     t_step(n) = t_forward + max(t_backward, t_comm(n))    (backward ~ 2/3 of compute, overlapped)
@@ -112,10 +114,19 @@ def measure(ranks: list[int], batch: int, iters: int) -> list[dict]:
     from pycaffe_mpi.testing import mpirun
 
     out = []
-    for n in ranks:
-        cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--batch", str(batch),
-               "--iters", str(iters)]
-        proc = mpirun.run_mpi(n, cmd, timeout=600, cwd=ROOT)
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--batch", str(batch),
+           "--iters", str(iters)]
+    # NOTE: one process is measured with all cores' BLAS threads and with one: on a loaded
+    # machine multi-threaded BLAS can lose to one thread, and the better one is the baseline
+    settings = [(n, None) for n in ranks]
+    if 1 in ranks and (os.cpu_count() or 1) > 1:
+        settings.insert(ranks.index(1) + 1, (1, "1"))
+    for n, threads in settings:
+        env = dict(os.environ)
+        if threads:
+            env.update({v: threads for v in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS",
+                                             "MKL_NUM_THREADS")})
+        proc = mpirun.run_mpi(n, cmd, timeout=600, cwd=ROOT, env=env)
         if proc.returncode != 0:
             sys.stderr.write(proc.stderr)
             raise SystemExit(f"{n} ranks failed (rc {proc.returncode})")
@@ -130,7 +141,7 @@ def report_measured(rows: list[dict]) -> None:
           f"{cores} cores, BLAS threads = cores / ranks ==")
     print(f"{'ranks':>5} {'threads':>7} {'step ms':>8} {'img/s':>8} {'vs 1':>6} "
           f"{'allreduce ms':>12} {'left after bwd ms':>17} {'hidden':>7} {'grad MB':>8}")
-    base = None
+    base = max((r["batch"] / r["step_s"] for r in rows if r["ranks"] == 1), default=None)
     for r in rows:
         ips = r["ranks"] * r["batch"] / r["step_s"]
         base = base or ips
@@ -142,7 +153,8 @@ def report_measured(rows: list[dict]) -> None:
             comm = f"{'-':>12} {'-':>17} {'-':>7}"
         print(f"{r['ranks']:>5} {r['threads']:>7} {1e3 * r['step_s']:8.1f} {ips:8.0f} "
               f"{ips / base:6.2f} {comm} {r['bytes'] / 2**20:8.3f}")
-    if any(r["ranks"] > cores for r in rows):
+    print("(vs 1: against the faster one-process run; the machine's other load counts too)")
+    if any(r["ranks"] > (cores or 1) for r in rows):
         print(f"(ranks beyond {cores} cores are oversubscribed: the ratio shows the cost, "
               "not a speed-up)")
 
@@ -209,10 +221,27 @@ def model_nets(quick: bool, overrides: dict[str, float]) -> list[tuple[str, int,
     for name, batch, measured_at, build in nets:
         seconds, nbytes = compute_time(build(measured_at), 1 if quick or batch != 100 else 3)
         seconds *= batch / measured_at
-        if name in overrides:
-            seconds = overrides[name] / 1e3
         out.append((name, batch, seconds, nbytes))
     return out
+
+
+def one_core_compute(quick: bool, overrides: dict[str, float]
+                     ) -> list[tuple[str, int, float, int]]:
+    """:func:`model_nets` measured in a child process with one BLAS thread (one core per
+    replica: steadier than all cores on a shared machine), then ``overrides`` applied."""
+    import subprocess
+
+    env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    cmd = [sys.executable, os.path.abspath(__file__), "--compute_worker"]
+    proc = subprocess.run(cmd + (["--quick"] if quick else []), env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=900, check=False)
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stderr)
+        raise SystemExit("measuring the compute times failed")
+    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("NETS "))
+    nets = [tuple(n) for n in json.loads(line[len("NETS "):])]
+    return [(name, batch, overrides[name] / 1e3 if name in overrides else sec, nbytes)
+            for name, batch, sec, nbytes in nets]
 
 
 def ring_allreduce_s(n: int, nbytes: float, gbps: float, latency: float) -> float:
@@ -274,6 +303,7 @@ def draw(nets: list[tuple[str, int, float, int]], path: str) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--compute_worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--ranks", default="1,2,3,4", help="rank counts to measure (default 1,2,3,4)")
     ap.add_argument("--batch", type=int, default=50, help="images per replica (default 50)")
     ap.add_argument("--iters", type=int, default=8, help="timed steps per setting (default 8)")
@@ -287,13 +317,16 @@ def main() -> int:
     if args.worker:
         worker(args.batch, args.iters)
         return 0
+    if args.compute_worker:
+        print("NETS " + json.dumps(model_nets(args.quick, {})))
+        return 0
     if args.quick:
         args.ranks, args.batch, args.iters = "1,2", 10, 3
     overrides = {k: float(v) for k, v in (s.split("=", 1) for s in args.compute_ms)}
     if not args.model_only:
         report_measured(measure([int(r) for r in args.ranks.split(",")], args.batch,
                                 args.iters))
-    report_model(model_nets(args.quick, overrides), args.plot)
+    report_model(one_core_compute(args.quick, overrides), args.plot)
     return 0
 
 
