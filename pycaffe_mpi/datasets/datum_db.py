@@ -67,11 +67,11 @@ def write_datum_lmdb(db_path: PathLike, images: np.ndarray, labels: np.ndarray,
 
 def db_entries(db_path: PathLike, backend: str | int | None = None) -> int:
     """Number of records in an LMDB or LevelDB (``backend`` None: detected)."""
-    db = dbm.open_db(db_path, backend)
+    db = dbm.SharedDB.acquire(os.fspath(db_path), backend)
     try:
         return dbm.entries(db)
     finally:
-        db.close()
+        dbm.SharedDB.release(db)
 
 
 def lmdb_entries(db_path: PathLike) -> int:

@@ -353,8 +353,9 @@ class SharedDB:
 
 def iter_records(path: str | os.PathLike, backend: str | int | None = None
                  ) -> Iterator[tuple[bytes, bytes]]:
-    """Yield ``(key, raw value)`` of every record, in key order, once."""
-    env = open_db(path, backend)
+    """Yield ``(key, raw value)`` of every record, in key order, once (sharing the database
+    with a Data layer of this process that reads it, through :class:`SharedDB`)."""
+    env = SharedDB.acquire(os.fspath(path), backend)
     try:
         with env.begin(buffers=False) as txn:
             yield from txn.cursor()
@@ -362,7 +363,7 @@ def iter_records(path: str | os.PathLike, backend: str | int | None = None
         raise errors.DataError(f"reading {os.fspath(path)!r} failed: the database is damaged "
                                f"({_message(e)}); rebuild or copy it again") from None
     finally:
-        env.close()
+        SharedDB.release(env)
 
 
 # -- writing ----------------------------------------------------------------------------------

@@ -57,9 +57,8 @@ def _pixels(img: Any, color: bool | None) -> np.ndarray:
     gray_file = mode in _GRAY_MODES or mode.startswith("I;16")
     if color is None:
         color = not gray_file
-    if mode.startswith("I"):  # 16-bit (or 32-bit) gray: OpenCV keeps the high byte
-        arr = np.asarray(img).astype(np.int64)
-        arr = np.clip(arr >> 8 if arr.max(initial=0) > 255 else arr, 0, 255).astype(np.uint8)
+    if mode.startswith("I"):  # 16-bit gray (Pillow: I;16 or I): OpenCV keeps the high byte
+        arr = np.clip(np.asarray(img).astype(np.int64) >> 8, 0, 255).astype(np.uint8)
         return np.repeat(arr[None], 3, axis=0) if color else arr[None]
     if gray_file:
         arr = np.asarray(img.convert("L"))
