@@ -109,6 +109,21 @@ def normalizer(mode: int, outer: int, inner: int, valid_count: int) -> float:
     return max(1.0, float(n))
 
 
+def split_class_axis(layer: Layer, bottom: Sequence[Blob], axis_field: str) -> None:
+    """Split bottom[0]'s shape at the class axis ``layer.axis_param`` into ``layer.outer``,
+    ``layer.channels`` and ``layer.inner`` (setting ``layer.axis``), and check that bottom[1]
+    holds one label per outer·inner position (its own shape does not matter)."""
+    shape = bottom[0].shape
+    layer.axis = _canonical_axis(layer, layer.axis_param, len(shape), axis_field)
+    layer.outer, layer.inner = _count(shape, 0, layer.axis), _count(shape, layer.axis + 1)
+    layer.channels = shape[layer.axis]
+    want = layer.outer * layer.inner
+    layer.require(want == bottom[1].count, "bottom[1]",
+                  f"number of labels must match number of predictions: scores {shape} with "
+                  f"axis {layer.axis} need {want} labels in [0, {layer.channels}), got "
+                  f"{bottom[1].count} (label shape {bottom[1].shape})")
+
+
 class LabelledLoss(Layer):
     """Base of losses over (predictions, labels): a loss (top 0 weighs 1 by default) whose
     label bottom takes no gradient."""
@@ -157,13 +172,7 @@ class SoftmaxWithLoss(LabelledLoss):
         # NOTE: Caffe's LossLayer also requires equal first dimensions; only the label count
         # matters here, so a flattened label blob is accepted too.
         shape = bottom[0].shape
-        self.axis = _canonical_axis(self, self.axis_param, len(shape), "softmax_param.axis")
-        self.outer, self.inner = _count(shape, 0, self.axis), _count(shape, self.axis + 1)
-        self.channels = shape[self.axis]
-        self.require(self.outer * self.inner == bottom[1].count, "bottom[1]",
-                     f"number of labels must match number of predictions: scores {shape} with "
-                     f"axis {self.axis} need {self.outer * self.inner} labels, got "
-                     f"{bottom[1].count} (label shape {bottom[1].shape})")
+        split_class_axis(self, bottom, "softmax_param.axis")
         top[0].reshape(())
         if len(top) > 1:
             top[1].reshape(shape)
@@ -255,17 +264,10 @@ class Accuracy(Layer):
         self.ignore_label = int(p.ignore_label) if p.HasField("ignore_label") else None
 
     def reshape(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
-        shape = bottom[0].shape
-        self.axis = _canonical_axis(self, self.axis_param, len(shape), "accuracy_param.axis")
-        self.outer, self.inner = _count(shape, 0, self.axis), _count(shape, self.axis + 1)
-        self.channels = shape[self.axis]
+        split_class_axis(self, bottom, "accuracy_param.axis")
         self.require(self.top_k <= self.channels, "accuracy_param.top_k",
                      f"top_k must be less than or equal to the number of classes "
                      f"({self.channels}), got {self.top_k}")
-        self.require(self.outer * self.inner == bottom[1].count, "bottom[1]",
-                     f"number of labels must match number of predictions: scores {shape} with "
-                     f"axis {self.axis} need {self.outer * self.inner} labels, got "
-                     f"{bottom[1].count} (label shape {bottom[1].shape})")
         top[0].reshape(())
         if len(top) > 1:
             top[1].reshape((self.channels,))

@@ -246,17 +246,7 @@ class InfogainLoss(loss_mod.LabelledLoss):
 
     def reshape(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
         loss_mod.check_same_num(self, bottom)
-        shape = bottom[0].shape
-        self.axis = layer_mod.canonical_axis(self, self.axis_param, len(shape),
-                                             "infogain_loss_param.axis")
-        self.outer = layer_mod.count_of(shape, 0, self.axis)
-        self.inner = layer_mod.count_of(shape, self.axis + 1)
-        self.channels = shape[self.axis]
-        self.require(self.outer * self.inner == bottom[1].count, "bottom[1]",
-                     f"number of labels must match number of predictions: scores {shape} with "
-                     f"axis {self.axis} need {self.outer * self.inner} labels in "
-                     f"[0, {self.channels}), got {bottom[1].count} (label shape "
-                     f"{bottom[1].shape})")
+        loss_mod.split_class_axis(self, bottom, "infogain_loss_param.axis")
         h_count = self.h_file.size if self.h_file is not None else bottom[2].count
         self.require(h_count == self.channels ** 2,
                      "infogain_loss_param.source" if self.h_file is not None else "bottom[2]",
@@ -264,7 +254,7 @@ class InfogainLoss(loss_mod.LabelledLoss):
                      f"for {self.channels} classes, got {h_count} values")
         top[0].reshape(())
         if len(top) > 1:
-            top[1].reshape(shape)
+            top[1].reshape(bottom[0].shape)
 
     def _h(self, bottom: Sequence[Blob]) -> Any:
         h = self.h_file if self.h_file is not None else bottom[2].data
