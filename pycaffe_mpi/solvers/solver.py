@@ -622,6 +622,8 @@ class Solver(SnapshotMixin):
         test_net.begin_test_pass()
 
         def before_batch(_: int) -> bool:
+            if self.dp is not None:  # only replica 0 tests: actions wait for the iteration's end
+                return not self.requested_early_exit
             request = self._requested_action()
             while request != NONE:
                 if request == SNAPSHOT:
