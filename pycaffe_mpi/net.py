@@ -584,11 +584,10 @@ class Net(NetApi):
             layer.begin_test_pass()
 
     def end_test_pass(self, prefix: str, iteration: int | None = None) -> list[str]:
-        """Tell every layer the test pass ended and write what they measured over it (e.g.
-        the oracle assignment, as ``<prefix>_<layer>_assignment.csv|.png``, with
-        ``iteration`` in the figure's title) by :func:`pycaffe_mpi.reports.assignment.
-        write_reports`; returns the paths written. The solver's test pass and ``pycaffe-mpi
-        test`` both end here."""
+        """Tell every layer the test pass ended and write what they measured over it, e.g.
+        the oracle assignment as ``<prefix>_<layer>_assignment.csv|.png`` with ``iteration``
+        in the figure's title (see ``reports.assignment.write_reports``); returns the paths
+        written. The solver's test pass and ``pycaffe-mpi test`` both end here."""
         from pycaffe_mpi.reports import assignment
 
         measured = [(layer.name, layer.end_test_pass()) for layer in self.layers]
