@@ -360,18 +360,10 @@ def datum_to_array(datum: Any) -> np.ndarray:
 
 
 def _decode_image(raw: bytes, channels: int) -> np.ndarray:
-    import io as _io
+    # NOTE: imported late: the datasets package imports this module
+    from pycaffe_mpi.datasets import images
 
-    try:
-        from PIL import Image
-    except ImportError:
-        raise errors.DataError("an encoded Datum needs Pillow: pip install pillow") from None
-    img = Image.open(_io.BytesIO(raw))
-    gray = channels == 1 or (channels == 0 and img.mode in ("L", "I;16", "I", "F"))
-    arr = np.asarray(img.convert("L" if gray else "RGB"))
-    if gray:
-        return arr[None]
-    return np.ascontiguousarray(arr[:, :, ::-1].transpose(2, 0, 1))  # HWC RGB -> CHW BGR
+    return images.decode_image(raw, True if channels == 3 else False if channels == 1 else None)
 
 
 # -- LMDB -------------------------------------------------------------------------------------
