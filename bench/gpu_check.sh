@@ -12,8 +12,8 @@
 #      here first (Python 3.12 there):
 #        python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
 #          --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
-#          --platform manylinux2014_x86_64 -d .whl mpich lmdb graphviz
-#      and run bench/gpu_check.sh --wheels .whl there (14 MB);
+#          --platform manylinux2014_x86_64 -d .whl mpich lmdb graphviz 'protobuf>=5.29,<8'
+#      and run bench/gpu_check.sh --wheels .whl there (15 MB);
 #   3. the GPU parity tests (tests/gpu: every layer case, the solver rules, CIFAR10-Quick);
 #   4. bench/bench_gpu.py: CIFAR10-Quick (batch 100, 350), NiN (128), ResNet-50 (32) against
 #      PyTorch on the same device;
@@ -105,6 +105,10 @@ for mod, pkg in wants.items():
         importlib.import_module(mod)
     except Exception:
         out.append(pkg)
+try:  # the generated schema refuses a protobuf runtime older than its gencode
+    importlib.import_module("pycaffe_mpi.proto.caffe_pb2")
+except Exception:
+    out = [p for p in out if p != "protobuf"] + ["protobuf>=5.29,<8"]
 print(" ".join(out))
 EOF
 }
