@@ -360,6 +360,8 @@ def _install_signal_actions(solver: Any, sigint: str, sighup: str) -> None:
         return pending.pop(0) if pending else "none"
 
     comm = getattr(solver, "comm", None)
+    if getattr(solver, "dp", None) is not None:  # replicas: every rank of the world agrees
+        comm = solver.dp.groups.world
     if comm is not None and comm.size > 1:
         # every rank stops (or snapshots) at the same iteration, as rank 0 decides, or the
         # collectives of the next iteration would wait forever
