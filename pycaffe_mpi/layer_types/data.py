@@ -271,8 +271,10 @@ class _Prefetcher:
 
     def __init__(self, env: Any, batch_size: int, transform: DataTransformer, dtype: Any,
                  gen: np.random.Generator, pos: int, entries: int, order: np.ndarray | None,
-                 keys: list[bytes] | None, depth: int, source: str = "") -> None:
+                 keys: list[bytes] | None, depth: int, source: str = "",
+                 replica: tuple[int, int] = (0, 1)) -> None:
         self.env, self.batch_size, self.transform = env, batch_size, transform
+        self.replica = replica  # (k, n): read record i only when i mod n == k
         self.source, self.needed = source, pio.lmdb_bytes_needed(env)
         self.dtype, self.gen, self.order, self.keys = dtype, gen, order, keys
         # records read so far (counting rand_skip); with the generator's state after each
@@ -287,19 +289,23 @@ class _Prefetcher:
     # -- producer side ------------------------------------------------------------------------
     def _records(self, txn: Any) -> Iterator[tuple[bytes, bytes | None]]:
         """(key, raw record) forever, wrapping round at the end (Caffe restarts its cursor)."""
+        k, n = self.replica
         if self.order is not None and self.keys is not None:
             while True:
-                key = self.keys[self.order[self.pos % len(self.order)]]
+                i = self.pos
                 self.pos += 1
-                yield key, txn.get(key)
+                if i % n == k:
+                    key = self.keys[self.order[i % len(self.order)]]
+                    yield key, txn.get(key)
         cur = txn.cursor()
         cur.first()
         for _ in range(self.pos % max(self.entries, 1)):
             cur.next()
         while True:
-            item = cur.key(), cur.value()
+            keep = self.pos % n == k  # Caffe's DataLayer::Skip over the global position
             self.pos += 1
-            yield item
+            if keep:
+                yield cur.key(), cur.value()
             if not cur.next():
                 cur.first()
 
@@ -340,7 +346,10 @@ class _Prefetcher:
                 records = self._records(txn)
                 while not self.stop_event.is_set():
                     batch = self._batch(records)
-                    state = {"pos": self.pos, "gen": self.gen.bit_generator.state}
+                    # NOTE: the records up to the next multiple of n belong to other replicas,
+                    # so every replica saves the same position (a resume may change n)
+                    n = self.replica[1]
+                    state = {"pos": -(-self.pos // n) * n, "gen": self.gen.bit_generator.state}
                     if not self._put((batch, state)):
                         return
         except lmdb.Error as e:  # e.g. MDB_CORRUPTED: pages damaged after the meta pages
@@ -452,8 +461,19 @@ class Data(Layer):
         self._prefetcher = _Prefetcher(
             env, self.batch_size, self.transformer, self.dtype, gen, self._reader_state["pos"],
             self._entries, self.bootstrap_indices, self._keys,
-            max(1, self.layer_param.data_param.prefetch), self.source)
+            max(1, self.layer_param.data_param.prefetch), self.source,
+            getattr(self, "_replica", (0, 1)))
         self._finalizer = weakref.finalize(self, self._prefetcher.stop)
+
+    def set_replica(self, index: int, count: int) -> None:
+        """Read only this data-parallel replica's records from now on: record i (counted over
+        the whole stream, wrapping included) when ``i mod count == index`` (Caffe's
+        ``DataLayer::Skip``). Only TRAIN nets split; TEST nets run on replica 0 and read all."""
+        if self.phase != TRAIN or (index, count) == getattr(self, "_replica", (0, 1)):
+            return
+        self.close()
+        self._replica = (int(index), int(count))
+        self._start_prefetch(self._open_db(self.layer_param.data_param))
 
     def get_state(self) -> bytes:
         """The position after the last batch handed out and the random state at that point, so
