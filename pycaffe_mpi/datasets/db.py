@@ -28,6 +28,7 @@ import secrets
 import shutil
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar
@@ -90,6 +91,21 @@ def _lmdb_errors() -> tuple[type[BaseException], ...]:
     return (lmdb.Error,)
 
 
+def _link_or_copy(src: str, dst: str) -> None:
+    """Hard-link the table files of LevelDB ``src`` into ``dst`` and copy the rest."""
+    for entry in os.scandir(src):
+        if entry.name == "LOCK" or not entry.is_file():
+            continue
+        target = os.path.join(dst, entry.name)
+        if entry.name.endswith((".ldb", ".sst")):
+            try:
+                os.link(entry.path, target)
+                continue
+            except OSError:
+                pass  # another file system: copy instead
+        shutil.copyfile(entry.path, target)
+
+
 def _message(e: BaseException) -> str:
     arg = e.args[0] if e.args else e
     return arg.decode(errors="replace") if isinstance(arg, bytes) else str(arg)
@@ -122,36 +138,36 @@ class LevelDBEnv:
         self._entries: int | None = None
 
     def _open_view(self, plyvel: Any) -> Any:
-        """Another process holds the database: open a private view of its files.
+        """Another process holds the database (or its directory is read-only): open a private
+        view of its files, in a temporary directory removed on close.
 
         NOTE: table files (.ldb/.sst) are never modified once written, so hard links are safe;
-        the manifest, CURRENT and write-ahead logs are small and copied.
+        the manifest, CURRENT and write-ahead logs are small and copied. The holder may be
+        rewriting the directory as we copy (its open replays the log into a table), so a
+        failed view is retried a few times.
         """
         parent = os.path.dirname(os.path.abspath(self.path))
-        try:
-            view = tempfile.mkdtemp(prefix=".leveldb-view-", dir=parent)
-        except OSError:
-            view = tempfile.mkdtemp(prefix="pycaffe-leveldb-view-")
-        try:
-            for entry in os.scandir(self.path):
-                if entry.name == "LOCK" or not entry.is_file():
-                    continue
-                dst = os.path.join(view, entry.name)
-                if entry.name.endswith((".ldb", ".sst")):
-                    try:
-                        os.link(entry.path, dst)
-                        continue
-                    except OSError:
-                        pass  # another file system: copy instead
-                shutil.copyfile(entry.path, dst)
-            db = plyvel.DB(view, create_if_missing=False)
-        except (OSError, plyvel.Error) as e:
-            shutil.rmtree(view, ignore_errors=True)
-            raise errors.DataError(f"LevelDB {self.path!r} is in use by another process and a "
-                                   f"private view of it failed: {_message(e)}") from None
-        log.info("LevelDB %s is open in another process; reading a private view", self.path)
-        self._view_dir = view
-        return db
+        for attempt in range(5):
+            try:
+                view = tempfile.mkdtemp(prefix=".leveldb-view-", dir=parent)
+            except OSError:
+                view = tempfile.mkdtemp(prefix="pycaffe-leveldb-view-")
+            try:
+                _link_or_copy(self.path, view)
+                db = plyvel.DB(view, create_if_missing=False)
+            except (OSError, plyvel.Error) as e:
+                shutil.rmtree(view, ignore_errors=True)
+                if attempt == 4:
+                    raise errors.DataError(
+                        f"LevelDB {self.path!r} is in use by another process (or read-only) "
+                        f"and a private view of it failed: {_message(e)}") from None
+                time.sleep(0.2 * (attempt + 1))
+                continue
+            log.info("LevelDB %s is held by another process or read-only; reading a private "
+                     "view of it", self.path)
+            self._view_dir = view
+            return db
+        raise AssertionError("unreachable")
 
     def entries(self) -> int:
         # NOTE: LevelDB keeps no count; one pass over the keys, once.

@@ -257,3 +257,28 @@ def test_truncated_lmdb_in_dataset_helpers_is_a_data_error(tmp_path):
     assert out.returncode == 0, out.stderr  # a SIGBUS would be -7
     assert out.stdout.split() == ["entries", "DataError", "iter", "DataError",
                                   "mean", "DataError"]
+
+
+def _idx(path: Path, arr: np.ndarray) -> None:
+    head = bytes([0, 0, 0x08, arr.ndim]) + b"".join(int(d).to_bytes(4, "big")
+                                                    for d in arr.shape)
+    path.write_bytes(head + arr.astype(np.uint8).tobytes())
+
+
+def test_convert_tools_write_leveldb(tmp_path):
+    imgs = np.arange(3 * 4 * 5).reshape(3, 4, 5).astype(np.uint8)
+    _idx(tmp_path / "i", imgs)
+    _idx(tmp_path / "l", np.array([2, 0, 1]))
+    sys.path.insert(0, str(ROOT / "tools"))
+    try:
+        import convert_idx
+    finally:
+        sys.path.pop(0)
+    out = tmp_path / "fm_leveldb"
+    assert convert_idx.main([str(tmp_path / "i"), str(tmp_path / "l"), str(out),
+                             "--backend", "leveldb"]) == 0
+    assert dbm.detect_backend(out) == dbm.LEVELDB
+    got = list(datasets.iter_datums(out))
+    assert [k for k, _ in got] == [b"%08d" % i for i in range(3)]
+    assert [d.label for _, d in got] == [2, 0, 1]
+    assert got[1][1].data == imgs[1].tobytes()
