@@ -17,6 +17,7 @@ collective only.
 
 from __future__ import annotations
 
+import atexit
 import sys
 import threading
 import time
@@ -52,6 +53,9 @@ class Watchdog:
         self.thread = threading.Thread(target=self._run, name="pycaffe-collective-watchdog",
                                        daemon=True)
         self.thread.start()
+        # NOTE: registered after mpi4py's own exit hook, so it runs first: the thread must not
+        # touch MPI once MPI_Finalize has begun
+        atexit.register(self.stop)
 
     # -- marks, from the main thread ------------------------------------------------------------
     def enter(self, what: str, members: Sequence[int], key: tuple) -> None:
@@ -64,7 +68,10 @@ class Watchdog:
         self.current = None
 
     def stop(self) -> None:
+        """Stop the thread (and wait for it, unless called from it)."""
         self._stop.set()
+        if threading.current_thread() is not self.thread:
+            self.thread.join(timeout=5.0)
 
     # -- the thread ----------------------------------------------------------------------------
     def _describe(self) -> tuple:

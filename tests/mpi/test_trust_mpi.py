@@ -95,6 +95,15 @@ def test_collective_timeout_names_the_stuck_rank(tmp_path: Path, normal_run_s: f
     assert re.match(r"\[rank [01]/3\] error: collective timeout", lines[0]), lines[0]
 
 
+def test_collective_timeout_lets_a_sound_run_finish(tmp_path: Path, normal_run_s: float) -> None:
+    solver = write_job(tmp_path, "job", {"rank": 0, "phase": "none"})
+    proc, _ = launch(str(solver), tmp_path, timeout=normal_run_s + 30,
+                     extra=("--collective_timeout", "30"))
+    assert proc.returncode == 0, show(proc)
+    assert "Optimization Done." in proc.stderr, show(proc)
+    assert "collective timeout" not in proc.stderr and "watchdog" not in proc.stderr, show(proc)
+
+
 def test_nan_on_one_rank_stops_every_rank(tmp_path: Path, normal_run_s: float) -> None:
     rank = 1
     solver = write_job(tmp_path, "job", {"rank": rank, "phase": "nan", "iter": FAIL_ITER})
