@@ -1,4 +1,4 @@
-"""Data layers: Input, DummyData, and Data (LMDB of Datum records + transform_param).
+"""Data layers: Input, DummyData, and Data (LMDB or LevelDB of Datum records + transform_param).
 
 Data layers have no bottoms and no gradient (``backward`` does nothing). ``Data`` reads and
 preprocesses whole batches in a background thread (Caffe's ``BasePrefetchingDataLayer``) so the
@@ -14,8 +14,7 @@ import queue
 import threading
 import weakref
 from collections.abc import Iterator, Sequence
-from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 from google.protobuf.message import DecodeError
@@ -23,6 +22,8 @@ from google.protobuf.message import DecodeError
 from pycaffe_mpi import errors, fillers
 from pycaffe_mpi import snapshot as pio
 from pycaffe_mpi.blob import Blob
+from pycaffe_mpi.datasets import db as dbm
+from pycaffe_mpi.datasets import images as imgs
 from pycaffe_mpi.layer import TRAIN, Layer
 from pycaffe_mpi.proto import caffe_pb2
 from pycaffe_mpi.registry import register_layer
@@ -136,7 +137,9 @@ class DataTransformer:
     """Caffe's ``DataTransformer`` for whole batches (``transform_param``), on the host.
 
     Params: scale (1), mirror (false), crop_size (0), mean_file or mean_value (one value for
-    every channel or one per channel; not both). force_color / force_gray are not supported.
+    every channel or one per channel; not both), force_color / force_gray (false; not both):
+    decode encoded Datums as 3-channel BGR / 1-channel gray instead of as stored
+    (``decode_color``: True, False or None); like Caffe, they do nothing to raw Datums.
 
     Per element, in Caffe's order: crop (a random offset per example in TRAIN, centred in
     TEST) → mirror (left-right, with probability 1/2 per example, in any phase, when mirror is
@@ -148,9 +151,11 @@ class DataTransformer:
         # NOTE: keeps the LayerParameter (for error messages), never the layer: the prefetch
         # thread holds this object, and a reference to the layer would keep it alive forever.
         self.layer_param = layer_param
-        self._require(not tp.force_color and not tp.force_gray, "transform_param.force_color",
-                      "force_color / force_gray are not supported (they apply to encoded "
-                      "images); store the images with the channels you want")
+        self._require(not (tp.force_color and tp.force_gray), "transform_param.force_gray",
+                      "cannot set both force_color and force_gray")
+        # how encoded Datums are decoded: 3 channels, 1 channel, or as stored
+        self.decode_color: bool | None = (True if tp.force_color else
+                                          False if tp.force_gray else None)
         self._require(not (tp.mean_file and len(tp.mean_value)), "transform_param.mean_value",
                       "give mean_file or mean_value, not both (Caffe refuses it too)")
         self.scale = float(tp.scale)
@@ -222,39 +227,6 @@ def _read_mean(layer_param: Any, path: str) -> np.ndarray:
 
 
 # == Data ======================================================================================
-class _SharedEnv:
-    """One read-only LMDB environment per database and process, shared by reference count.
-
-    NOTE: LMDB (and py-lmdb) refuse to open one database twice in a process, yet a TRAIN and a
-    TEST net, or several Data layers, may read the same source; each reader takes its own
-    read transaction on the shared environment.
-    """
-
-    _open: ClassVar[dict[str, list[Any]]] = {}  # realpath -> [env, users]
-    _lock = threading.Lock()
-
-    @classmethod
-    def acquire(cls, path: str) -> Any:
-        """The environment of ``path``, opened (and checked for damage) by its first user."""
-        key = os.path.realpath(path)
-        with cls._lock:
-            if key not in cls._open:
-                cls._open[key] = [pio.open_lmdb(key), 0]
-            cls._open[key][1] += 1
-            return cls._open[key][0]
-
-    @classmethod
-    def release(cls, env: Any) -> None:
-        with cls._lock:
-            for key, entry in list(cls._open.items()):
-                if entry[0] is env:
-                    entry[1] -= 1
-                    if entry[1] == 0:
-                        del cls._open[key]
-                        env.close()
-                    return
-
-
 class _Failure:
     """An exception raised in the prefetch thread, carried to ``forward``."""
 
@@ -275,7 +247,9 @@ class _Prefetcher:
                  replica: tuple[int, int] = (0, 1)) -> None:
         self.env, self.batch_size, self.transform = env, batch_size, transform
         self.replica = replica  # (k, n): read record i only when i mod n == k
-        self.source, self.needed = source, pio.lmdb_bytes_needed(env)
+        # NOTE: LevelDB reads files, not a memory map: no size to check
+        self.source = source
+        self.needed = pio.lmdb_bytes_needed(env) if dbm.is_lmdb_env(env) else 0
         self.dtype, self.gen, self.order, self.keys = dtype, gen, order, keys
         # records read so far (counting rand_skip); with the generator's state after each
         # batch it is the layer's resumable position
@@ -312,7 +286,8 @@ class _Prefetcher:
     def _batch(self, records: Iterator[tuple[bytes, bytes | None]]
                ) -> tuple[np.ndarray, np.ndarray]:
         # NOTE: a file cut short after open would be a SIGBUS on the next page read.
-        pio.check_lmdb(self.env, self.source, self.needed)
+        if self.needed:
+            pio.check_lmdb(self.env, self.source, self.needed)
         datums = [_parse_datum(*next(records)) for _ in range(self.batch_size)]
         first = datums[0]
         shape = (first.channels, first.height, first.width)
@@ -325,7 +300,7 @@ class _Prefetcher:
             raw = np.frombuffer(b"".join(d.data for d in datums), dtype=np.uint8)
             x = raw.reshape(len(datums), *shape)
         else:  # float_data or encoded images: one record at a time
-            x = np.stack([pio.datum_to_array(d) for d in datums])
+            x = _decode_batch(datums, self.transform.decode_color)
         labels = np.fromiter((d.label for d in datums), dtype=self.dtype, count=len(datums))
         return self.transform(x, self.gen, self.dtype), labels
 
@@ -339,8 +314,6 @@ class _Prefetcher:
         return False
 
     def _run(self) -> None:
-        import lmdb
-
         try:
             with self.env.begin(buffers=False) as txn:
                 records = self._records(txn)
@@ -352,7 +325,7 @@ class _Prefetcher:
                     state = {"pos": -(-self.pos // n) * n, "gen": self.gen.bit_generator.state}
                     if not self._put((batch, state)):
                         return
-        except lmdb.Error as e:  # e.g. MDB_CORRUPTED: pages damaged after the meta pages
+        except dbm.backend_errors(self.env) as e:  # e.g. MDB_CORRUPTED, LevelDB Corruption
             self._put(_Failure(errors.DataError(f"the database is damaged ({e}); rebuild or "
                                                 "copy it again")))
         except SystemExit as e:  # the thread must not end mute: forward would wait on it
@@ -383,17 +356,23 @@ class _Prefetcher:
             except queue.Empty:
                 pass
             self.thread.join(timeout=0.05)
-        _SharedEnv.release(self.env)
+        dbm.SharedDB.release(self.env)
 
 
 @register_layer("Data")
 class Data(Layer):
-    """Batches of Datum records from an LMDB, preprocessed by ``transform_param``.
+    """Batches of Datum records from an LMDB or LevelDB, preprocessed by ``transform_param``.
 
-    Params (``data_param``): source (LMDB directory), batch_size, rand_skip (0: skip a random
-    number < rand_skip of records at the start), backend (LEVELDB, the proto default, or
-    LMDB; only LMDB is read: a LEVELDB source that is an LMDB directory is read as LMDB with
-    a warning), prefetch (4 batches). ``transform_param``: see :class:`DataTransformer` (the
+    Params (``data_param``): source (database directory), batch_size, rand_skip (0: skip a
+    random number < rand_skip of records at the start), backend (LEVELDB, the proto default,
+    or LMDB; a LEVELDB source that is an LMDB directory is read as LMDB with a warning, an
+    LMDB source that is a LevelDB is an error), prefetch (4 batches), force_encoded_color
+    (false: decode encoded Datums as 3-channel BGR unless transform_param forces gray).
+    Encoded Datums (JPEG/PNG bytes, ``convert_imageset --encoded``) are decoded with Pillow
+    into Caffe's (OpenCV's) BGR order, as stored (gray files 1 channel) unless
+    transform_param's force_color / force_gray or force_encoded_color say otherwise; the
+    records of one batch must decode to one shape. ``transform_param``: see
+    :class:`DataTransformer` (the
     deprecated data_param scale/mean_file/crop_size/mirror are honoured when transform_param
     does not set them). ``bootstrap_param`` (our extension, for bagging ensembles): with
     enable: true, the layer reads a bootstrap sample of the records instead of the records
@@ -414,7 +393,10 @@ class Data(Layer):
     A damaged database is a DataError naming the layer and the source, never a crash: a data
     file shorter than its last used page (checked at open and again before every batch, since
     LMDB reads through a memory map and a missing page would be a SIGBUS), damaged meta pages,
-    corrupt pages, and garbled or short records (named by key).
+    corrupt pages, a LevelDB that cannot be opened or whose tables are corrupt, garbled or
+    short records (named by key), and encoded images that do not decode. A LevelDB that
+    another process (another MPI rank) holds open is read through a private view of its
+    files (LevelDB allows one process per database).
     """
 
     is_data = True
@@ -428,17 +410,17 @@ class Data(Layer):
         self.batch_size = int(p.batch_size)
         self.require(self.batch_size > 0, "data_param.batch_size",
                      f"expected a positive batch size, got {self.batch_size}")
-        self.require(not p.force_encoded_color, "data_param.force_encoded_color",
-                     "not supported; store the images with the channels you want")
         self.transformer = DataTransformer(self.layer_param, self._transform_param(),
                                            self.phase)
+        if p.force_encoded_color and self.transformer.decode_color is None:
+            self.transformer.decode_color = True
         self._prefetcher: _Prefetcher | None = None
         env = self._open_db(p)
         try:
             first, entries = self._read_db(_first_record, env)
             errors.require(entries > 0, self.layer_param, "data_param.source",
                            f"{self.source!r} holds no records", exc=errors.DataError)
-            datum_shape = pio.datum_to_array(first).shape
+            datum_shape = self._first_shape(first)
             c, h, w = self.transformer.setup(datum_shape, self.dtype)
             self.top_shapes = [(self.batch_size, c, h, w), (self.batch_size,)]
             gen = np.random.default_rng(int(self.rng.integers(2**63)))
@@ -448,7 +430,7 @@ class Data(Layer):
             # a huge batch_size would otherwise read records without end in the background
             self.reshape(bottom, top)
         except BaseException:
-            _SharedEnv.release(env)
+            dbm.SharedDB.release(env)
             raise
         self._entries = entries
         self._reader_state = {"pos": skip, "gen": gen.bit_generator.state}
@@ -500,32 +482,41 @@ class Data(Layer):
         self.require(bool(src), "data_param.source", "no source database given")
         errors.require(os.path.exists(src), self.layer_param, "data_param.source",
                        f"{src!r} does not exist{hint}", exc=errors.DataError)
-        is_lmdb = (Path(src) / "data.mdb").is_file()
+        is_lmdb = dbm.is_lmdb_dir(src)
         if p.backend == LEVELDB and is_lmdb and src not in _warned_leveldb:
             _warned_leveldb.add(src)
             log.warning("%s: data_param.backend is LEVELDB (the default) but %r is an LMDB; "
                         "reading it as LMDB (set backend: LMDB to silence this)",
                         errors.layer_where(self.layer_param), src)
-        errors.require(is_lmdb, self.layer_param, "data_param.source",
-                       f"{src!r} is not an LMDB directory (no data.mdb); only LMDB databases "
-                       "are supported (LevelDB is not): convert the data to LMDB with the "
-                       "tools/ converters and set backend: LMDB", exc=errors.DataError)
+        backend = LMDB if is_lmdb else p.backend
         try:
-            return _SharedEnv.acquire(src)
+            return dbm.SharedDB.acquire(src, backend)
         except errors.DataError as e:
             raise errors.DataError(f"{errors.layer_where(self.layer_param, self.location)}, "
                                    f"field data_param.source: {e}") from None
 
     def _read_db(self, read: Any, env: Any) -> Any:
         """``read(env)``, with a damaged database's errors naming the layer and the source."""
-        import lmdb
-
         try:
             return read(env)
-        except (lmdb.Error, errors.DataError) as e:
+        except (*dbm.backend_errors(env), errors.DataError) as e:
             where = errors.layer_where(self.layer_param, self.location)
             raise errors.DataError(f"{where}: reading {self.source!r} failed: the database is "
                                    f"damaged ({e}); rebuild or copy it again") from None
+
+    def _first_shape(self, first: Any) -> tuple[int, ...]:
+        """The C×H×W of the first record, decoded as every record will be."""
+        color = self.transformer.decode_color
+        if not first.encoded and color is not None:
+            # Caffe logs this as an error for every record and goes on
+            log.warning("%s: force_color and force_gray only apply to encoded Datums; %r holds "
+                        "raw ones", errors.layer_where(self.layer_param), self.source)
+        try:
+            return imgs.decode_datum(first, color).shape
+        except errors.DataError as e:
+            where = errors.layer_where(self.layer_param, self.location)
+            raise errors.DataError(f"{where}: reading {self.source!r} failed: first record: "
+                                   f"{e}") from None
 
     def _bootstrap(self, env: Any) -> tuple[list[bytes] | None, np.ndarray | None]:
         if not self.layer_param.HasField("bootstrap_param"):
@@ -563,6 +554,17 @@ class Data(Layer):
         if self._prefetcher is not None:
             self._finalizer()
             self._prefetcher = None
+
+
+def _decode_batch(datums: list[Any], color: bool | None) -> np.ndarray:
+    """Stack the C×H×W arrays of float_data or encoded Datums (one record at a time)."""
+    arrays = [imgs.decode_datum(d, color) for d in datums]
+    for i, a in enumerate(arrays):
+        if a.shape != arrays[0].shape:
+            raise errors.DataError(f"record {i} of a batch decodes to shape {a.shape}, the "
+                                   f"first to {arrays[0].shape}; set force_color or force_gray "
+                                   "or store images of one size")
+    return np.stack(arrays)
 
 
 def _first_record(env: Any) -> tuple[Any, int]:

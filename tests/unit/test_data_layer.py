@@ -242,10 +242,10 @@ def test_leveldb_default_backend(ramp_db, tmp_path, caplog):
     layer.forward([], tops)
     np.testing.assert_array_equal(tops[1].data, [0, 1])
     layer.close()
-    fake = tmp_path / "real_leveldb"
+    fake = tmp_path / "broken_leveldb"
     fake.mkdir()
     (fake / "CURRENT").write_text("MANIFEST-000001\n")
-    with pytest.raises(errors.DataError, match="only LMDB"):
+    with pytest.raises(errors.DataError, match=r'layer "data".*LevelDB.*broken_leveldb.*damaged'):
         make_layer(f'data_param {{ source: "{fake}" batch_size: 2 }}')
 
 
@@ -253,8 +253,8 @@ def test_parameter_errors(ramp_db):
     src = f'data_param {{ source: "{ramp_db}" batch_size: 2 backend: LMDB }} '
     with pytest.raises(errors.NetError, match="not both"):
         make_layer(src + 'transform_param { mean_file: "m" mean_value: 1 }')
-    with pytest.raises(errors.NetError, match="force_color"):
-        make_layer(src + "transform_param { force_color: true }")
+    with pytest.raises(errors.NetError, match="both force_color and force_gray"):
+        make_layer(src + "transform_param { force_color: true force_gray: true }")
     with pytest.raises(errors.NetError, match="crop_size"):
         make_layer(src + "transform_param { crop_size: 4 }")
     with pytest.raises(errors.NetError, match="mean_value"):

@@ -1,8 +1,10 @@
 """Layer cases for the data family: Input, DummyData, Data.
 
-None has a gradient (grad=False) or bottoms. The Data cases read a tiny LMDB of 5 Datum
-records (3×4×5 uint8) written with plain ``lmdb`` calls into a temporary directory when this
-module is imported (removed at exit); their references transform the known pixels with loops.
+None has a gradient (grad=False) or bottoms. The Data cases read tiny databases of 5 Datum
+records (3×4×5 uint8) written with plain ``lmdb`` / ``plyvel`` calls into a temporary directory
+when this module is imported (removed at exit): raw records in an LMDB and in a LevelDB, and
+the same pixels as encoded PNG files (written by Pillow, BGR planes stored as an RGB image, as
+OpenCV writes them) in a LevelDB; their references transform the known pixels with loops.
 """
 
 from __future__ import annotations
@@ -95,6 +97,39 @@ def _write_tiny_db() -> None:
 
 _write_tiny_db()
 
+_LEVELDB = os.path.join(_DIR, "tiny_leveldb")
+_PNG_LEVELDB = os.path.join(_DIR, "png_leveldb")
+
+
+def _png(img: np.ndarray) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(img[::-1].transpose(1, 2, 0))).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _write_leveldbs() -> None:
+    import plyvel
+
+    from pycaffe_mpi.proto import caffe_pb2
+
+    raw = plyvel.DB(_LEVELDB, create_if_missing=True)
+    png = plyvel.DB(_PNG_LEVELDB, create_if_missing=True)
+    for i, (img, lab) in enumerate(zip(_PIX, _LABELS)):
+        d = caffe_pb2.Datum(channels=3, height=4, width=5, data=img.tobytes(), label=lab)
+        raw.put(b"%08d" % i, d.SerializeToString())
+        # as convert_imageset --encoded writes them: no channels/height/width
+        e = caffe_pb2.Datum(data=_png(img), label=lab, encoded=True)
+        png.put(b"%08d_img%d.png" % (i, i), e.SerializeToString())
+    raw.close()
+    png.close()
+
+
+_write_leveldbs()
+
 
 def _data_ref(batch, crop, mean_value=None, mean_file=False, scale=1.0, labels=True):
     def ref(bottoms, layer):
@@ -138,3 +173,36 @@ add_case(LayerCase(
     proto=(f'data_param {{ source: "{_DB}" batch_size: 2 backend: LMDB }} '
            "transform_param { crop_size: 2 mean_value: 128 }"),
     reference=_data_ref(2, 2, mean_value=[128.0])))
+
+add_case(LayerCase(
+    type="Data", id="leveldb_default_backend", ntop=2, grad=False, reshape=(), phase=TEST,
+    proto=(f'data_param {{ source: "{_LEVELDB}" batch_size: 6 }} '
+           "transform_param { crop_size: 3 mean_value: 100 mean_value: 120 mean_value: 90 }"),
+    reference=_data_ref(6, 3, mean_value=[100.0, 120.0, 90.0])))
+
+add_case(LayerCase(
+    type="Data", id="encoded_png_leveldb", ntop=2, grad=False, reshape=(), phase=TEST,
+    proto=(f'data_param {{ source: "{_PNG_LEVELDB}" batch_size: 3 backend: LEVELDB }} '
+           "transform_param { scale: 0.5 mean_value: 10 }"),
+    reference=_data_ref(3, 0, mean_value=[10.0], scale=0.5), rtol=1e-6))
+
+
+def _gray_ref(batch):
+    def ref(bottoms, layer):
+        out = np.zeros((batch, 1, 4, 5))
+        for n in range(batch):
+            b, g, r = (_PIX[n % len(_PIX)][ch].astype(np.int64) for ch in range(3))
+            for y in range(4):
+                for x in range(5):
+                    # OpenCV's BGR -> gray: 14-bit fixed-point weights, rounded
+                    out[n, 0, y, x] = (r[y, x] * 4899 + g[y, x] * 9617 + b[y, x] * 1868
+                                       + 8192) >> 14
+        return [out, np.array([_LABELS[n % len(_LABELS)] for n in range(batch)], float)]
+    return ref
+
+
+add_case(LayerCase(
+    type="Data", id="encoded_png_force_gray", ntop=2, grad=False, reshape=(), phase=TEST,
+    proto=(f'data_param {{ source: "{_PNG_LEVELDB}" batch_size: 4 backend: LEVELDB }} '
+           "transform_param { force_gray: true }"),
+    reference=_gray_ref(4)))
