@@ -192,3 +192,13 @@ def test_gpu_all_without_a_device_says_so(monkeypatch):
     monkeypatch.setattr(backend_mod, "gpu_count", lambda: 0)
     with pytest.raises(errors.PycaffeError, match="no CUDA device"):
         cli.choose_backend("all")
+
+
+def test_gpu_all_takes_the_device_of_the_local_rank(monkeypatch):
+    from pycaffe_mpi import cli
+
+    monkeypatch.setattr(backend_mod, "gpu_count", lambda: 2)
+    monkeypatch.setattr(backend_mod, "Backend", lambda kind, dev: (kind, dev))
+    monkeypatch.setattr(comm_mod, "world", lambda: comm_mod.SelfComm())
+    monkeypatch.setenv("OMPI_COMM_WORLD_LOCAL_RANK", "3")
+    assert cli.choose_backend("all") == ("gpu", 1)
