@@ -152,6 +152,12 @@ class DataParallel:
         self.comm_seconds = time.perf_counter() - t0
         return mean
 
+    def mean_loss(self, loss: float) -> float:
+        """The mean of ``loss`` over the replicas (collective over the replicas)."""
+        reducer = self.reducer
+        assert reducer is not None, "attach() the train net first"
+        return reducer.mean_scalar(float(loss))
+
     # -- snapshots ------------------------------------------------------------------------------
     def snapshot(self, solver: Any, write_root: Any) -> str:
         """Replica 0 writes the weights and solver state (``write_root()``); every other

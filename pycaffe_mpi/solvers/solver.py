@@ -15,7 +15,11 @@
 5. apply the update (:mod:`pycaffe_mpi.solvers.rules`), ``iter += 1``;
 6. snapshot when ``snapshot`` divides ``iter`` or the action function asks; stop if it asks.
 
-The log lines keep Caffe's wording so ``tools/extra/parse_log.py`` reads our logs.
+The log lines keep Caffe's wording so ``tools/extra/parse_log.py`` reads our logs; the same
+numbers go, one JSON line per display and per test pass, to ``<snapshot_prefix>_results.jsonl``
+(:mod:`pycaffe_mpi.reports.results`). Unlike Caffe, a NaN or Inf loss stops the run by default
+(:mod:`pycaffe_mpi.solvers.nonfinite`), and under MPI the ranks first agree on the fields that
+decide the sequence of collectives (:mod:`pycaffe_mpi.solvers.agreement`).
 
 Snapshots (:mod:`pycaffe_mpi.solvers.snapshots`) are ``<snapshot_prefix>_iter_<N>.caffemodel``
 and ``.solverstate`` (with several MPI ranks: ``<prefix>_iter_<N>_rank_<R>.*``), written so a
@@ -454,9 +458,12 @@ class Solver(SnapshotMixin):
         # One more forward pass to display the loss after the last update, and a last test.
         if p.display and self.iter % p.display == 0:
             loss = self.net.forward_loss()
+            if self.dp is not None:  # the replicas' mean, shown by replica 0
+                loss = self.dp.mean_loss(loss)
             self._update_smoothed_loss(loss, start_iter, p.average_loss)
             self.log.info("Iteration %d, loss = %s", self.iter, _fmt(self.smoothed_loss),
-                          extra={"all_ranks": bool(self.net.output_blob_names)})
+                          extra={"all_ranks": bool(self.net.output_blob_names) and
+                                 (self.dp is None or self.dp.is_root_replica)})
             self._record("train", [*self._output_values(self.net),
                                    ("smoothed_loss", self.smoothed_loss)])
         if p.test_interval and self.iter % p.test_interval == 0:
