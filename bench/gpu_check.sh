@@ -206,7 +206,8 @@ else
     if run 150 mcl "$MPIEXEC" -n 3 "$PY" -m pycaffe_mpi.cli train \
             --solver "$WORK/solver.prototxt" "${GPU_FLAG[@]}"; then
         SECS=$(( $(date +%s) - START ))
-        say "main job: $ITERS iterations on 3 ranks in ${SECS} s (start-up included)"
+        say "main job: $ITERS iterations on 3 ranks in ${SECS} s (start-up included); last display:"
+        say "  $(grep 'iter/s' "$WORK/mcl.log" | tail -n 1)"
     else
         fail "main job (3 MPI ranks)"
     fi
