@@ -11,6 +11,10 @@ as plain C++ in one host thread (the kernel tests' stand-in for a GPU).
 Layouts follow the NumPy kernels they replace: im2col's channels-first ``cols``
 ``(C, KH, KW, N, OH, OW)`` (:mod:`pycaffe_mpi.kernels.im2col`); pooling on ``(N·C, H, W)``
 planes with Caffe's argmax mask (flat ``h·W + w``); LRN across channels on ``(N, C, H·W)``.
+
+NOTE: no cuDNN path: CuPy 14 removed its cuDNN bindings (cupy.cudnn, cupyx.cudnn), so
+convolutions are these im2col/col2im kernels plus cuBLAS products (CuPy's matmul) on every
+CuPy version.
 """
 
 from __future__ import annotations
