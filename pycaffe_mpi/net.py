@@ -374,6 +374,8 @@ class Net(NetApi):
             except (Exception, SystemExit) as e:
                 if python_layer.is_user_layer(layer) or isinstance(e, SystemExit):
                     raise python_layer.user_layer_error(layer, "forward", e) from e
+                if isinstance(e, (errors.PycaffeError, MemoryError)):
+                    raise name_layer(e, layer) from e  # e.g. a work buffer past INT_MAX
                 raise
             for t, w in zip(top, layer.loss_weights):
                 if w:
@@ -396,6 +398,10 @@ class Net(NetApi):
                 except (Exception, SystemExit) as e:
                     if python_layer.is_user_layer(self.layers[i]) or isinstance(e, SystemExit):
                         raise python_layer.user_layer_error(self.layers[i], "backward", e) from e
+                    if isinstance(e, NotImplementedError):  # a layer Caffe gives no backward
+                        e = errors.NetError(str(e))
+                    if isinstance(e, (errors.PycaffeError, MemoryError)):
+                        raise name_layer(e, self.layers[i]) from e
                     raise
                 if self.debug_info:
                     self._debug("Backward", i, self.bottom_vecs[i], "diff")

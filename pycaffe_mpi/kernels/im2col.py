@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 from numpy.lib import stride_tricks
 
+from pycaffe_mpi import blob as blob_mod
 from pycaffe_mpi.kernels import cuda as cuda_k
 
 
@@ -254,10 +255,17 @@ class Buffers:
         return arr
 
     def _empty(self, shape: tuple[int, ...], dtype: np.dtype) -> Any:
-        if self.xp is not np:
-            return self.xp.empty(shape, dtype)
-        size = math.prod(shape) * dtype.itemsize
-        raw = np.empty(size + self.ALIGN, np.uint8)
+        # NOTE: Caffe's scratch memory is Blobs, so its INT_MAX check and our allocation error
+        # (naming shape and bytes; the Net adds the layer) apply to these buffers too
+        size = blob_mod._checked_count(shape, "work buffer") * dtype.itemsize
+        try:
+            if self.xp is not np:
+                return self.xp.empty(shape, dtype)
+            raw = np.empty(size + self.ALIGN, np.uint8)
+        except MemoryError as e:
+            raise blob_mod.BlobAllocationError(
+                f"cannot allocate a work buffer of shape {shape} ({dtype.name}, {size} bytes, "
+                f"{size / 2**30:.3g} GiB): {e}") from e
         start = -raw.ctypes.data % self.ALIGN
         return raw[start:start + size].view(dtype).reshape(shape)
 

@@ -183,6 +183,19 @@ def build_nets(path: Path) -> None:
                 net.close()
 
 
+def run_nets(path: Path) -> None:
+    """Build the net in ``path`` for TRAIN and TEST and run one forward and backward pass of
+    each (rank 0 of 3, as :func:`build_nets`)."""
+    from pycaffe_mpi.net import Net
+
+    for phase in (0, 1):
+        net = Net(str(path), phase, seed=1, comm=FakeWorld())
+        try:
+            net.forward_backward()
+        finally:
+            net.close()
+
+
 def expect_clean(fn: Any, path: Path, *args: Any) -> errors.PycaffeError | None:
     """Run ``fn(path, *args)`` under limits: it succeeds (None) or ends in a PycaffeError that
     names ``path`` (returned); anything else fails the test."""

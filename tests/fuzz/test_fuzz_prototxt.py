@@ -44,6 +44,19 @@ def _net_case(net_seeds: list[tuple[str, str]], fuzz_dir: Path, data: st.DataObj
 test_net_mutations, test_net_mutations_slow = _fast_and_slow(_net_case, st.data())
 
 
+# -- nets: one forward and backward pass (mistakes that only show when data flows) -------------
+def _run_case(net_seeds: list[tuple[str, str]], fuzz_dir: Path, data: st.DataObject) -> None:
+    name, content = data.draw(strategies.mutated(net_seeds, byte_damage=False))
+    path = _write(fuzz_dir, name, content)
+    harness.expect_clean(harness.run_nets, path)
+
+
+test_run_mutations = settings(settings.get_profile("fuzz"), max_examples=25)(
+    given(st.data())(_run_case))
+test_run_mutations_slow = pytest.mark.slow(settings(settings.get_profile("fuzz-slow"),
+                                                    max_examples=300)(given(st.data())(_run_case)))
+
+
 # -- solvers: read and set up (train and test nets) ----------------------------------------------
 def _build_solver(path: Path) -> None:
     solver = solvers.Solver(str(path), comm=harness.FakeWorld())

@@ -161,3 +161,41 @@ def test_nul_byte_in_a_net_path_is_a_prototxt_error(tmp_path: Path):
     path = _write(tmp_path, b'net: "a\x00b.prototxt"\n', "solver.prototxt")
     with pytest.raises(errors.PrototxtError, match=rf"^{path}: cannot read 'a\\x00b"):
         solvers.Solver(str(path))
+
+
+QUICK = """name: "q"
+layer { name: "in" type: "Input" top: "x" input_param { shape { dim: 2 dim: 3 dim: 8 dim: 8 } } }
+layer { name: "pool" type: "Pooling" bottom: "x" top: "p"
+  pooling_param { pool: AVE kernel_size: 3 stride: 2 } }
+"""
+
+
+def test_pooling_work_buffer_past_int_max_names_the_layer(tmp_path: Path):
+    """A stride far past the input made AVE pooling ask NumPy for a stride² work buffer:
+    a raw ValueError ("Maximum allowed dimension exceeded") in forward."""
+    path = _write(tmp_path, QUICK.replace("stride: 2", "stride: 2147483647"))
+    net = Net(str(path), 0)
+    with harness.limits(), pytest.raises(errors.ShapeError,
+                                         match=rf'{path}:3: layer "pool".*work buffer'):
+        net.forward()
+
+
+def test_lrn_huge_local_size_names_the_layer(tmp_path: Path):
+    """local_size: 4294967295 made LRN ask NumPy for 8 TiB in forward: a raw MemoryError."""
+    text = QUICK.replace('type: "Pooling"', 'type: "LRN" lrn_param { local_size: 4294967295 }')
+    path = _write(tmp_path, text.replace("pooling_param { pool: AVE kernel_size: 3 stride: 2 }",
+                                         ""))
+    with harness.limits(), pytest.raises(errors.ShapeError,
+                                         match=rf'{path}:3: layer "pool" \(type LRN\)'):
+        Net(str(path), 0).forward()
+
+
+def test_backward_caffe_lacks_is_a_located_net_error(tmp_path: Path):
+    """STOCHASTIC pooling has no TEST-phase backward (as in Caffe): through the Net that is a
+    NetError naming the layer, not a bare NotImplementedError."""
+    text = "force_backward: true\n" + QUICK.replace("pool: AVE", "pool: STOCHASTIC")
+    path = _write(tmp_path, text)
+    net = Net(str(path), 1)
+    net.forward()
+    with pytest.raises(errors.NetError, match=rf'{path}:4: layer "pool".*no backward'):
+        net.backward()
