@@ -86,14 +86,25 @@ def strip_for_rank(param: Any, rank: int) -> None:
             del lp.loss_weight[:]
 
 
+class NeedsMoreRanks(errors.NetError):
+    """A net whose ``mpi_rank`` rules need more MPI ranks than the job has (``ranks``)."""
+
+    def __init__(self, message: str, ranks: int = 0) -> None:
+        super().__init__(message)
+        self.ranks = ranks
+
+
 def ranks_needed(param: Any) -> tuple[int, Any, int]:
-    """``(ranks, layer, index)``: how many MPI ranks the net's ``mpi_rank`` rules and comm-layer
-    roots need (1 when none), and the first layer asking for the most (None when none)."""
+    """``(ranks, layer, index)``: how many MPI ranks the net's ``mpi_rank`` rules, comm-layer
+    roots and world-wide MPIGather tops need (1 when none), and the first layer asking for the
+    most (None when none)."""
     need, where, index = 1, None, -1
     for i, lp in enumerate(param.layer):
         asked = [int(r) for rule in (*lp.include, *lp.exclude) for r in rule.mpi_rank]
         if lp.type in COMM_TYPES:
             asked.append(int(lp.mpi_param.root))
+        if lp.type == "MPIGather" and not any(len(r.mpi_rank) for r in lp.include):
+            asked.append(len(lp.top) - 1)  # the root has one top per rank of the world
         if asked and max(asked) + 1 > need:
             need, where, index = max(asked) + 1, lp, i
     return need, where, index
@@ -109,11 +120,11 @@ def check_world(param: Any, world_size: int, locations: Sequence[str] = ()) -> N
     loc = locations[i] if 0 <= i < len(locations) else ""
     where = errors.layer_where(lp, loc)
     if world_size == 1:
-        raise errors.NetError(
+        raise NeedsMoreRanks(
             f"{where} asks for MPI rank {need - 1}: this net needs {need} MPI ranks but runs "
             f"in a single process; start it with mpiexec, e.g. `mpiexec -n {need} "
-            "pycaffe-mpi train --solver SOLVER` (or test/time --model NET)")
-    raise errors.NetError(
+            "pycaffe-mpi train --solver SOLVER` (or test/time --model NET)", need)
+    raise NeedsMoreRanks(
         f"{where} asks for MPI rank {need - 1}, outside this job of {world_size} ranks "
         f"(0..{world_size - 1}); start {need} ranks (mpiexec -n {need}) or fix the mpi_rank "
-        "rules / mpi_param.root")
+        "rules / mpi_param.root", need)

@@ -41,6 +41,7 @@ import numpy as np
 from google.protobuf import text_format
 
 from pycaffe_mpi import errors, prototxt, upgrade
+from pycaffe_mpi.comm import plan
 from pycaffe_mpi.proto import caffe_pb2
 from pycaffe_mpi.reports.results import ResultsWriter, element_names
 from pycaffe_mpi.solvers import agreement, data_parallel, lr_policy, rules
@@ -239,7 +240,13 @@ class Solver(SnapshotMixin):
         self._action_fn: Callable[[], Any] | None = None
         self.requested_early_exit = False
         self._parsed: dict[str, Any] = {}  # net files read so far (each is read once)
-        self.net = self._init_train_net()
+        try:
+            self.net = self._init_train_net()
+        except plan.NeedsMoreRanks as e:
+            if self.size > 1 or not self.source_path:
+                raise
+            raise plan.NeedsMoreRanks(str(e).replace("SOLVER", self.source_path).replace(
+                " (or test/time --model NET)", ""), e.ranks) from None
         self.test_nets = self._init_test_nets()
         self.mean_scores: list[list[float]] = [[] for _ in self.test_nets]
         self._results_arg = results

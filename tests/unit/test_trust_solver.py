@@ -342,3 +342,17 @@ def test_logs_name_results_file(tmp_path: Path, caplog: pytest.LogCaptureFixture
     with caplog.at_level(logging.INFO, logger="pycaffe_mpi"):
         solvers.Solver(str(write_solver(tmp_path)), results=None).solve()
     assert f"Writing results to {tmp_path / 's_results.jsonl'}" in caplog.text
+
+
+def test_mpi_net_without_mpiexec_says_how_to_start_it(tmp_path: Path) -> None:
+    net = tmp_path / "m_net.prototxt"
+    net.write_text(net_text().replace(
+        'layer { name: "loss"',
+        'layer { name: "g" type: "MPIGather" bottom: "ip" top: "g0" top: "g1" top: "g2" }\n'
+        'layer { name: "loss"'))
+    solver = tmp_path / "m.prototxt"
+    solver.write_text(f'net: "{net}" base_lr: 0.1 lr_policy: "fixed" max_iter: 1\n')
+    with pytest.raises(errors.NetError,
+                       match=rf'{net}:\d+: layer "g" \(type MPIGather\) .*needs 3 MPI ranks.*'
+                             rf"`mpiexec -n 3 pycaffe-mpi train --solver {solver}`"):
+        solvers.Solver(str(solver), results=False)
