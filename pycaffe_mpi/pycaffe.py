@@ -18,7 +18,10 @@ AttributeError saying it is not provided, rather than pretending.
 Mode settings: ``set_mode_cpu()``, ``set_mode_gpu()``, ``set_device(i)`` and
 ``set_random_seed(s)`` record the choice in :data:`settings`, a :class:`Settings` object (fields
 ``mode`` "cpu"/"gpu", ``device_id``, ``random_seed`` (None = unset)). It is the only state
-here; ``settings.backend()`` gives the chosen :class:`~pycaffe_mpi.backend.Backend`.
+here; ``settings.backend()`` gives the chosen :class:`~pycaffe_mpi.backend.Backend`. As in
+pycaffe, they are the defaults of every ``Net`` and ``Solver`` built afterwards: a Net or Solver
+given no ``backend`` runs on ``settings.backend()``; a Net given no ``seed`` is seeded with
+``random_seed``, and so is a Solver whose file sets no ``random_seed`` (plus the MPI rank).
 ``set_mode_gpu``/``set_device`` fail at once, with the reason, when no usable GPU is present
 (BVLC fails later, on first use).
 """
