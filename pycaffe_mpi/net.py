@@ -105,7 +105,7 @@ class Net(NetApi):
         # pycaffe's caffe.set_mode_gpu()/set_device()/set_random_seed() fill what is not given
         self.backend = backend or settings.backend()
         if seed is None:
-            seed = settings.random_seed
+            seed = settings.next_seed()
         self.dtype = np.dtype(dtype)
         self.phase = int(phase)
         self.ctx = ctx

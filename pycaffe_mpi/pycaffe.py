@@ -20,8 +20,10 @@ Mode settings: ``set_mode_cpu()``, ``set_mode_gpu()``, ``set_device(i)`` and
 ``mode`` "cpu"/"gpu", ``device_id``, ``random_seed`` (None = unset)). It is the only state
 here; ``settings.backend()`` gives the chosen :class:`~pycaffe_mpi.backend.Backend`. As in
 pycaffe, they are the defaults of every ``Net`` and ``Solver`` built afterwards: a Net or Solver
-given no ``backend`` runs on ``settings.backend()``; a Net given no ``seed`` is seeded with
-``random_seed``, and so is a Solver whose file sets no ``random_seed`` (plus the MPI rank).
+given no ``backend`` runs on ``settings.backend()``; a Net given no ``seed`` takes the next
+seed of the stream ``random_seed`` starts (``settings.next_seed()``: reproducible from run to
+run, different from net to net, as Caffe's global generator), and a Solver whose file sets no
+``random_seed`` uses ``random_seed`` (plus the MPI rank).
 ``set_mode_gpu``/``set_device`` fail at once, with the reason, when no usable GPU is present
 (BVLC fails later, on first use).
 """
@@ -59,10 +61,24 @@ class Settings:
     mode: str = "cpu"
     device_id: int = 0
     random_seed: int | None = None
+    #: seeds handed out since ``random_seed`` was set (see :meth:`next_seed`)
+    draws: int = 0
 
     def backend(self) -> _backend.Backend:
         """The Backend these settings select (the CPU unless ``set_mode_gpu`` was called)."""
         return _backend.Backend("gpu", self.device_id) if self.mode == "gpu" else _backend.CPU
+
+    def next_seed(self) -> int | None:
+        """The seed of the next Net built without one: None when no seed was set; else the
+        ``draws``-th value of a stream fixed by ``random_seed``. As with Caffe's global
+        generator, a script gives the same nets on every run, but two nets differ."""
+        if self.random_seed is None:
+            return None
+        import numpy as np
+
+        self.draws += 1
+        seq = np.random.SeedSequence([self.random_seed, self.draws])
+        return int(seq.generate_state(1, np.uint32)[0])
 
 
 settings = Settings()
@@ -93,6 +109,7 @@ def set_device(device_id: int) -> None:
 def set_random_seed(seed: int) -> None:
     """Record the seed nets and solvers use when they are given none."""
     settings.random_seed = int(seed)
+    settings.draws = 0
 
 
 # name -> (module, attribute or None for the module itself); imported on first access.

@@ -299,22 +299,26 @@ def test_damaged_layer_state_names_file_and_layer(tmp_path: Path) -> None:
 def settings() -> Any:
     from pycaffe_mpi.pycaffe import settings as s
 
-    saved = (s.mode, s.device_id, s.random_seed)
+    saved = (s.mode, s.device_id, s.random_seed, s.draws)
     yield s
-    s.mode, s.device_id, s.random_seed = saved
+    s.mode, s.device_id, s.random_seed, s.draws = saved
 
 
 def test_set_random_seed_seeds_nets_and_solvers(tmp_path: Path, settings: Any) -> None:
     import pycaffe_mpi as caffe
 
     (tmp_path / "n.prototxt").write_text(net_text())
+    def weights() -> np.ndarray:
+        return Net(str(tmp_path / "n.prototxt"), 0).params["ip"][0].data.copy()
+
     caffe.set_random_seed(5)
-    a = Net(str(tmp_path / "n.prototxt"), 0)
-    b = Net(str(tmp_path / "n.prototxt"), 0)
-    np.testing.assert_array_equal(a.params["ip"][0].data, b.params["ip"][0].data)
+    a, b = weights(), weights()
+    assert not np.array_equal(a, b)  # two nets draw on, as from Caffe's global generator
+    caffe.set_random_seed(5)
+    np.testing.assert_array_equal(weights(), a)  # the same script gives the same nets
+    np.testing.assert_array_equal(weights(), b)
     caffe.set_random_seed(6)
-    c = Net(str(tmp_path / "n.prototxt"), 0)
-    assert not np.array_equal(a.params["ip"][0].data, c.params["ip"][0].data)
+    assert not np.array_equal(weights(), a)
     solver = write_solver(tmp_path, name="noseed")
     solver.write_text(solver.read_text().replace("random_seed: 3", ""))
     s1 = solvers.Solver(str(solver), results=False)
