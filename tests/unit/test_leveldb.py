@@ -283,3 +283,53 @@ def test_convert_tools_write_leveldb(tmp_path):
     assert [k for k, _ in got] == [b"%08d" % i for i in range(3)]
     assert [d.label for _, d in got] == [2, 0, 1]
     assert got[1][1].data == imgs[1].tobytes()
+
+
+RANK_SCRIPT = """
+import sys
+import numpy as np
+from mpi4py import MPI
+from google.protobuf import text_format
+from pycaffe_mpi import registry
+from pycaffe_mpi.blob import Blob
+from pycaffe_mpi.layer import TEST
+from pycaffe_mpi.proto import caffe_pb2
+
+MPI.COMM_WORLD.Barrier()  # open together: one rank replays the log while others copy
+p = caffe_pb2.LayerParameter(name="data", type="Data")
+text_format.Merge('data_param {{ source: "{db}" batch_size: 4 }}', p)
+layer = registry.layer_class("Data")(p, phase=TEST, dtype=np.float32,
+                                     rng=np.random.default_rng(0))
+tops = [Blob((), np.float32), Blob((), np.float32)]
+layer.setup([], tops)
+labels = []
+for _ in range(3):
+    layer.forward([], tops)
+    labels += [int(v) for v in tops[1].data]
+layer.close()
+MPI.COMM_WORLD.Barrier()
+print("OK", MPI.COMM_WORLD.Get_rank(), labels, flush=True)
+"""
+
+
+def test_ranks_share_a_caffe_written_leveldb(tmp_path):
+    from pycaffe_mpi.testing import mpirun
+
+    reason = mpirun.mpi_unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    # as Caffe leaves it: records still in the write-ahead log (no compaction on close)
+    path = tmp_path / "caffe_leveldb"
+    db = plyvel.DB(str(path), create_if_missing=True)
+    for i in range(10):
+        d = caffe_pb2.Datum(channels=1, height=2, width=2, data=bytes(4), label=i)
+        db.put(b"%08d" % i, d.SerializeToString())
+    db.close()
+    script = tmp_path / "ranks.py"
+    script.write_text(RANK_SCRIPT.format(db=path))
+    proc = mpirun.run_python_mpi(3, script, timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    want = str([i % 10 for i in range(12)])
+    lines = sorted(line for line in proc.stdout.splitlines() if line.startswith("OK"))
+    assert lines == [f"OK {r} {want}" for r in range(3)], proc.stdout + proc.stderr
+    assert [p.name for p in tmp_path.iterdir() if "view" in p.name] == []
