@@ -103,7 +103,8 @@ def _import_module(param: Any, location: str) -> Any:
                     f"{os.getcwd()})")
         raise errors.NetError(f'{where}: cannot import python_param.module "{name}": '
                               f"{e}{hint}") from e
-    except Exception as e:  # a syntax error or an exception at the module's top level
+    except (Exception, SystemExit) as e:  # a syntax error, an exception or sys.exit at the
+        # module's top level (under MPI a rank leaving here would leave the others waiting)
         raise errors.NetError(f'{where}: importing python_param.module "{name}" failed: '
                               f"{type(e).__name__}: {e}") from e
 
@@ -161,7 +162,10 @@ class PythonLayer(Layer):
             # BVLC calls ``UserClass(layer_param)``; a user __init__ usually chains to the base
             # with that one argument, which would reset phase, dtype, device and rng.
             saved = {k: obj.__dict__[k] for k in _CORE_ATTRS if k in obj.__dict__}
-            user_cls.__init__(obj, param)
+            try:
+                user_cls.__init__(obj, param)
+            except (Exception, SystemExit) as e:
+                raise user_layer_error(obj, "__init__", e) from e
             obj.__dict__.update(saved)
         if not user_cls.type:
             obj.__dict__["type"] = "Python"  # instance-level: the class keeps its own

@@ -218,3 +218,32 @@ def test_sys_exit_in_prefetch_thread_reaches_forward(tmp_path: Path,
             net.forward_loss()
     finally:
         net.close()
+
+
+class ExitsInInit(Layer):
+    def __init__(self, param: object) -> None:
+        sys.exit("no")
+
+
+sys.modules[MODULE].ExitsInInit = ExitsInInit  # type: ignore[attr-defined]
+
+
+def test_sys_exit_in_init_and_at_import_are_errors(tmp_path: Path) -> None:
+    path = tmp_path / "init.prototxt"
+    path.write_text(BASE + f'layer {{ name: "e" type: "Python" bottom: "x" top: "y" '
+                           f'python_param {{ module: "{MODULE}" layer: "ExitsInInit" }} }}\n')
+    with pytest.raises(errors.NetError, match=r"init.prototxt:3: layer \"e\" .*called "
+                                              r"sys.exit\('no'\) in __init__"):
+        Net(str(path), 0)
+    mod = tmp_path / "leaving_module.py"
+    mod.write_text("import sys\nsys.exit(9)\n")
+    path.write_text(BASE + 'layer { name: "e" type: "Python" bottom: "x" top: "y" '
+                           'python_param { module: "leaving_module" layer: "X" } }\n')
+    sys.path.insert(0, str(tmp_path))
+    try:
+        with pytest.raises(errors.NetError, match=r'importing python_param\.module '
+                                                  r'"leaving_module" failed: SystemExit: 9'):
+            Net(str(path), 0)
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop("leaving_module", None)
