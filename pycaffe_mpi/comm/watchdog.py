@@ -48,6 +48,7 @@ class Watchdog:
         # (what, members' world ranks, sequence key, start time) of the collective in progress
         self.current: tuple[str, tuple[int, ...], tuple, float] | None = None
         self.last: tuple[str, float] | None = None
+        self._sends: list[Any] = []  # pending isend requests: they own their buffers
         self._stop = threading.Event()
         self._fired = False
         self.thread = threading.Thread(target=self._run, name="pycaffe-collective-watchdog",
@@ -90,12 +91,16 @@ class Watchdog:
         while self.side.Iprobe(source=MPI.ANY_SOURCE, tag=_QUERY, status=status):
             src = status.Get_source()
             self.side.recv(source=src, tag=_QUERY)
-            self.side.isend(self._describe(), dest=src, tag=_REPLY)
+            self._send(self._describe(), src, _REPLY)
+
+    def _send(self, obj: Any, dest: int, tag: int) -> None:
+        self._sends = [r for r in self._sends if not r.Test()]
+        self._sends.append(self.side.isend(obj, dest=dest, tag=tag))
 
     def _ask(self, peers: Sequence[int]) -> dict[int, tuple | None]:
         reqs = {}
         for r in peers:
-            self.side.isend(None, dest=r, tag=_QUERY)
+            self._send(None, r, _QUERY)
             reqs[r] = self.side.irecv(source=r, tag=_REPLY)
         answers: dict[int, tuple | None] = dict.fromkeys(peers)
         deadline = time.monotonic() + _ASK_S
