@@ -359,7 +359,11 @@ def _guard_os_exit(comm: Comm) -> None:
     abort with a non-zero status; the framework's own hard exits use :data:`hard_exit`.
     """
 
+    owner = os.getpid()
+
     def guarded_exit(code: int) -> None:
+        if os.getpid() != owner:  # a forked child (multiprocessing ends its workers this way)
+            hard_exit(code)
         frame = sys._getframe(1)
         where = f"{frame.f_code.co_filename}:{frame.f_lineno}"
         status = code or 1

@@ -15,6 +15,7 @@ fault-injecting Python layer per branch, ``workers/faults.py``):
 from __future__ import annotations
 
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -125,3 +126,11 @@ def test_layer_outside_the_world(tmp_path: Path, normal_run_s: float) -> None:
     proc, seconds = launch(str(solver), tmp_path, timeout=LIMIT_S + normal_run_s + 20)
     check_failed_fast(proc, seconds, normal_run_s, str(solver))
     assert re.search(r'layer "far".*rank 5, outside this job of 3 ranks', proc.stderr), show(proc)
+
+
+def test_forked_child_may_use_os_exit(tmp_path: Path) -> None:
+    """multiprocessing ends its forked workers with os._exit: that is no rank leaving."""
+    worker = Path(__file__).parent / "workers" / "fork_exit.py"
+    proc = mpirun.run_mpi(2, [sys.executable, worker], timeout=60, cwd=tmp_path)
+    assert proc.returncode == 0, show(proc)
+    assert proc.stdout.count("OK fork_exit rank") == 2, show(proc)
