@@ -20,8 +20,8 @@ _COMMON = {"derandomize": True, "deadline": None, "database": None, "print_blob"
            "phases": [Phase.explicit, Phase.reuse, Phase.generate, Phase.target, Phase.shrink],
            "suppress_health_check": [HealthCheck.too_slow, HealthCheck.data_too_large,
                                      HealthCheck.function_scoped_fixture]}
-settings.register_profile("fuzz", max_examples=40, **_COMMON)
-settings.register_profile("fuzz-slow", max_examples=600, **_COMMON)
+settings.register_profile("fuzz", max_examples=100, **_COMMON)
+settings.register_profile("fuzz-slow", max_examples=1500, **_COMMON)
 
 
 class Seeds(list):

@@ -21,11 +21,15 @@ from pycaffe_mpi import errors, solvers
 from pycaffe_mpi.proto import caffe_pb2
 
 
-def _fast_and_slow(body: Callable[..., None], *strats: Any) -> tuple[Any, Any]:
-    """The same fuzz test as a short default run and a long run marked slow."""
-    fast = settings(settings.get_profile("fuzz"))(given(*strats)(body))
-    slow = pytest.mark.slow(settings(settings.get_profile("fuzz-slow"))(given(*strats)(body)))
-    return fast, slow
+def _fast_and_slow(body: Callable[..., None], fast_examples: int | None = None,
+                   slow_examples: int | None = None) -> tuple[Any, Any]:
+    """The same fuzz test as a short default run and a long run marked slow (example counts:
+    the profiles' unless given)."""
+    def make(profile: str, n: int | None) -> Any:
+        extra = {"max_examples": n} if n else {}
+        return settings(settings.get_profile(profile), **extra)(given(st.data())(body))
+
+    return make("fuzz", fast_examples), pytest.mark.slow(make("fuzz-slow", slow_examples))
 
 
 def _write(fuzz_dir: Path, name: str, data: bytes) -> Path:
@@ -41,7 +45,7 @@ def _net_case(net_seeds: list[tuple[str, str]], fuzz_dir: Path, data: st.DataObj
     harness.expect_clean(harness.build_nets, path)
 
 
-test_net_mutations, test_net_mutations_slow = _fast_and_slow(_net_case, st.data())
+test_net_mutations, test_net_mutations_slow = _fast_and_slow(_net_case)
 
 
 # -- nets: one forward and backward pass (mistakes that only show when data flows) -------------
@@ -51,10 +55,7 @@ def _run_case(net_seeds: list[tuple[str, str]], fuzz_dir: Path, data: st.DataObj
     harness.expect_clean(harness.run_nets, path)
 
 
-test_run_mutations = settings(settings.get_profile("fuzz"), max_examples=25)(
-    given(st.data())(_run_case))
-test_run_mutations_slow = pytest.mark.slow(settings(settings.get_profile("fuzz-slow"),
-                                                    max_examples=300)(given(st.data())(_run_case)))
+test_run_mutations, test_run_mutations_slow = _fast_and_slow(_run_case, 40, 300)
 
 
 # -- solvers: read and set up (train and test nets) ----------------------------------------------
@@ -70,7 +71,7 @@ def _solver_case(solver_seeds: list[tuple[str, str]], fuzz_dir: Path,
     harness.expect_clean(_build_solver, path)
 
 
-test_solver_mutations, test_solver_mutations_slow = _fast_and_slow(_solver_case, st.data())
+test_solver_mutations, test_solver_mutations_slow = _fast_and_slow(_solver_case, 60)
 
 
 # -- the command line: pycaffe-mpi train --solver X (one iteration at most) ---------------------
@@ -105,11 +106,7 @@ def _cli_case(solver_seeds: list[tuple[str, str]], fuzz_dir: Path, data: st.Data
     harness.expect_clean(train, path)
 
 
-_cli_settings = {"max_examples": 12}
-test_cli_train = settings(settings.get_profile("fuzz"), **_cli_settings)(
-    given(st.data())(_cli_case))
-test_cli_train_slow = pytest.mark.slow(settings(settings.get_profile("fuzz-slow"),
-                                                max_examples=150)(given(st.data())(_cli_case)))
+test_cli_train, test_cli_train_slow = _fast_and_slow(_cli_case, 20, 150)
 
 
 def _cli_model_case(net_seeds: list[tuple[str, str]], fuzz_dir: Path,
@@ -131,11 +128,7 @@ def _cli_model_case(net_seeds: list[tuple[str, str]], fuzz_dir: Path,
     harness.expect_clean(run, path)
 
 
-test_cli_model = settings(settings.get_profile("fuzz"), max_examples=10)(
-    given(st.data())(_cli_model_case))
-test_cli_model_slow = pytest.mark.slow(settings(settings.get_profile("fuzz-slow"),
-                                                max_examples=150)(given(st.data())(
-                                                    _cli_model_case)))
+test_cli_model, test_cli_model_slow = _fast_and_slow(_cli_model_case, 15, 150)
 
 
 # -- every seed once, with byte damage (non-UTF-8, truncated, empty) ----------------------------
@@ -148,7 +141,7 @@ def _bytes_case(net_seeds: list[tuple[str, str]], solver_seeds: list[tuple[str, 
     harness.expect_clean(fn, path)
 
 
-test_damaged_bytes, test_damaged_bytes_slow = _fast_and_slow(_bytes_case, st.data())
+test_damaged_bytes, test_damaged_bytes_slow = _fast_and_slow(_bytes_case)
 
 
 def test_every_seed_builds(net_seeds: list[tuple[str, str]], solver_seeds, fuzz_dir: Path):
