@@ -62,7 +62,7 @@ INTERCONNECTS = {
     "IB HDR 200 Gb/s": (23.0, 1.5e-6),
 }
 MODEL_RANKS = (8, 16, 32, 64, 128, 256)
-BUCKET_MB = 4.0
+BUCKET_MB = 4.0  # the largest default bucket (pycaffe_mpi.comm.replicas)
 
 
 # -- part 1: the worker (one per rank under mpiexec) --------------------------------------------
@@ -244,8 +244,14 @@ def one_core_compute(quick: bool, overrides: dict[str, float]
             for name, batch, sec, nbytes in nets]
 
 
+def n_buckets(nbytes: float) -> int:
+    from pycaffe_mpi.comm import replicas
+
+    return max(1, math.ceil(nbytes / replicas.default_bucket_bytes(int(nbytes))))
+
+
 def ring_allreduce_s(n: int, nbytes: float, gbps: float, latency: float) -> float:
-    buckets = max(1, math.ceil(nbytes / (BUCKET_MB * 2**20)))
+    buckets = n_buckets(nbytes)
     return 2 * (n - 1) / n * nbytes / (gbps * 1e9) + buckets * 2 * (n - 1) * latency
 
 
@@ -260,7 +266,7 @@ def report_model(nets: list[tuple[str, int, float, int]], plot: str | None) -> N
     for name, batch, compute, nbytes in nets:
         print(f"\n{name}: batch {batch}/replica, compute {1e3 * compute:.1f} ms/step, "
               f"gradients {nbytes / 2**20:.1f} MB in "
-              f"{max(1, math.ceil(nbytes / (BUCKET_MB * 2**20)))} bucket(s)")
+              f"{n_buckets(nbytes)} bucket(s)")
         print(f"{'interconnect':>17} " + " ".join(f"{n:>7}" for n in MODEL_RANKS)
               + f" {'eff@256':>7}  comm > compute from")
         for ic, (gbps, lat) in INTERCONNECTS.items():

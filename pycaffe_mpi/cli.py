@@ -179,8 +179,9 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
                         "the data, gradients averaged before every update (Caffe's --gpu "
                         "0,1,2,3: mpiexec -n 4 ... --gpu 0,1,2,3 --replicas 4). Effective "
                         "batch: R x batch_size. Default 1")
-    p.add_argument("--bucket_mb", type=float, default=4.0, metavar="MB",
-                   help="with --replicas: gradient Allreduce bucket size (default 4 MB)")
+    p.add_argument("--bucket_mb", type=float, default=None, metavar="MB",
+                   help="with --replicas: gradient Allreduce bucket size (default: a quarter "
+                        "of the gradients, between 64 KB and 4 MB)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -31,9 +31,15 @@ import numpy as np
 from pycaffe_mpi import errors
 from pycaffe_mpi.comm import Comm, MPIComm, SelfComm
 
-#: Default bucket size in MB (PyTorch DDP uses 25 MB buckets for GPUs; small nets on CPUs
-#: gain more from starting early than from fewer, larger messages).
+#: Largest default bucket in MB (PyTorch DDP uses 25 MB for GPUs; on CPUs and small nets
+#: starting early gains more than fewer, larger messages).
 BUCKET_MB = 4.0
+
+
+def default_bucket_bytes(total_bytes: int) -> int:
+    """A quarter of the gradients, between 64 KB and :data:`BUCKET_MB`: even a small net gets
+    a few buckets, so its first ones travel while backward computes the rest."""
+    return int(min(BUCKET_MB * 2**20, max(total_bytes / 4, 64 * 2**10)))
 
 
 # -- planning (pure: every rank computes the same) ----------------------------------------------

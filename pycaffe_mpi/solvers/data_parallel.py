@@ -55,16 +55,17 @@ class DataParallel:
     Attributes:
         groups: this rank's place and communicators
             (:class:`~pycaffe_mpi.comm.replicas.ReplicaGroups`).
-        bucket_mb: bucket size in MB; overlap: start buckets during backward (False: all at
-            the end, for measuring what overlap saves).
+        bucket_mb: bucket size in MB (None: a quarter of the gradients, between 64 KB and
+            4 MB, :func:`~pycaffe_mpi.comm.replicas.default_bucket_bytes`); overlap: start
+            buckets during backward (False: all at the end, for measuring what overlap saves).
         comm_seconds: time waited for the Allreduce in the last iteration;
         backward_seconds: time of the last backward pass that the buckets overlapped.
     """
 
-    def __init__(self, groups: replicas_mod.ReplicaGroups, bucket_mb: float,
+    def __init__(self, groups: replicas_mod.ReplicaGroups, bucket_mb: float | None,
                  overlap: bool = True) -> None:
         self.groups = groups
-        self.bucket_mb = float(bucket_mb)
+        self.bucket_mb = None if bucket_mb is None else float(bucket_mb)
         self.overlap = overlap
         self.reducer: replicas_mod.BucketedAllreduce | None = None
         self._ready_at: dict[int, list[int]] = {}
@@ -104,8 +105,10 @@ class DataParallel:
         replicas_mod.broadcast_from_root(self.groups.across, [p.data for p in params])
         ready = _ready_layers(net)
         itemsize = params[0].diff.dtype.itemsize if params else 4
-        buckets = replicas_mod.plan_buckets([p.count for p in params], ready,
-                                            int(self.bucket_mb * 2**20), itemsize)
+        sizes = [p.count for p in params]
+        limit = (replicas_mod.default_bucket_bytes(sum(sizes) * itemsize)
+                 if self.bucket_mb is None else int(self.bucket_mb * 2**20))
+        buckets = replicas_mod.plan_buckets(sizes, ready, limit, itemsize)
         self.reducer = replicas_mod.BucketedAllreduce(self.groups.across, params, buckets,
                                                       net.backend.xp)
         self._ready_at = {}
@@ -224,5 +227,4 @@ def setup(world: Comm | None, replicas: int, bucket_mb: float | None = None,
                 f"rank {r}: {n}" for r, n in enumerate(asked)) + "; give every rank the same "
             "--replicas")
     groups = replicas_mod.split(world, int(replicas))
-    return DataParallel(groups, replicas_mod.BUCKET_MB if bucket_mb is None else bucket_mb,
-                        overlap)
+    return DataParallel(groups, bucket_mb, overlap)

@@ -150,7 +150,7 @@ class Solver(SnapshotMixin):
         replicas: data-parallel replicas (:mod:`pycaffe_mpi.solvers.data_parallel`): the world
             of ``comm`` runs this many copies of the net, each on world_size / replicas ranks,
             averaging gradients before every update (default 1: none). bucket_mb: the size of
-            their gradient buckets (default 4).
+            their gradient buckets (default: a quarter of the gradients, 64 KB to 4 MB).
         log: the logger (default ``logging.getLogger("pycaffe_mpi")``).
 
     Attributes:
