@@ -146,6 +146,50 @@ class LateFlag:
         return self._value
 
 
+class Uploader:
+    """Host-to-device copies that do not wait for the device.
+
+    NOTE: a copy from ordinary (pageable) host memory waits for all work queued before it, so
+    a batch uploaded every iteration would stop the GPU every iteration. Here the host array is
+    first copied into a page-locked buffer, from which the device copy runs asynchronously; a
+    buffer is reused once its copy is done (a ring of ``slots`` per shape and dtype; only a
+    device more than ``slots`` uploads behind makes the host wait).
+    """
+
+    def __init__(self, slots: int = 4) -> None:
+        self.slots = slots
+        self._rings: dict[tuple[tuple[int, ...], str], list[list[Any]]] = {}
+
+    def __call__(self, xp: Any, host: Any, out: Any = None) -> Any:
+        """``host`` (a NumPy array) on the device of ``xp``, written into ``out`` (same shape,
+        C-contiguous) when given; a plain conversion off CuPy."""
+        if not is_cupy(xp):
+            if out is None:
+                return xp.asarray(host)
+            out[...] = host
+            return out
+        host = np.asarray(host, dtype=None if out is None else out.dtype)
+        if out is None:
+            out = xp.empty(host.shape, host.dtype)
+        ring = self._rings.setdefault((host.shape, host.dtype.str), [])
+        slot = next((s for s in ring if s[1] is None or s[1].done), None)
+        if slot is None and len(ring) < self.slots:
+            slot = [pinned_empty(host.shape, host.dtype), None]
+            ring.append(slot)
+        elif slot is None:  # the device is `slots` uploads behind: wait for the oldest
+            slot = ring.pop(0)
+            slot[1].synchronize()
+            ring.append(slot)
+        slot[0][...] = host
+        stream = xp.cuda.get_current_stream()
+        out.set(slot[0], stream=stream)
+        slot[1] = stream.record()
+        return out
+
+
+upload = Uploader()
+
+
 def memory_in_use(device_id: int = 0) -> dict[str, int]:
     """Device bytes held by CuPy's pool (``held``: a high-water mark, since the pool keeps
     freed blocks) and in use now (``used``); zeros without CuPy."""

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 from google.protobuf.message import DecodeError
 
+from pycaffe_mpi import backend as backend_mod
 from pycaffe_mpi import errors, fillers
 from pycaffe_mpi import snapshot as pio
 from pycaffe_mpi.blob import Blob
@@ -120,8 +121,8 @@ class DummyData(Layer):
                 for i in range(n)]
 
     def _fill(self, t: Blob, i: int) -> None:
-        t.data[...] = self.xp.asarray(fillers.fill(self.top_fillers[i], t.shape, self.rng,
-                                                   self.dtype, self, self.filler_fields[i]))
+        backend_mod.upload(self.xp, fillers.fill(self.top_fillers[i], t.shape, self.rng,
+                                                 self.dtype, self, self.filler_fields[i]), t.data)
 
     def reshape(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
         """Nothing: the shapes are fixed in setup."""
@@ -547,7 +548,7 @@ class Data(Layer):
                                    f"{self.source!r} failed: {e}") from e
         for t, arr in zip(top, (data, labels)):
             t.reshape(arr.shape)  # a batch may differ from the first record's shape
-            t.data[...] = arr if self.xp is np else self.xp.asarray(arr)
+            backend_mod.upload(self.xp, arr, t.data)  # a GPU: without waiting for it
 
     def close(self) -> None:
         """Stop the prefetch thread and close the database (idempotent)."""

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from pycaffe_mpi import backend as backend_mod
 from pycaffe_mpi import errors
 from pycaffe_mpi.blob import Blob
 from pycaffe_mpi.kernels import cuda as cuda_k
@@ -162,7 +163,7 @@ class MultipleChoiceLoss(_MemberLayer):
         n, m = member_loss.shape
         # NOTE: a random permutation per example is the secondary sort key: a member's rank is
         # the number of members with a smaller loss, or an equal loss and an earlier key.
-        key = xp.asarray(self.rng.random((n, m)).argsort(axis=1))
+        key = backend_mod.upload(xp, self.rng.random((n, m)).argsort(axis=1))
         if cuda_k.enabled(xp):  # one thread per example instead of the (N, M, M) comparison
             return cuda_k.mcl_assign(xp, member_loss, key, valid, self.k)
         lo, lk = member_loss[:, :, None], key[:, :, None]  # member m on axis 1

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from pycaffe_mpi import backend as backend_mod
 from pycaffe_mpi import errors
 from pycaffe_mpi import snapshot as pio
 from pycaffe_mpi.blob import Blob
@@ -30,7 +31,7 @@ log = logging.getLogger(__name__)
 def _put(layer: Layer, top: Sequence[Blob], arrays: Sequence[np.ndarray]) -> None:
     for t, arr in zip(top, arrays):
         t.reshape(arr.shape)
-        t.data[...] = arr if layer.xp is np else layer.xp.asarray(arr)
+        backend_mod.upload(layer.xp, arr, t.data)  # a GPU: without waiting for it
 
 
 # == MemoryData ================================================================================

@@ -81,6 +81,9 @@ class DeviceArray(np.ndarray):
         _record(".tolist()")
         return np.asarray(self).tolist()
 
+    def set(self, host: Any, stream: Any = None) -> None:  # CuPy's host-to-device copy
+        self[...] = host
+
 
 def _wrap(out: Any) -> Any:
     if isinstance(out, np.ndarray) and not isinstance(out, DeviceArray):
@@ -105,6 +108,26 @@ class _Module(types.ModuleType):
 FAKE = _Module("cupy")
 
 
+class _Event:
+    def __init__(self) -> None:
+        self.done, self.waited = False, False
+
+    def synchronize(self) -> None:
+        self.waited = self.done = True
+
+
+EVENTS: list[_Event] = []
+
+
+def _record_event() -> _Event:
+    EVENTS.append(_Event())
+    return EVENTS[-1]
+
+
+FAKE.cuda = types.SimpleNamespace(  # type: ignore[attr-defined]
+    get_current_stream=lambda: types.SimpleNamespace(record=_record_event))
+
+
 def _device() -> backend_mod.Backend:
     b = backend_mod.Backend()
     b.xp = FAKE
@@ -118,6 +141,7 @@ CASES = [c for c in layer_cases.all_cases() if c.type not in SKIP]
 @pytest.mark.parametrize("case", CASES, ids=[c.test_id for c in CASES])
 def test_no_host_reads_in_forward_or_backward(case, cuda_standin, monkeypatch):
     monkeypatch.setattr(backend_mod, "LateFlag", PendingFlag)
+    monkeypatch.setattr(backend_mod, "pinned_empty", np.empty)
     bottoms = make_bottoms(case.bottoms, np.random.default_rng(0))
     layer, bb, tb = build_layer(case, bottoms, np.float32, backend=_device())
     for t in tb:
@@ -199,3 +223,26 @@ def test_the_nonfinite_guard_waits_for_no_device_loss(monkeypatch):
         f.arrived = True
     with pytest.raises(nonfinite.NonFiniteError, match="iteration 2"):
         guard.check(net, FAKE.asarray(np.float32(2.0)), 2)
+
+
+def test_uploads_go_through_a_ring_of_pinned_buffers(monkeypatch):
+    allocated: list[tuple[int, ...]] = []
+
+    def pinned(shape: Any, dtype: Any) -> np.ndarray:
+        allocated.append(tuple(shape))
+        return np.empty(shape, dtype)
+
+    monkeypatch.setattr(backend_mod, "pinned_empty", pinned)
+    up = backend_mod.Uploader(slots=2)
+    EVENTS.clear()
+    outs = [up(FAKE, np.full((2, 3), float(i))) for i in range(2)]
+    assert [float(np.asarray(o)[0, 0]) for o in outs] == [0.0, 1.0]
+    assert len(allocated) == 2 and not any(e.waited for e in EVENTS)
+    out = FAKE.zeros((2, 3))
+    up(FAKE, np.full((2, 3), 7), out)  # both copies still in flight: wait for one
+    assert float(np.asarray(out)[1, 2]) == 7.0
+    assert len(allocated) == 2 and EVENTS[0].waited
+    EVENTS[1].done = True
+    up(FAKE, np.ones((2, 3)))  # a finished slot is reused without waiting
+    assert len(allocated) == 2 and not EVENTS[1].waited
+    assert np.array_equal(up(np, np.arange(3)), np.arange(3))  # off CuPy: a conversion
