@@ -168,3 +168,11 @@ def test_late_flag_arrives_after_the_device_gets_there():
     gpu.synchronize()
     assert flag.value() is True
     assert backend_mod.LateFlag(np, np.asarray(False)).value() is False
+
+
+def test_uploads_arrive_intact():
+    gpu = _gpu()
+    up = backend_mod.Uploader(slots=2)
+    outs = [up(gpu.xp, np.full((64, 64), float(i), np.float32)) for i in range(6)]
+    gpu.synchronize()
+    assert [float(backend_mod.to_host(o)[7, 7]) for o in outs] == [float(i) for i in range(6)]
