@@ -18,6 +18,7 @@ import re
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from test_faults import (  # the TreeNet, its launcher and the fast-failure checks
     FAIL_ITER,
@@ -30,6 +31,7 @@ from test_faults import (  # the TreeNet, its launcher and the fast-failure chec
     write_job,
 )
 
+from pycaffe_mpi import datasets
 from pycaffe_mpi.testing import mpirun
 
 pytestmark = pytest.mark.skipif(mpirun.mpi_unavailable_reason() is not None,
@@ -134,3 +136,21 @@ def test_forked_child_may_use_os_exit(tmp_path: Path) -> None:
     proc = mpirun.run_mpi(2, [sys.executable, worker], timeout=60, cwd=tmp_path)
     assert proc.returncode == 0, show(proc)
     assert proc.stdout.count("OK fork_exit rank") == 2, show(proc)
+
+
+def test_prefetch_thread_failure_ends_every_rank(tmp_path: Path, normal_run_s: float) -> None:
+    """Rank 0 reads its batches from an LMDB; its prefetch thread fails after the queued ones."""
+    db = tmp_path / "db"
+    datasets.write_datum_lmdb(db, np.zeros((8, 3, 6, 6), np.uint8), np.arange(8) % 3)
+    solver = write_job(tmp_path, "job", {"rank": 0, "phase": "prefetch"})
+    net = Path(solver.read_text().split('"')[1])
+    text = net.read_text()
+    start = text.index('layer { name: "data"')
+    end = text.index('layer { name: "conv1"')
+    net.write_text(text[:start] + f'layer {{ name: "data" type: "Data" top: "data" top: "label" '
+                   f'include {{ mpi_rank: 0 }} data_param {{ source: "{db}" batch_size: 4 '
+                   f"backend: LMDB prefetch: 1 }} }}\n" + text[end:])
+    proc, seconds = launch(str(solver), tmp_path, timeout=LIMIT_S + normal_run_s + 20)
+    check_failed_fast(proc, seconds, normal_run_s, str(solver))
+    assert _tagged(proc, 0, 'layer "data" (type Data)', "injected fault in the prefetch thread"), \
+        show(proc)

@@ -22,6 +22,8 @@ fails once, in ``phase``:
 - ``stall``: sleeps 600 s in the ``iter``-th forward (alive but stuck, for the collective
   timeout);
 - ``nan``: writes NaN into its top in the ``iter``-th forward and after;
+- ``prefetch``: from setup on, the data prefetch thread of a ``Data`` layer on that rank raises
+  on every batch it has not read yet (the net must read from a ``Data`` layer there);
 - ``none``: never fails (the reference run).
 
 The errors are plain ``RuntimeError``/``OSError``, not pycaffe errors, so the CLI's last line of
@@ -40,7 +42,7 @@ from pycaffe_mpi import comm as comm_mod
 from pycaffe_mpi import snapshot as io_mod
 
 PHASES = ("none", "setup", "forward", "backward", "snapshot", "kill", "exit", "osexit", "signal",
-          "stall", "nan")
+          "stall", "nan", "prefetch")
 
 
 class Fault(caffe.Layer):
@@ -68,6 +70,13 @@ class Fault(caffe.Layer):
                 raise OSError(f"injected fault: cannot write snapshot {path} on {tag}")
 
             io_mod.write_proto_binary = broken_write
+        if self.fail_phase == "prefetch":
+            from pycaffe_mpi.layer_types import data as data_mod
+
+            def broken_batch(prefetcher, records):
+                raise RuntimeError("injected fault in the prefetch thread")
+
+            data_mod._Prefetcher._batch = broken_batch
 
     def reshape(self, bottom, top):
         top[0].reshape(*bottom[0].data.shape)
