@@ -11,7 +11,7 @@ weights digest first). MODE:
 - ``mismatch``: replica 1 perturbs one weight before ``solve``, which must refuse.
 
 Every rank then writes its exact float64 parameters to ``OUTDIR/<MODE>_w<world rank>.npz``
-(keys ``<layer>/<j>``, plus ``replica`` and ``model_rank``).
+(keys ``<layer>/<j>``, plus ``replica``, ``model_rank`` and the rank's ``seed``).
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def main(solver_path: str, outdir: str, replicas: int, mode: str, state: str = "
     arrays = {f"{name}/{j}": np.asarray(b.data) for name, blobs in solver.net.params.items()
               for j, b in enumerate(blobs)}
     np.savez(os.path.join(outdir, f"{mode}_w{world.rank}.npz"), replica=replica,
-             model_rank=solver.rank, **arrays)
+             model_rank=solver.rank, seed=solver.seed, **arrays)
     print(f"OK data_parallel {mode} rank {world.rank}/{world.size} replica {replica} "
           f"model rank {solver.rank}", flush=True)
 
