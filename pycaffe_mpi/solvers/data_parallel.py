@@ -89,6 +89,12 @@ class DataParallel:
         """Prepare ``net`` (the train net): split its data sources, take replica 0's weights
         and plan the gradient buckets (collective over the replicas)."""
         for layer in net.layers:
+            # a bagging member's bootstrap sample is drawn from its (per-replica) generator:
+            # every replica must read replica 0's sample, each its own share of it
+            order = getattr(layer, "bootstrap_indices", None)
+            if order is not None and self.groups.across.size > 1:
+                self.groups.across.bcast(order, 0)
+        for layer in net.layers:
             split = getattr(layer, "set_replica", None)
             if callable(split):
                 split(self.replica, self.replicas)

@@ -372,3 +372,22 @@ def test_hdf5_data_reads_its_replicas_rows(tmp_path: Path) -> None:
             net.layers[0].set_replica(k, n)
             got = np.concatenate([net.forward()["x"].ravel().copy() for _ in range(6)])
             np.testing.assert_array_equal(got, stream[k::n][:18], err_msg=f"{k} of {n}")
+
+
+def test_bagging_ensemble_with_replicas(lmdb: Path, tmp_path: Path) -> None:
+    """Bagging draws each member's bootstrap sample from its layer's generator (seeded per
+    rank): the replicas read replica 0's sample, each its share, as one process would."""
+    from pycaffe_mpi import ensemble
+
+    def net(batch: int) -> str:
+        d = tmp_path / f"nets{batch}"
+        d.mkdir()
+        (d / "base.prototxt").write_text(plain_net(lmdb, batch))
+        spec = ensemble.EnsembleSpec(members=2, bagging=True)
+        return Path(ensemble.write_ensemble(str(d / "base.prototxt"), None, str(d), spec)[0]
+                    ).read_text()
+
+    ref = train(tmp_path / "ref", 1, 1, net(BATCH))
+    assert "bootstrap_param" in (tmp_path / "ref" / "net.prototxt").read_text()
+    run = train(tmp_path / "dp", 2, 2, net(BATCH // 2))
+    assert_same_as_reference(run, ref, 2)
