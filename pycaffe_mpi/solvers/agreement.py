@@ -54,12 +54,19 @@ def first_mismatch(digests: Sequence[Sequence[tuple[str, Any]]],
                    sources: Sequence[str] | None = None) -> str | None:
     """The message for the first field on which ranks disagree, or None when they all agree."""
     for k, (name, _) in enumerate(digests[0]):
-        by_value: dict[Any, list[int]] = {}
+        # grouped by equality, not hashing: values only need to compare
+        groups: list[tuple[Any, list[int]]] = []
         for r, d in enumerate(digests):
-            by_value.setdefault(d[k][1] if k < len(d) else None, []).append(r)
-        if len(by_value) == 1:
+            value = d[k][1] if k < len(d) else None
+            for v, rs in groups:
+                if v == value:
+                    rs.append(r)
+                    break
+            else:
+                groups.append((value, [r]))
+        if len(groups) == 1:
             continue
-        parts = [f"{_ranks(rs)}: {name} = {_show(v)}" for v, rs in by_value.items()]
+        parts = [f"{_ranks(rs)}: {name} = {_show(v)}" for v, rs in groups]
         files = ""
         if sources and any(sources):
             files = " (solver files: " + ", ".join(
@@ -87,7 +94,7 @@ def check_iteration(comm: Any, iteration: int, resume_file: str | None) -> None:
     if comm is None or comm.size <= 1:
         return
     gathered = comm.allgather_obj((int(iteration), resume_file or ""))
-    if len({it for it, _ in gathered}) == 1:
+    if all(it == gathered[0][0] for it, _ in gathered):
         return
     parts = "; ".join(f"rank {r}: iteration {it}" + (f" (from {f})" if f else "")
                       for r, (it, f) in enumerate(gathered))
