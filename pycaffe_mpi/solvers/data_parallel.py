@@ -16,7 +16,8 @@ net planned for M = W / R ranks (:mod:`pycaffe_mpi.comm.replicas`: world rank
   and refuse to start when they differ;
 * after the ``iter_size`` forward/backward passes, the accumulated diffs are summed over the
   replicas and divided by R (:class:`~pycaffe_mpi.comm.replicas.BucketedAllreduce`, started
-  bucket by bucket during the last backward pass), before the solver's normalisation,
+  bucket by bucket during the last backward pass; after it with ``layer_wise_reduce: false``),
+  before the solver's normalisation,
   regularisation and update, as Caffe does; the loss shown is the replicas' mean;
 * only replica 0 builds and runs the test nets and displays (Caffe's root solver) and writes
   the weights; every replica writes the run-time state that is its own (data positions and
@@ -85,9 +86,13 @@ class DataParallel:
         return self.groups.is_root_replica
 
     # -- set-up ---------------------------------------------------------------------------------
-    def attach(self, net: Any) -> None:
+    def attach(self, net: Any, layer_wise_reduce: bool = True) -> None:
         """Prepare ``net`` (the train net): split its data sources, take replica 0's weights
-        and plan the gradient buckets (collective over the replicas)."""
+        and plan the gradient buckets (collective over the replicas). ``layer_wise_reduce``
+        (the solver field, Caffe's default true) starts buckets during backward; false starts
+        them all after it. Unlike Caffe, shared weights are fine: a shared parameter's bucket
+        waits for its last user."""
+        self.overlap = self.overlap and bool(layer_wise_reduce)
         for layer in net.layers:
             # a bagging member's bootstrap sample is drawn from its (per-replica) generator:
             # every replica must read replica 0's sample, each its own share of it

@@ -258,7 +258,7 @@ class Solver(SnapshotMixin):
         self.smoothed_loss = 0.0
         self.rule.setup(self.net.learnable_params)
         if self.dp is not None:
-            self.dp.attach(self.net)
+            self.dp.attach(self.net, param.layer_wise_reduce)
 
     # -- construction --------------------------------------------------------------------------
     def _net_kwargs(self) -> dict[str, Any]:

@@ -139,6 +139,12 @@ def test_replicas_equal_one_process_at_r_times_the_batch(replicas: int, lmdb: Pa
     assert_same_as_reference(run, reference, replicas)
 
 
+def test_layer_wise_reduce_false(lmdb: Path, reference: Path, tmp_path: Path) -> None:
+    """Caffe's solver field: every bucket starts after backward; the same result."""
+    run = train(tmp_path, 2, 2, plain_net(lmdb, BATCH // 2), "layer_wise_reduce: false")
+    assert_same_as_reference(run, reference, 2)
+
+
 def test_iter_size_with_replicas(lmdb: Path, tmp_path: Path) -> None:
     ref = train(tmp_path / "ref", 1, 1, plain_net(lmdb, BATCH), "iter_size: 2")
     run = train(tmp_path / "dp", 2, 2, plain_net(lmdb, BATCH // 2), "iter_size: 2")
