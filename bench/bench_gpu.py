@@ -222,7 +222,7 @@ def theirs(name: str, device: str, steps: int, batch: int | None = None,
     dt = (time.perf_counter() - t) / steps
     peak = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else 0.0
     return {"step_ms": dt * 1e3, "images_s": batch / dt, "peak_mb": peak,
-            "loss": float(loss), "batch": batch}
+            "loss": loss.item(), "batch": batch}
 
 
 # -- the run ---------------------------------------------------------------------------------------
@@ -273,7 +273,11 @@ def main(argv: list[str] | None = None) -> int:
         except ImportError:
             say("  PyTorch: not installed, no baseline")
             continue
-        p = theirs(name, device, steps, **small)
+        try:
+            p = theirs(name, device, steps, **small)
+        except ImportError as e:  # torchvision (ResNet-50) may be missing where torch is not
+            say(f"  PyTorch: no baseline ({e})")
+            continue
         say(f"  PyTorch step {p['step_ms']:.2f} ms, {p['images_s']:.0f} images/s, "
             f"peak {p['peak_mb']:.0f} MiB; throughput ratio pycaffe-mpi/PyTorch "
             f"{r['images_s'] / p['images_s']:.2f}")
