@@ -397,3 +397,46 @@ def test_bagging_ensemble_with_replicas(lmdb: Path, tmp_path: Path) -> None:
     assert "bootstrap_param" in (tmp_path / "ref" / "net.prototxt").read_text()
     run = train(tmp_path / "dp", 2, 2, net(BATCH // 2))
     assert_same_as_reference(run, ref, 2)
+
+
+def test_buckets_start_as_backward_reaches_them() -> None:
+    """With one bucket per parameter, each bucket starts right after the backward of the layer
+    that owns it, before the layers below run backward (the overlap), and the diffs come back
+    unchanged with one replica."""
+    from google.protobuf import text_format
+
+    from pycaffe_mpi.comm import SelfComm, replicas
+    from pycaffe_mpi.net import Net
+    from pycaffe_mpi.proto import caffe_pb2
+    from pycaffe_mpi.solvers import data_parallel
+
+    text = """layer { name: "data" type: "DummyData" top: "data" top: "label"
+      dummy_data_param { shape { dim: 2 dim: 3 dim: 6 dim: 6 } shape { dim: 2 }
+        data_filler { type: "gaussian" std: 1 } data_filler { type: "constant" value: 1 } } }
+    layer { name: "conv1" type: "Convolution" bottom: "data" top: "conv1"
+      convolution_param { num_output: 2 kernel_size: 3 weight_filler { type: "xavier" } } }
+    layer { name: "ip" type: "InnerProduct" bottom: "conv1" top: "ip"
+      inner_product_param { num_output: 3 weight_filler { type: "xavier" } } }
+    layer { name: "loss" type: "SoftmaxWithLoss" bottom: "ip" bottom: "label" top: "loss" }"""
+    net = Net(text_format.Merge(text, caffe_pb2.NetParameter()), 0, dtype=np.float64, seed=3)
+    world = SelfComm()
+    groups = replicas.ReplicaGroups(world, replicas.Layout(1, 1), 0, 0, world, world)
+    dp = data_parallel.DataParallel(groups, bucket_mb=1e-9)  # one bucket per parameter
+    dp.attach(net)
+    events: list[str] = []
+    backward = net.backward_from_to
+    net.backward_from_to = lambda s, e: (events.append(f"backward {net.layer_names[s]}"),
+                                         backward(s, e))
+    reducer = dp.reducer
+    start = reducer.start
+    reducer.start = lambda i: (events.append(f"start {i}"), start(i))
+    net.clear_param_diffs()
+    dp.forward_backward(net)
+    want = [p.diff.copy() for p in net.learnable_params]
+    dp.finish(0.0)
+    # params: conv1 w, b (0, 1), ip w, b (2, 3); bucket 0 = param 3, 1 = 2, 2 = 1, 3 = 0
+    assert reducer.buckets == [[3], [2], [1], [0]]
+    assert events == ["backward loss", "backward ip", "start 0", "start 1", "backward conv1",
+                      "start 2", "start 3", "backward data"]
+    for p, w in zip(net.learnable_params, want):
+        np.testing.assert_array_equal(p.diff, w)
