@@ -244,26 +244,38 @@ snapshot: 4 snapshot_prefix: "{d / 'job'}" random_seed: 1 solver_mode: CPU
     return proc, time.monotonic() - t0
 
 
-def test_fault_on_a_replica_ends_every_rank(tmp_path: Path) -> None:
-    """4 ranks = 2 replicas x 2 model ranks, through the CLI. A normal run snapshots once per
-    model rank (replica 0) plus replica 1's states; then world rank 3 (replica 1, model rank 1)
-    raises in its 3rd forward: the job ends within seconds with a [rank 3/4] message."""
-    (tmp_path / "ok").mkdir()
-    proc, normal_s = launch_cli(tmp_path / "ok", {"rank": 0, "phase": "none"}, 90)
+@pytest.fixture(scope="module")
+def normal_cli_run_s(tmp_path_factory: pytest.TempPathFactory) -> float:
+    """4 ranks = 2 replicas x 2 model ranks through the CLI, no fault: it snapshots once per
+    model rank (replica 0) plus replica 1's states; its wall time bounds the start-up."""
+    d = tmp_path_factory.mktemp("dp_cli_ok")
+    proc, seconds = launch_cli(d, {"rank": 0, "phase": "none"}, 90)
     assert proc.returncode == 0, proc.stderr
     assert "Optimization Done." in proc.stderr
-    names = sorted(p.name for p in (tmp_path / "ok").glob("job_iter_4*"))
+    names = sorted(p.name for p in d.glob("job_iter_4*"))
     assert names == ["job_iter_4_rank_0.caffemodel", "job_iter_4_rank_0.solverstate",
                      "job_iter_4_rank_0_replica_1.solverstate",
                      "job_iter_4_rank_1.caffemodel", "job_iter_4_rank_1.solverstate",
                      "job_iter_4_rank_1_replica_1.solverstate"], names
-    (tmp_path / "bad").mkdir()
-    proc, seconds = launch_cli(tmp_path / "bad", {"rank": 3, "phase": "forward", "iter": 2},
-                               normal_s + 30)
+    return seconds
+
+
+@pytest.mark.parametrize("phase", ["forward", "backward", "snapshot", "kill"])
+def test_fault_on_a_replica_ends_every_rank(phase: str, normal_cli_run_s: float,
+                                            tmp_path: Path) -> None:
+    """World rank 3 (replica 1, model rank 1) raises in its 3rd forward or backward, fails to
+    write its first snapshot, or is killed: the job ends within seconds of a normal run's
+    time, with a [rank 3/4] message where the process lives to write one."""
+    proc, seconds = launch_cli(tmp_path, {"rank": 3, "phase": phase, "iter": 2},
+                               normal_cli_run_s + 30)
     assert proc.returncode != 0, proc.stderr
-    assert seconds < normal_s + 10, f"took {seconds:.1f} s (normal {normal_s:.1f} s)"
+    assert seconds < normal_cli_run_s + 10, \
+        f"took {seconds:.1f} s (normal {normal_cli_run_s:.1f} s)"
     assert "Optimization Done." not in proc.stderr
-    lines = [ln for ln in proc.stderr.splitlines() if "injected fault in forward" in ln]
+    if phase == "kill":
+        return
+    what = "cannot write snapshot" if phase == "snapshot" else f"injected fault in {phase}"
+    lines = [ln for ln in proc.stderr.splitlines() if what in ln]
     assert any(ln.startswith("[rank 3/4]") for ln in lines), proc.stderr
 
 
