@@ -103,10 +103,12 @@ class DataParallel:
             split = getattr(layer, "set_replica", None)
             if callable(split):
                 split(self.replica, self.replicas)
+            elif not self.is_root_replica:  # replica 0 warns for all
+                continue
             elif getattr(layer, "is_data", False) and layer.type not in ("Input", "DummyData"):
                 LOGGER.warning("%s layer %s cannot split its data between replicas: every "
                                "replica reads the same records", layer.type, layer.name)
-            if layer.type == "Python":
+            elif layer.type == "Python":
                 # NOTE: Caffe refuses too ("PythonLayer does not support CLI Multi-GPU"); a
                 # user layer's data and state are its own, so say what it means here
                 LOGGER.warning("Python layer %s runs in every replica: a Python data layer "
@@ -131,7 +133,7 @@ class DataParallel:
 
     def check_weights(self, net: Any, iteration: int) -> None:
         """Refuse to train unless every replica holds the same weights at the same iteration
-        (collective over the replicas)."""
+        (collective over the world: every rank fails together)."""
         to_host = net.backend.to_host
         d = replicas_mod.digest([p.data for p in net.learnable_params], to_host)
         replicas_mod.check_agree(
