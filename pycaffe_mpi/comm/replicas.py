@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -265,8 +266,6 @@ class BucketedAllreduce:
 
     def finish(self) -> None:
         """Wait for every bucket; each diff becomes the mean over the replicas."""
-        import time
-
         for i, was in enumerate(self.started):
             if not was:
                 self.start(i)
