@@ -52,8 +52,10 @@ def best_of(fn, repeats: int) -> float:
     return min(times)
 
 
-def gemm_shapes(net) -> list[tuple[str, int, int, int]]:
-    """(layer, m, k, n) for every matrix product one forward+backward of ``net`` needs."""
+def gemm_shapes(net) -> list[tuple[str, int, int, int, int]]:
+    """(layer, groups, m, k, n) for every matrix product one forward+backward of ``net`` needs:
+    ``groups`` independent (m, k) @ (k, n) products, as a grouped (e.g. depthwise) convolution
+    has one per group."""
     out = []
     for i, (name, layer) in enumerate(zip(net.layer_names, net.layers)):
         bottom, top = net.bottom_vecs[i], net.top_vecs[i]
@@ -63,30 +65,38 @@ def gemm_shapes(net) -> list[tuple[str, int, int, int]]:
             w = layer.blobs[0].shape  # (Cout, Cin/g, kh, kw)
             m, k = w[0] // g, int(np.prod(w[1:]))
             n = top[0].shape[0] * int(np.prod(top[0].shape[2:]))
-            for _ in range(g):
-                out += [(name, m, k, n), (name, m, n, k)]  # forward, weight grad
-                if needs_dx:
-                    out.append((name, k, m, n))  # data grad
+            out += [(name, g, m, k, n), (name, g, m, n, k)]  # forward, weight grad
+            if needs_dx:
+                out.append((name, g, k, m, n))  # data grad
         elif layer.type == "InnerProduct":
             b = bottom[0].shape[0]
             kk = bottom[0].count // b
             m = top[0].shape[1]
-            out += [(name, b, kk, m), (name, m, b, kk)]
+            out += [(name, 1, b, kk, m), (name, 1, m, b, kk)]
             if needs_dx:
-                out.append((name, b, m, kk))
+                out.append((name, 1, b, m, kk))
     return out
 
 
+def gemm_flops(shapes) -> float:
+    """Floating-point operations (2 m k n per product) of ``gemm_shapes``' products."""
+    return float(sum(2 * g * m * k * n for _, g, m, k, n in shapes))
+
+
 def time_gemms(shapes, repeats: int) -> dict[str, float]:
+    """Best time of each layer's products, in seconds, each done as one whole-batch NumPy
+    matmul (a stacked matmul over the groups of a grouped convolution)."""
     rng = np.random.default_rng(0)
     per_layer: dict[str, float] = {}
-    for name, m, k, n in shapes:
-        a = rng.standard_normal((m, k), dtype=np.float32)
-        b = rng.standard_normal((k, n), dtype=np.float32)
-        c = np.empty((m, n), np.float32)
+    for name, g, m, k, n in shapes:
+        lead = (g,) if g > 1 else ()
+        a = rng.standard_normal((*lead, m, k), dtype=np.float32)
+        b = rng.standard_normal((*lead, k, n), dtype=np.float32)
+        c = np.empty((*lead, m, n), np.float32)
         np.matmul(a, b, out=c)
         t = best_of(lambda a=a, b=b, c=c: np.matmul(a, b, out=c), repeats)
         per_layer[name] = per_layer.get(name, 0.0) + t
+        del a, b, c
     return per_layer
 
 
