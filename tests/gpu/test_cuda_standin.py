@@ -13,7 +13,7 @@ import subprocess
 
 import numpy as np
 import pytest
-from conftest import run_case
+from gpu_support import run_case
 
 from pycaffe_mpi import backend as backend_mod
 from pycaffe_mpi.kernels import cuda as cuda_k

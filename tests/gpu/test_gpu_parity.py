@@ -17,7 +17,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import gpu_skip_reason, run_case
+from gpu_support import gpu_skip_reason, run_case
 
 from pycaffe_mpi import backend as backend_mod
 from pycaffe_mpi.testing import layer_cases
