@@ -21,8 +21,10 @@ numbers go, one JSON line per display and per test pass, to ``<snapshot_prefix>_
 (:mod:`pycaffe_mpi.solvers.nonfinite`), and under MPI the ranks first agree on the fields that
 decide the sequence of collectives (:mod:`pycaffe_mpi.solvers.agreement`).
 
-Snapshots (:mod:`pycaffe_mpi.solvers.snapshots`) are ``<snapshot_prefix>_iter_<N>.caffemodel``
-and ``.solverstate`` (with several MPI ranks: ``<prefix>_iter_<N>_rank_<R>.*``), written so a
+The nets are built by :mod:`pycaffe_mpi.solvers.nets`; the outputs, the results file and the
+test pass are :mod:`pycaffe_mpi.solvers.reporting`'s. Snapshots
+(:mod:`pycaffe_mpi.solvers.snapshots`) are ``<snapshot_prefix>_iter_<N>.caffemodel`` and
+``.solverstate`` (with several MPI ranks: ``<prefix>_iter_<N>_rank_<R>.*``), written so a
 resumed run continues exactly as an uninterrupted one would.
 """
 
@@ -34,7 +36,7 @@ import math
 import os
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -43,10 +45,11 @@ from google.protobuf import text_format
 from pycaffe_mpi import errors, prototxt, upgrade
 from pycaffe_mpi.comm import plan
 from pycaffe_mpi.proto import caffe_pb2
-from pycaffe_mpi.reports.results import ResultsWriter, element_names
+from pycaffe_mpi.reports.results import ResultsWriter
 from pycaffe_mpi.solvers import agreement, data_parallel, lr_policy, rules
 from pycaffe_mpi.solvers import nonfinite as nonfinite_mod
-from pycaffe_mpi.solvers import testing as testing_mod
+from pycaffe_mpi.solvers.nets import NetsMixin
+from pycaffe_mpi.solvers.reporting import ReportingMixin, fmt
 from pycaffe_mpi.solvers.snapshots import SnapshotMixin
 
 LOGGER = logging.getLogger("pycaffe_mpi")
@@ -73,11 +76,6 @@ def read_solver_param(path: str, log: logging.Logger = LOGGER) -> Any:
     return param
 
 
-def _fmt(x: float) -> str:
-    """A number as C++ iostreams print a float by default (6 significant digits)."""
-    return f"{float(x):.6g}"
-
-
 def _duration(seconds: float) -> str:
     if not math.isfinite(seconds):
         return "?"
@@ -87,11 +85,6 @@ def _duration(seconds: float) -> str:
     if s >= 60:
         return f"{s // 60}m{s % 60:02d}s"
     return f"{s}s"
-
-
-def _derived_seed(seed: int, *salt: int) -> int:
-    """A deterministic seed for a secondary net, distinct from ``seed`` and from ``seed + r``."""
-    return int(np.random.SeedSequence([seed, *salt]).generate_state(1, np.uint32)[0])
 
 
 class _Callback:
@@ -122,7 +115,7 @@ def _naming_solver_file(init: Callable[..., None]) -> Callable[..., None]:
 
 
 # -- the solver ------------------------------------------------------------------------------
-class Solver(SnapshotMixin):
+class Solver(NetsMixin, ReportingMixin, SnapshotMixin):
     """Trains a net from a ``SolverParameter`` (or a solver prototxt path).
 
     Args:
@@ -260,109 +253,6 @@ class Solver(SnapshotMixin):
         if self.dp is not None:
             self.dp.attach(self.net, param.layer_wise_reduce)
 
-    # -- construction --------------------------------------------------------------------------
-    def _net_kwargs(self) -> dict[str, Any]:
-        return {"dtype": self.dtype, "rank": self.rank, "ctx": self.ctx, "comm": self.comm,
-                "backend": self.backend}
-
-    def _make_net(self, source: Any, phase: int, override: Any, seed: int | None) -> Any:
-        """Build one net with Caffe's NetState merge: phase, then the net's own state, then
-        ``override`` (train_state / test_state)."""
-        from pycaffe_mpi import netparam
-        from pycaffe_mpi.net import Net
-
-        if isinstance(source, str):
-            if source not in self._parsed:  # train and test nets often share one file
-                self._parsed[source] = netparam.read_net(source)
-            parsed = self._parsed[source]
-        else:
-            parsed = netparam.from_param(source)
-        state = caffe_pb2.NetState(phase=phase)
-        state.MergeFrom(parsed.param.state)
-        if override is not None:
-            state.MergeFrom(override)
-        merged = caffe_pb2.NetParameter()
-        merged.CopyFrom(parsed.param)
-        merged.state.CopyFrom(state)
-        return Net(netparam.ParsedNet(merged, parsed.locations, parsed.path), state.phase,
-                   seed=seed, **self._net_kwargs())
-
-    def _load_weights(self, net: Any) -> None:
-        for entry in self.param.weights:
-            for name in entry.split(","):
-                name = name.strip()
-                if name:
-                    self.log.info("Finetuning from %s", name)
-                    net.copy_trained_layers_from(name)
-
-    def _init_train_net(self) -> Any:
-        p = self.param
-        fields = "net, net_param, train_net, train_net_param"
-        n = sum(p.HasField(f) for f in ("net", "net_param", "train_net", "train_net_param"))
-        if n < 1:
-            raise errors.SolverError(
-                f"SolverParameter must specify a train net using one of these fields: {fields}")
-        if n > 1:
-            raise errors.SolverError("SolverParameter must not contain more than one of these "
-                                     f"fields specifying a train_net: {fields}")
-        source: Any
-        if p.HasField("train_net_param"):
-            self.log.info("Creating training net specified in train_net_param.")
-            source = p.train_net_param
-        elif p.HasField("train_net"):
-            self.log.info("Creating training net from train_net file: %s", p.train_net)
-            source = p.train_net
-        elif p.HasField("net_param"):
-            self.log.info("Creating training net specified in net_param.")
-            source = p.net_param
-        else:
-            self.log.info("Creating training net from net file: %s", p.net)
-            source = p.net
-        override = p.train_state if p.HasField("train_state") else None
-        net = self._make_net(source, TRAIN, override, self.seed)
-        self._load_weights(net)
-        return net
-
-    def _init_test_nets(self) -> list[Any]:
-        p = self.param
-        if self.dp is not None and not self.dp.is_root_replica:
-            return []  # replica 0 tests for all (Caffe's root solver)
-        has_net_param, has_net_file = p.HasField("net_param"), p.HasField("net")
-        if has_net_param and has_net_file:
-            raise errors.SolverError("Both net_param and net_file may not be specified.")
-        n_explicit = len(p.test_net_param) + len(p.test_net)
-        n_iter = len(p.test_iter)
-        generic = has_net_param or has_net_file
-        if (n_iter < n_explicit) if generic else (n_iter != n_explicit):
-            raise errors.SolverError(
-                f"test_iter must be specified for each test network: {n_iter} test_iter "
-                f"value(s) for {n_explicit} test_net/test_net_param net(s)")
-        sources: list[tuple[str, Any]] = [("test_net_param", tp) for tp in p.test_net_param]
-        sources += [(f"test_net file: {f}", f) for f in p.test_net]
-        remaining = n_iter - n_explicit
-        if has_net_param:
-            sources += [("net_param", p.net_param)] * remaining
-        elif has_net_file:
-            sources += [(f"net file: {p.net}", p.net)] * remaining
-        if len(p.test_state) and len(p.test_state) != len(sources):
-            raise errors.SolverError(
-                "test_state must be unspecified or specified once per test net: "
-                f"{len(p.test_state)} test_state for {len(sources)} test net(s)")
-        if sources and p.test_interval <= 0:
-            raise errors.SolverError(
-                f"test_interval must be > 0 when there are test nets ({len(sources)} from "
-                f"test_iter), got {p.test_interval}")
-        nets = []
-        for i, (what, source) in enumerate(sources):
-            self.log.info("Creating test net (#%d) specified by %s", i, what)
-            override = p.test_state[i] if len(p.test_state) else None
-            seed = None if self.seed is None else _derived_seed(self.seed, 1, i)
-            net = self._make_net(source, TEST, override, seed)
-            net.debug_info = p.debug_info
-            self._load_weights(net)
-            nets.append(net)
-        return nets
-
     def _check_snapshot_settings(self) -> None:
         """Caffe's ``CheckSnapshotWritePermissions``."""
         p = self.param
@@ -428,6 +318,19 @@ class Solver(SnapshotMixin):
                 f'the action function returned "{action}"; expected one of {", ".join(_ACTIONS)}')
         return action
 
+    def _test_batch_allowed(self, _: int) -> bool:
+        """Before each test batch: act on the action function's requests; False stops the pass."""
+        if self.dp is not None:  # only replica 0 tests: actions wait for the iteration's end
+            return not self.requested_early_exit
+        request = self._requested_action()
+        while request != NONE:
+            if request == SNAPSHOT:
+                self.snapshot()
+            elif request == STOP:
+                self.requested_early_exit = True
+            request = self._requested_action()
+        return not self.requested_early_exit
+
     # -- training -------------------------------------------------------------------------------
     @_naming_solver_file
     def solve(self, resume_file: str | None = None) -> None:
@@ -468,7 +371,7 @@ class Solver(SnapshotMixin):
             if self.dp is not None:  # the replicas' mean, shown by replica 0
                 loss = self.dp.mean_loss(loss)
             self._update_smoothed_loss(loss, start_iter, p.average_loss)
-            self.log.info("Iteration %d, loss = %s", self.iter, _fmt(self.smoothed_loss),
+            self.log.info("Iteration %d, loss = %s", self.iter, fmt(self.smoothed_loss),
                           extra={"all_ranks": bool(self.net.output_blob_names) and
                                  (self.dp is None or self.dp.is_root_replica)})
             self._record("train", [*self._output_values(self.net),
@@ -518,7 +421,7 @@ class Solver(SnapshotMixin):
                 lapse = now - t_last
                 per_s = (self.iter - iter_last) / (lapse or 1.0)
                 self.log.info("Iteration %d (%s iter/s, %ss/%d iters), loss = %s", self.iter,
-                              _fmt(per_s), _fmt(lapse), p.display, _fmt(self.smoothed_loss))
+                              fmt(per_s), fmt(lapse), p.display, fmt(self.smoothed_loss))
                 t_last, iter_last = now, self.iter
                 values = self._output_values(self.net)
                 self._log_outputs(self.net, "Train", values)
@@ -563,7 +466,7 @@ class Solver(SnapshotMixin):
         rate, self.current_step = lr_policy.learning_rate(p, self.iter, self.current_step)
         self._lr = rate
         if p.display and self.iter % p.display == 0:
-            self.log.info("Iteration %d, lr = %s", self.iter, _fmt(rate))
+            self.log.info("Iteration %d, lr = %s", self.iter, fmt(rate))
         self.rule.apply(self.net.learnable_params, self.net.params_lr,
                         self.net.params_weight_decay, rate, self.iter)
 
@@ -572,99 +475,6 @@ class Solver(SnapshotMixin):
         if self.dp is not None:
             return self.dp.snapshot(self, super().snapshot)
         return super().snapshot()
-
-    # -- outputs and testing --------------------------------------------------------------------
-    def _output_values(self, net: Any) -> list[tuple[str, np.ndarray]]:
-        """Each output blob's values, flattened, on the host."""
-        return testing_mod.output_values(net)
-
-    def _results_writer(self) -> ResultsWriter | None:
-        """The results file, opened on first use (appended to when the run was resumed)."""
-        if self.results is None and self._results_arg is not False:
-            path = self._results_arg
-            if path is None or path is True:
-                if self.rank != 0 or not self.param.snapshot_prefix or \
-                        (self.dp is not None and not self.dp.is_root_replica):
-                    self._results_arg = False
-                    return None
-                path = f"{self.param.snapshot_prefix}_results.jsonl"
-            self.results = ResultsWriter(path, self.rank, append=self.iter > 0)
-            self.log.info("Writing results to %s", self.results.path)
-        return self.results
-
-    def _record(self, kind: str, outputs: Sequence[tuple[str, Any]], test_net: int = 0) -> None:
-        writer = self._results_writer()
-        if writer is None:
-            return
-        seconds = time.perf_counter() - self._t0
-        if kind == "train":
-            writer.write_train(self.iter, self.lr, seconds, outputs)
-        else:
-            writer.write_test(self.iter, seconds, outputs, test_net)
-
-    def _log_outputs(self, net: Any, what: str, values: Sequence[tuple[str, Any]]) -> None:
-        """``    <what> net output #k: name = v[ (* w = w·v loss)]``, k running over elements;
-        a blob with several elements prints them as ``name_0 …`` (``results.element_names``)
-        where Caffe repeats the name, so that its parse_log keeps every element."""
-        if self.dp is not None and not self.dp.is_root_replica:
-            return  # replica 0 displays
-        k = 0
-        for name, vals in values:
-            weight = float(net.blob_loss_weights.get(name, 0.0))
-            for label, v in zip(element_names(name, len(vals)), vals):
-                extra = f" (* {_fmt(weight)} = {_fmt(weight * v)} loss)" if weight else ""
-                # every rank prints the outputs its own net computes (log.setup lets them pass)
-                self.log.info("    %s net output #%d: %s = %s%s", what, k, label, _fmt(v),
-                              extra, extra={"all_ranks": True})
-                k += 1
-
-    def test_all(self) -> None:
-        """Test every test net (stops early if the action function asked to stop)."""
-        for i in range(len(self.test_nets)):
-            if self.requested_early_exit:
-                break
-            self.test(i)
-
-    def test(self, test_net_id: int = 0) -> list[float] | None:
-        """Run ``test_iter`` forward passes of one test net and log the mean of each output
-        element (Caffe's ``Solver::Test``); returns the means (None if interrupted)."""
-        p = self.param
-        self.log.info("Iteration %d, Testing net (#%d)", self.iter, test_net_id)
-        test_net = self.test_nets[test_net_id]
-        test_net.share_trained_layers_with(self.net)
-        n_iter = p.test_iter[test_net_id]
-        test_net.begin_test_pass()
-
-        def before_batch(_: int) -> bool:
-            if self.dp is not None:  # only replica 0 tests: actions wait for the iteration's end
-                return not self.requested_early_exit
-            request = self._requested_action()
-            while request != NONE:
-                if request == SNAPSHOT:
-                    self.snapshot()
-                elif request == STOP:
-                    self.requested_early_exit = True
-                request = self._requested_action()
-            return not self.requested_early_exit
-
-        scores = testing_mod.average_outputs(test_net, n_iter, before_batch)
-        if scores is None:
-            self.log.info("Test interrupted.")
-            return None
-        if p.test_compute_loss:
-            self.log.info("Test loss: %s", _fmt(scores.loss))
-        split = scores.outputs
-        means = scores.flat()
-        self._log_outputs(test_net, "Test", split)
-        suffix = f"_test{test_net_id}" if len(self.test_nets) > 1 else ""
-        prefix = f"{self.param.snapshot_prefix}_iter_{self.iter}{suffix}"
-        for path in test_net.end_test_pass(prefix, self.iter):
-            self.log.info("Wrote %s", path, extra={"all_ranks": True})
-        self.mean_scores[test_net_id] = means
-        loss = [("test_loss", scores.loss)] if p.test_compute_loss else []
-        self._record("test", [*split, *loss], test_net_id)
-        return means
-
 
 # -- pycaffe's solver classes ------------------------------------------------------------------
 class SGDSolver(Solver):
