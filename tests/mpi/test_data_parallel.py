@@ -202,9 +202,10 @@ def test_replicas_with_different_weights_refuse_to_start(lmdb: Path, tmp_path: P
 
 
 # -- faults ------------------------------------------------------------------------------------
-def faulty_net(fault: dict) -> str:
+def faulty_net(fault: dict, module: str = "faults", layer: str = "Fault") -> str:
     """A net over 2 model ranks (DummyData and conv on model rank 0, a branch per model rank
-    through MPIBroadcast/MPIGather) with the fault-injecting layer of workers/faults.py."""
+    through MPIBroadcast/MPIGather) with the fault-injecting layer of workers/faults.py (or
+    another Python layer of workers/)."""
     r0 = "include { mpi_rank: 0 }"
     return f"""name: "faulty"
 layer {{ name: "data" type: "DummyData" top: "data" top: "label" {r0}
@@ -214,7 +215,7 @@ layer {{ name: "conv1" type: "Convolution" bottom: "data" top: "conv1" {r0}
   convolution_param {{ num_output: 4 kernel_size: 3 weight_filler {{ type: "xavier" }} }} }}
 layer {{ name: "bcast" type: "MPIBroadcast" bottom: "conv1" top: "conv1_b" }}
 layer {{ name: "fault" type: "Python" bottom: "conv1_b" top: "conv1f"
-  python_param {{ module: "faults" layer: "Fault" param_str: '{json.dumps(fault)}' }} }}
+  python_param {{ module: "{module}" layer: "{layer}" param_str: '{json.dumps(fault)}' }} }}
 layer {{ name: "ip" type: "InnerProduct" bottom: "conv1f" top: "ip"
   inner_product_param {{ num_output: 3 weight_filler {{ type: "xavier" }} }} }}
 layer {{ name: "gather" type: "MPIGather" bottom: "ip" top: "ip_0" top: "ip_1" }}
@@ -224,8 +225,9 @@ layer {{ name: "loss" type: "SoftmaxWithLoss" bottom: "score" bottom: "label" to
 """
 
 
-def launch_cli(d: Path, fault: dict, timeout: float) -> tuple[subprocess.CompletedProcess, float]:
-    (d / "net.prototxt").write_text(faulty_net(fault))
+def launch_cli(d: Path, fault: dict, timeout: float, module: str = "faults",
+               layer: str = "Fault") -> tuple[subprocess.CompletedProcess, float]:
+    (d / "net.prototxt").write_text(faulty_net(fault, module, layer))
     solver = d / "solver.prototxt"
     solver.write_text(f"""net: "{d / 'net.prototxt'}"
 base_lr: 0.01 momentum: 0.9 lr_policy: "fixed" max_iter: 8 display: 1
@@ -277,6 +279,19 @@ def test_fault_on_a_replica_ends_every_rank(phase: str, normal_cli_run_s: float,
     what = "cannot write snapshot" if phase == "snapshot" else f"injected fault in {phase}"
     lines = [ln for ln in proc.stderr.splitlines() if what in ln]
     assert any(ln.startswith("[rank 3/4]") for ln in lines), proc.stderr
+
+
+def test_signals_act_on_every_replica_at_once(tmp_path: Path) -> None:
+    """SIGHUP then SIGINT reach world rank 0 (Caffe's defaults: snapshot, then stop): every
+    replica snapshots after the same iteration and stops after the same iteration."""
+    at = {"rank": 0, "at": {"1": "SIGHUP", "4": "SIGINT"}}
+    proc, _ = launch_cli(tmp_path, at, 90, module="data_parallel_signal", layer="Signal")
+    assert proc.returncode == 0, proc.stderr
+    assert "Optimization stopped early." in proc.stderr, proc.stderr
+    # iteration 2: SIGHUP's snapshot; 4: the solver's snapshot: 4; 5: snapshot_after_train
+    names = sorted(p.name for p in tmp_path.glob("job_iter_*"))
+    assert names == [f"job_iter_{i}_rank_{m}{s}" for i in (2, 4, 5) for m in (0, 1)
+                     for s in (".caffemodel", ".solverstate", "_replica_1.solverstate")], names
 
 
 # -- with model parallelism: the MCL ensemble -----------------------------------------------------
