@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from pycaffe_mpi import backend as backend_mod
-from pycaffe_mpi import errors, netparam, registry, upgrade
+from pycaffe_mpi import errors, fillers, netparam, registry, upgrade
 from pycaffe_mpi.blob import Blob, name_layer
 from pycaffe_mpi.comm.plan import (
     COMM_TYPES,
@@ -181,6 +181,7 @@ class Net(NetApi):
         for i, lp in enumerate(param.layer):
             loc = prepared.location(i)
             cls = registry.layer_class(lp.type, errors.layer_where(lp, loc))
+            fillers.check_layer_fillers(lp, loc)  # before any layer draws from a bad filler
             lp.phase = self.phase
             ctx = LayerContext(location=loc, rank=self.rank, world_size=world_size,
                                comm_group=self._groups.get(lp.name), net_name=param.name,
@@ -199,7 +200,7 @@ class Net(NetApi):
                     raise errors.NetError(f'{errors.layer_where(lp, loc)}: top blob "{t}" is '
                                           f'already produced by layer "{self._producer[t]}"')
                 else:
-                    blob = Blob((), self.dtype, self.backend)
+                    blob = Blob((), self.dtype, self.backend, name=t)
                     self.blobs[t] = blob
                 self._producer[t] = lp.name
                 available[t] = None

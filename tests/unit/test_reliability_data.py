@@ -211,7 +211,6 @@ def test_huge_shape_in_a_net_is_our_error():
         Net(p, TEST)
 
 
-@pytest.mark.xfail(reason="needs the Net to name the layer in errors raised by blobs")
 def test_huge_shape_in_a_net_names_the_layer():
     p = text_format.Parse('layer { name: "huge" type: "DummyData" top: "x" '
                           "dummy_data_param { shape { dim: 100000 dim: 100000 dim: 3 } } }",
@@ -325,7 +324,6 @@ def test_dummy_data_filler_error_names_layer_and_repeated_field():
         Net(p, TEST)
 
 
-@pytest.mark.xfail(reason="needs the Net to call fillers.check_layer_fillers for every layer")
 def test_net_names_the_layer_of_a_bad_weight_filler():
     p = text_format.Parse(
         'layer { name: "d" type: "DummyData" top: "x" dummy_data_param { shape { dim: 2 '
