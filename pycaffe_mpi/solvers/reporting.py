@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from pycaffe_mpi.reports.results import ResultsWriter, element_names
+from pycaffe_mpi.solvers import lr_policy
 from pycaffe_mpi.solvers import testing as testing_mod
 
 
@@ -25,7 +26,7 @@ def fmt(x: float) -> str:
 
 class ReportingMixin:
     """The reporting half of :class:`~pycaffe_mpi.solvers.solver.Solver` (it provides
-    ``param``, ``log``, ``net``, ``test_nets``, ``iter``, ``rank``, ``dp``, ``lr``,
+    ``param``, ``log``, ``net``, ``test_nets``, ``iter``, ``current_step``, ``rank``, ``dp``,
     ``mean_scores``, ``results``, ``_results_arg``, ``_t0`` and ``_test_batch_allowed``)."""
 
     param: Any
@@ -33,13 +34,13 @@ class ReportingMixin:
     net: Any
     test_nets: list[Any]
     iter: int
+    current_step: int
     rank: int
     dp: Any
     mean_scores: list[list[float]]
     results: ResultsWriter | None
     _results_arg: Any
     _t0: float
-    lr: float
     _test_batch_allowed: Callable[[int], bool]
 
     def _output_values(self, net: Any) -> list[tuple[str, np.ndarray]]:
@@ -66,7 +67,10 @@ class ReportingMixin:
             return
         seconds = time.perf_counter() - self._t0
         if kind == "train":
-            writer.write_train(self.iter, self.lr, seconds, outputs)
+            # NOTE: the record precedes this iteration's update, so self.lr is still the last
+            # update's rate; the log's "Iteration N, lr = R" line gives the rate for N
+            rate = lr_policy.learning_rate(self.param, self.iter, self.current_step, log=False)[0]
+            writer.write_train(self.iter, rate, seconds, outputs)
         else:
             writer.write_test(self.iter, seconds, outputs, test_net)
 

@@ -550,3 +550,24 @@ def test_multistep_state_survives_restore(tmp_path: Path) -> None:
     a.step(2)
     b.step(2)
     assert a.lr == b.lr == pytest.approx(0.0025)
+
+
+def test_results_file_gives_the_rate_of_its_iteration(tmp_path: Path,
+                                                      caplog: pytest.LogCaptureFixture) -> None:
+    # a step boundary at iteration 2: the record written before that update says 0.025, as the
+    # log's "Iteration 2, lr = 0.025" line does, not the previous update's 0.05
+    from pycaffe_mpi.reports import results
+
+    s = _snapshot_solver(tmp_path, "SGD", base_lr=0.05, lr_policy="step", gamma=0.5,
+                         stepsize=2, display=1, max_iter=4)
+    with caplog.at_level(logging.INFO, logger="pycaffe_mpi"):
+        s.solve()
+    s.close()
+    logged = {int(m.group(1)): float(m.group(2)) for m in
+              re.finditer(r"Iteration (\d+), lr = ([0-9.e+-]+)", caplog.text)}
+    train = [r for r in results.read_results(tmp_path / "ls_results.jsonl")
+             if r["kind"] == "train"]
+    assert [r["iter"] for r in train] == [0, 1, 2, 3, 4]
+    for r in train[:4]:
+        assert r["lr"] == pytest.approx(logged[r["iter"]])
+    assert [r["lr"] for r in train] == pytest.approx([0.05, 0.05, 0.025, 0.025, 0.0125])
