@@ -569,6 +569,16 @@ def _run_mpi_command(args: argparse.Namespace, level: int) -> int:
         if comm.size > 1:
             comm.abort(130)
         return 130
+    except SystemExit as e:
+        if comm.size <= 1:
+            raise
+        # NOTE: sys.exit (a signal handler, a user hook) on one rank would leave the others
+        # waiting in a collective forever, and exit 0 would even report success: end the job
+        code = e.code if isinstance(e.code, int) and e.code else 1
+        _say(f"{tag}error: sys.exit({e.code!r}) was called during {args.command}; one MPI rank "
+             "cannot leave alone, so the job ends")
+        comm.abort(code)
+        return code
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -266,3 +266,23 @@ def test_seeds_per_rank(work: Path, same_seed: bool) -> None:
     init = [params(work / name / f"snap_iter_0_rank_{r}.caffemodel") for r in range(RANKS)]
     for a, b in ((0, 1), (0, 2), (1, 2)):
         assert _branch_equal(init, a, b) == same_seed, (a, b)
+
+
+def test_sys_exit_on_one_rank_ends_the_job(tmp_path: Path) -> None:
+    """sys.exit(0) from a signal handler on rank 1 during ``time`` (outside the solver and the
+    layers) ends every rank non-zero, instead of leaving rank 0 in its first collective."""
+    model = tmp_path / "bcast.prototxt"
+    model.write_text(
+        'name: "bcast"\n'
+        'layer { name: "in" type: "DummyData" top: "x" include { mpi_rank: 0 }\n'
+        '  dummy_data_param { shape { dim: 2 dim: 3 } } }\n'
+        'layer { name: "b" type: "MPIBroadcast" bottom: "x" top: "y" mpi_param { root: 0 } }\n')
+    worker = Path(__file__).parent / "workers" / "cli_exit.py"
+    try:
+        proc = mpirun.run_python_mpi(2, worker, "time", "--model", str(model),
+                                     "--iterations", "1", timeout=TIMEOUT, cwd=tmp_path)
+    except TimeoutError as e:  # the old behaviour: rank 0 waits forever
+        pytest.fail(f"the job did not end: {e}")
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0, out
+    assert "[rank 1/2] error: sys.exit(0) was called during time" in out, out
