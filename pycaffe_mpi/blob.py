@@ -158,18 +158,22 @@ def _checked_count(shape: tuple[int, ...], what: str = "blob") -> int:
 
 def name_layer(exc: BaseException, layer: Any) -> BaseException:
     """``exc`` (one of ours, or a MemoryError) as the same error type with its message prefixed
-    by ``file:line: layer "name" (type T)``, unless it names the layer already.
+    by ``file:line: layer "name" (type T)``; where it names the layer already, by ``file:line``
+    alone (unless it has that too).
 
     For the Net to wrap a layer's setup and reshape, so errors raised by blobs (which do not know
     their layer) name it: ``raise blob.name_layer(e, layer) from e``.
     """
     param = getattr(layer, "layer_param", layer)
+    location = getattr(layer, "location", "")
     msg = str(exc)
     if f'layer "{param.name}"' in msg:
-        if isinstance(exc, errors.PycaffeError):
+        if location and location not in msg:
+            msg = f"{location}: {msg}"  # layers name themselves but do not know their line
+        elif isinstance(exc, errors.PycaffeError):
             return exc
     else:
-        msg = f"{errors.layer_where(param, getattr(layer, 'location', ''))}: {msg}"
+        msg = f"{errors.layer_where(param, location)}: {msg}"
     if isinstance(exc, errors.PycaffeError):
         try:
             return type(exc)(msg)

@@ -199,3 +199,14 @@ def test_backward_caffe_lacks_is_a_located_net_error(tmp_path: Path):
     net.forward()
     with pytest.raises(errors.NetError, match=rf'{path}:4: layer "pool".*no backward'):
         net.backward()
+
+
+def test_data_layer_errors_give_file_and_line(tmp_path: Path):
+    """Layers name themselves in their errors but do not know their line; the Net adds it."""
+    data = harness.make_data(tmp_path)
+    text = harness.localise_net((harness.ROOT / "models/cifar10_quick/train_test.prototxt")
+                                .read_text(), data)
+    path = _write(tmp_path, text.replace(f'source: "{data / "db"}"', 'source: "nowhere"', 1))
+    with pytest.raises(errors.DataError, match=rf'^{path}:4: layer "cifar" \(type Data\), '
+                                               "field data_param.source"):
+        Net(str(path), 0)
