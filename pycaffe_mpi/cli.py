@@ -45,7 +45,7 @@ log = logging.getLogger("pycaffe_mpi")
 # Caffe's commands (run under MPI) first, then the file tools (pycaffe_mpi.cli_tools and
 # pycaffe_mpi.reports: single process).
 COMMANDS = ("train", "test", "time", "device_query", "ensemble", "upgrade-net",
-            "upgrade-solver", "parse-log", "plot", "draw")
+            "upgrade-solver", "parse-log", "plot", "draw", "assignment")
 MPI_COMMANDS = ("train", "test", "time", "device_query")
 _EFFECTS = ("stop", "snapshot", "none")
 
@@ -191,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     :data:`MPI_COMMANDS`, ``handler(args)`` otherwise).
     """
     from pycaffe_mpi import cli_tools
-    from pycaffe_mpi.reports import draw, parse_log, plot
+    from pycaffe_mpi.reports import assignment, draw, parse_log, plot
 
     p = argparse.ArgumentParser(
         prog="pycaffe-mpi",
@@ -223,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name in UPGRADE_COMMANDS:
         cli_tools.configure_upgrade(command(name, cli_tools.upgrade_handler(name),
                                             upgrade_epilog))
-    for module in (parse_log, plot, draw):
+    for module in (parse_log, plot, draw, assignment):
         module.add_parser(sub).set_defaults(unused_flags=())
     for c in sub.choices.values():
         _add_log_level(c)

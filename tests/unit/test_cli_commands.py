@@ -74,6 +74,7 @@ HELP_SHOWS = {
     "parse-log": ["LOG", "--output-dir", "--delimiter"],
     "plot": ["RUN", "--output", "--x", "--label"],
     "draw": ["--model", "--rank", "--all-ranks", "--phase", "--output"],
+    "assignment": ["CSV", "--output", "--labels", "--iteration"],
 }
 # flags a command's --help must not show (another command's, or a Caffe flag it ignores)
 HELP_HIDES = {"train": ["--model", "--iterations", "--members"],
@@ -450,3 +451,20 @@ def test_documented_commands_parse_and_name_shipped_files() -> None:
                 # files under models/ and solvers/ ship with the project; others are the user's
                 if path.startswith(("models/", "solvers/")) and "<" not in path:
                     assert (REPO / path).is_file(), f"{where}: --{flag} {path} does not exist"
+
+
+def test_assignment_command_draws_a_csv(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from pycaffe_mpi.reports import assignment
+
+    csv = tmp_path / "ens_assignment.csv"
+    share = np.array([[0.75, 0.1, 0.5], [0.25, 0.9, 0.5]])
+    csv.write_text(assignment.assignment_csv(share))
+    labels = tmp_path / "labels.txt"
+    labels.write_text("cat\ndog\nship\n")
+    png = tmp_path / "fig" / "ens.png"
+    assert cli.main(["assignment", str(csv), "--labels", str(labels), "-o", str(png)]) == 0
+    assert f"Wrote {png}" in capsys.readouterr().out
+    png_pixels(png)
+    labels.write_text("cat\ndog\n")
+    assert cli.main(["assignment", str(csv), "--labels", str(labels), "-o", str(png)]) == 1
+    assert "2 class names for 3 classes" in capsys.readouterr().err
