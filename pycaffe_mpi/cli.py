@@ -103,7 +103,9 @@ DESCRIPTIONS = {
              "_rank_<R> under MPI) and the results, one JSON line per display and test pass, "
              "<snapshot_prefix>_results.jsonl.",
     "test": "Score a model: run --iterations batches of the net's --phase (default TEST) and "
-            "print the mean of every output.",
+            "print the mean of every output. An ensemble's oracle assignment is written beside "
+            "the --weights file (<weights without extension>_<layer>_assignment.csv|.png); "
+            "without --weights it is only logged.",
     "time": "Benchmark a model's execution time: forward and backward milliseconds per layer "
             "and per pass, as caffe time prints them.",
     "device_query": "Show the CPU array library and each GPU's properties.",
@@ -429,7 +431,10 @@ def cmd_test(args: argparse.Namespace, comm: Any) -> int:
     if not args.model:
         raise errors.PycaffeError("test needs --model (a net prototxt)")
     if not args.weights:
-        log.warning("no --weights given: testing a net with its initial weights")
+        # NOTE: as caffe test, nothing is written then: the reports (oracle assignment) that
+        # go beside the weights file are only logged
+        log.warning("no --weights given: testing a net with its initial weights (reports are "
+                    "logged, not written)")
     backend = choose_backend(args.gpu)
     stages = [s for s in args.stage.split(",") if s]
     net = Net(args.model, _phase(args.phase, TEST), weights=args.weights or None,
@@ -446,9 +451,9 @@ def cmd_test(args: argparse.Namespace, comm: Any) -> int:
     try:
         net.begin_test_pass()
         scores = testing.average_outputs(net, args.iterations, after_batch=log_batch)
-        prefix = os.path.splitext(args.weights)[0] if args.weights else "test"
+        prefix = os.path.splitext(args.weights)[0] if args.weights else None
         # a snapshot's name carries its iteration (<prefix>_iter_<N>[_rank_<R>].caffemodel)
-        found = re.search(r"_iter_(\d+)", os.path.basename(prefix))
+        found = re.search(r"_iter_(\d+)", os.path.basename(prefix or ""))
         for path in net.end_test_pass(prefix, int(found.group(1)) if found else None):
             log.info("Wrote %s", path)
     finally:

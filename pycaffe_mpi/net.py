@@ -377,6 +377,7 @@ class Net(NetApi):
                     raise python_layer.user_layer_error(layer, "forward", e) from e
                 if isinstance(e, (errors.PycaffeError, MemoryError)):
                     raise name_layer(e, layer) from e  # e.g. a work buffer past INT_MAX
+                _raise_if_empty(layer, bottom, e)
                 raise
             for t, w in zip(top, layer.loss_weights):
                 if w:
@@ -403,6 +404,7 @@ class Net(NetApi):
                         e = errors.NetError(str(e))
                     if isinstance(e, (errors.PycaffeError, MemoryError)):
                         raise name_layer(e, self.layers[i]) from e
+                    _raise_if_empty(self.layers[i], self.bottom_vecs[i], e)
                     raise
                 if self.debug_info:
                     self._debug("Backward", i, self.bottom_vecs[i], "diff")
@@ -590,11 +592,12 @@ class Net(NetApi):
         for layer in self.layers:
             layer.begin_test_pass()
 
-    def end_test_pass(self, prefix: str, iteration: int | None = None) -> list[str]:
+    def end_test_pass(self, prefix: str | None, iteration: int | None = None) -> list[str]:
         """Tell every layer the test pass ended and write what they measured over it, e.g.
         the oracle assignment as ``<prefix>_<layer>_assignment.csv|.png`` with ``iteration``
         in the figure's title (see ``reports.assignment.write_reports``); returns the paths
-        written. The solver's test pass and ``pycaffe-mpi test`` both end here."""
+        written. With ``prefix`` None the reports are logged only. The solver's test pass and
+        ``pycaffe-mpi test`` both end here."""
         from pycaffe_mpi.reports import assignment
 
         measured = [(layer.name, layer.end_test_pass()) for layer in self.layers]
@@ -611,6 +614,18 @@ class Net(NetApi):
     def __repr__(self) -> str:
         return f"<Net {self.name!r} phase={'TRAIN' if self.phase == TRAIN else 'TEST'} " \
                f"layers={len(self.layers)}>"
+
+
+def _raise_if_empty(layer: Layer, bottom: Sequence[Blob], exc: BaseException) -> None:
+    """A ShapeError naming the layer when ``exc`` came from a built-in layer given an empty
+    bottom (a batch of 0, as ``dim: 0`` gives): Caffe runs those as no-ops, many of our kernels
+    cannot."""
+    empty = [tuple(b.shape) for b in bottom if b.count == 0]
+    if empty:
+        raise errors.ShapeError(
+            f"{errors.layer_where(layer.layer_param, layer.location)}: cannot run on an empty "
+            f"bottom (shapes {empty}): {type(exc).__name__}: {exc}; give every axis a size "
+            "of at least 1") from exc
 
 
 def _layer_rng(entropy: int, name: str) -> np.random.Generator:

@@ -197,20 +197,22 @@ def write_assignment(matrix: Any, out_prefix: str | os.PathLike, iteration: int 
     return csv_path, png_path
 
 
-def write_reports(reports: Sequence[tuple[str, Any]], prefix: str,
+def write_reports(reports: Sequence[tuple[str, Any]], prefix: str | None,
                   iteration: int | None = None) -> list[str]:
     """Write what layers returned from a test pass (``(layer name, report)`` pairs) and return
     the paths written.
 
     Each :class:`Assignment` becomes ``<prefix>_<layer>_assignment.csv`` and ``.png`` ("/" in
-    the layer name becomes "_") and is logged row by row; other reports are ignored.
+    the layer name becomes "_") and is logged row by row (with ``prefix`` None: logged only);
+    other reports are ignored.
     """
     paths: list[str] = []
     for name, report in reports:
         if not isinstance(report, Assignment):
             continue
-        base = f"{prefix}_{name.replace('/', '_')}_assignment"
-        paths += write_assignment(report.share, base, iteration, report.class_names)
+        if prefix is not None:
+            base = f"{prefix}_{name.replace('/', '_')}_assignment"
+            paths += write_assignment(report.share, base, iteration, report.class_names)
         classes = (" ".join(report.class_names) if report.class_names
                    else f"0..{report.share.shape[1] - 1}")
         log.info("%s: oracle assignment over %d examples (rows: members, columns: classes "

@@ -117,7 +117,9 @@ class ReportingMixin:
         means = scores.flat()
         self._log_outputs(test_net, "Test", split)
         suffix = f"_test{test_net_id}" if len(self.test_nets) > 1 else ""
-        prefix = f"{self.param.snapshot_prefix}_iter_{self.iter}{suffix}"
+        # as the results file: no snapshot_prefix, no report files (rather than in the cwd)
+        prefix = f"{self.param.snapshot_prefix}_iter_{self.iter}{suffix}" \
+            if self.param.snapshot_prefix else None
         for path in test_net.end_test_pass(prefix, self.iter):
             self.log.info("Wrote %s", path, extra={"all_ranks": True})
         self.mean_scores[test_net_id] = means

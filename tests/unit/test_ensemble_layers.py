@@ -6,6 +6,7 @@ matplotlib figure), and the per-member outputs named member_<what>_<i> in the so
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 import pytest
@@ -591,3 +592,27 @@ def test_cli_test_names_members_and_writes_the_report(tmp_path, capfd):
     csv_path = tmp_path / "snap_iter_7_acc_assignment.csv"
     assert csv_path.is_file() and (tmp_path / "snap_iter_7_acc_assignment.png").is_file()
     assert f"Wrote {csv_path}" in text
+
+
+def test_reports_need_a_place_to_go(tmp_path, monkeypatch, capfd):
+    # caffe test writes nothing: without --weights the assignment is logged, never written to
+    # the working directory; nor does a solver without snapshot_prefix write one there
+    from pycaffe_mpi import cli, solvers
+
+    run_dir = tmp_path / "cwd"
+    run_dir.mkdir()
+    monkeypatch.chdir(run_dir)
+    model = tmp_path / "net.prototxt"
+    model.write_text(_SOLVER_NET.replace("include { phase: TEST }", ""))
+    assert cli.main(["test", "--model", str(model), "--iterations", "2"]) == 0
+    text = capfd.readouterr().err
+    assert "acc: oracle assignment over 12 examples" in text and "Wrote" not in text
+    p = caffe_pb2.SolverParameter(base_lr=0.01, lr_policy="fixed", max_iter=2, test_iter=[1],
+                                  test_interval=2, random_seed=3, snapshot_after_train=False)
+    text_format.Merge(_SOLVER_NET, p.net_param)
+    solver = solvers.Solver(p)
+    solver.solve()
+    solver.close()
+    assert "acc: oracle assignment over 6 examples" in capfd.readouterr().err
+    assert sorted(os.listdir(tmp_path)) == ["cwd", "net.prototxt"]
+    assert os.listdir(run_dir) == []
