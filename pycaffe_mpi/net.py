@@ -37,12 +37,17 @@ from pycaffe_mpi.comm.plan import (
     check_world,
     comm_digest,
     comm_groups,
-    strip_for_rank,
 )
 from pycaffe_mpi.layer import TEST, TRAIN, Layer, LayerContext
 from pycaffe_mpi.layer_types import python as python_layer
 from pycaffe_mpi.net_api import NetApi
-from pycaffe_mpi.netparam import filter_net, insert_splits, layer_kept, state_meets_rule
+from pycaffe_mpi.netparam import (
+    filter_net,
+    insert_splits,
+    layer_kept,
+    state_meets_rule,
+    strip_for_rank,
+)
 from pycaffe_mpi.proto import caffe_pb2
 
 log = logging.getLogger("pycaffe_mpi")

@@ -9,7 +9,7 @@ Caffe's order (``Net::Init`` and the readers before it), each step once:
 3. **filter**: keep the layers whose include/exclude rules meet the state and the MPI rank
    (``NetStateRule.mpi_rank``, our extension);
 4. **strip** (MPI): off the root, MPIBroadcast loses its bottoms and MPIGather its tops
-   (:mod:`pycaffe_mpi.comm.plan`);
+   (:func:`strip_for_rank`; :mod:`pycaffe_mpi.comm.plan` plans the groups from steps 2-3);
 5. **split**: a Split layer after every top read by several layers.
 
 Every step returns new messages; the input is never modified.
@@ -128,6 +128,20 @@ def filter_net(param: Any, state: Any, rank: int | None = 0,
     return out, kept_locs
 
 
+def strip_for_rank(param: Any, rank: int) -> None:
+    """Off the root, MPIBroadcast loses its bottoms (a source) and MPIGather its tops (a sink).
+
+    Part of the rank's filtering: :mod:`pycaffe_mpi.comm.plan` plans the groups from the layers
+    this module keeps, never the other way round."""
+    for lp in param.layer:
+        if lp.type == "MPIBroadcast" and rank != lp.mpi_param.root:
+            del lp.bottom[:]
+            del lp.propagate_down[:]
+        elif lp.type == "MPIGather" and rank != lp.mpi_param.root:
+            del lp.top[:]
+            del lp.loss_weight[:]
+
+
 # -- Split layers (Caffe's InsertSplits) -------------------------------------------------------
 def _split_layer_name(blob: str, layer: str, idx: int) -> str:
     return f"{blob}_{layer}_{idx}_split"
@@ -196,11 +210,9 @@ def insert_splits(param: Any, locations: Sequence[str] = ()) -> tuple[Any, list[
 def prepare(parsed: ParsedNet, state: Any, rank: int | None = 0) -> ParsedNet:
     """Filter ``parsed`` for ``state`` and ``rank``, strip comm layers off their root, and
     insert Split layers: the net one rank builds."""
-    from pycaffe_mpi.comm import plan
-
     filtered, locs = filter_net(parsed.param, state, rank, parsed.locations)
     if rank is not None:
-        plan.strip_for_rank(filtered, rank)
+        strip_for_rank(filtered, rank)
     check_names(filtered, locs)
     split, locs = insert_splits(filtered, locs)
     return ParsedNet(split, locs, parsed.path)

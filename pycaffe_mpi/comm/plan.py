@@ -75,17 +75,6 @@ def check_digests(digests: Sequence[list[tuple]]) -> None:
                     "layers in the same order (use one prototxt for all ranks)")
 
 
-def strip_for_rank(param: Any, rank: int) -> None:
-    """Off the root, MPIBroadcast loses its bottoms (a source) and MPIGather its tops (a sink)."""
-    for lp in param.layer:
-        if lp.type == "MPIBroadcast" and rank != lp.mpi_param.root:
-            del lp.bottom[:]
-            del lp.propagate_down[:]
-        elif lp.type == "MPIGather" and rank != lp.mpi_param.root:
-            del lp.top[:]
-            del lp.loss_weight[:]
-
-
 class NeedsMoreRanks(errors.NetError):
     """A net whose ``mpi_rank`` rules need more MPI ranks than the job has (``ranks``)."""
 

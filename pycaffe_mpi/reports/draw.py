@@ -62,7 +62,6 @@ def _filtered(param: Any, locations: Sequence[str], phase: int | None,
     filters them, comm layers stripped off their root; ``rank=None`` ignores ranks."""
     # the Net's own preparation steps, imported here only (their home may move)
     from pycaffe_mpi import netparam
-    from pycaffe_mpi.comm import plan
 
     if phase is None and rank is None:  # Caffe's draw_net: every layer
         layers = list(param.layer)
@@ -77,7 +76,7 @@ def _filtered(param: Any, locations: Sequence[str], phase: int | None,
     out = caffe_pb2.NetParameter()
     out.layer.extend(layers)
     if rank is not None:
-        plan.strip_for_rank(out, rank)
+        netparam.strip_for_rank(out, rank)
     return list(out.layer)
 
 
