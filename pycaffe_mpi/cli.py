@@ -174,13 +174,14 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--collective_timeout", type=float, default=0.0, metavar="SECONDS",
                    help="under MPI: end the job when a rank waits longer than SECONDS in one "
                         "collective, naming the rank that never arrived (default 0: off)")
-    p.add_argument("--replicas", type=int, default=1, metavar="R",
+    p.add_argument("--replicas", type=int, default=None, metavar="R",
                    help="data parallelism: the MPI ranks run R replicas of the net (each on "
                         "ranks / R ranks: world rank = replica x ranks/R + model rank; the "
                         "net's mpi_rank rules name model ranks), each reading its share of "
-                        "the data, gradients averaged before every update (Caffe's --gpu "
-                        "0,1,2,3: mpiexec -n 4 ... --gpu 0,1,2,3 --replicas 4). Effective "
-                        "batch: R x batch_size. Default 1")
+                        "the data, gradients averaged before every update. Effective batch: "
+                        "R x batch_size. Default: the solver's replicas field, else 1; a "
+                        "--gpu list of one id per replica (Caffe's mpiexec -n 4 ... --gpu "
+                        "0,1,2,3) implies it")
     p.add_argument("--bucket_mb", type=float, default=None, metavar="MB",
                    help="with --replicas: gradient Allreduce bucket size (default: a quarter "
                         "of the gradients, between 64 KB and 4 MB)")
@@ -314,7 +315,7 @@ def choose_backend(gpu_flag: str, solver_param: Any = None) -> backend_mod.Backe
             raise errors.PycaffeError(
                 "one process drives one GPU: give a single --gpu id (use mpiexec with one id "
                 f"per rank for more; Caffe's multi-GPU training is `mpiexec -n {len(ids)} "
-                f"pycaffe-mpi train --solver S --gpu {gpu_flag} --replicas {len(ids)}`)")
+                f"pycaffe-mpi train --solver SOLVER --gpu {gpu_flag}`)")
         try:
             dev = int(ids[0])
         except ValueError:
@@ -376,24 +377,50 @@ def _install_signal_actions(solver: Any, sigint: str, sighup: str) -> None:
     solver.set_action_function(action)
 
 
+def _replicas_and_gpu(flag: int | None, param: Any, gpu: str, rank: int,
+                      size: int) -> tuple[int, str]:
+    """The replica count and this rank's ``--gpu`` value. The count is ``--replicas`` (it wins
+    over the solver's ``replicas`` field), else the field, else what a ``--gpu`` list says:
+    Caffe's ``--gpu 0,1,2,3`` is one device per replica
+    (:func:`~pycaffe_mpi.comm.replicas.gpu_devices`); one id per rank is MPI-Caffe's rule."""
+    from pycaffe_mpi.comm import replicas as replicas_mod
+    from pycaffe_mpi.solvers import data_parallel
+
+    given = None
+    if flag is not None or param.replicas:
+        given = data_parallel.resolve_replicas(flag, param.replicas, log)
+    ids = [] if gpu == "all" else [g for g in gpu.split(",") if g.strip()]
+    if len(ids) <= 1:
+        return given or 1, per_rank("gpu", gpu, rank, size)
+    try:
+        numbers = [int(g) for g in ids]
+    except ValueError:
+        raise errors.PycaffeError(f'--gpu expects device ids, got "{gpu}"') from None
+    source = "--replicas" if flag is not None else "the solver's replicas field"
+    model = data_parallel.model_ranks(param) if given is None else 1
+    count, devices = replicas_mod.gpu_devices(size, numbers, given, model, source)
+    return count, str(devices[rank])
+
+
 def cmd_train(args: argparse.Namespace, comm: Any) -> int:
     from pycaffe_mpi import solvers
 
     rank, size = comm.rank, comm.size
     args.solver = per_rank("solver", args.solver, rank, size)
     args.weights = per_rank("weights", args.weights, rank, size, split_single=False)
-    # with replicas a snapshot is named by the model rank (rank mod ranks per replica)
-    per_replica = size // args.replicas if args.replicas >= 1 and size % args.replicas == 0 \
-        else size
-    args.snapshot = _own_snapshot(per_rank("snapshot", args.snapshot, rank, size),
-                                  rank % per_replica, per_replica)
-    args.gpu = per_rank("gpu", args.gpu, rank, size)
     if not args.solver:
         raise errors.PycaffeError("train needs --solver (a solver prototxt)")
+    param = solvers.read_solver_param(args.solver)
+    replicas, args.gpu = _replicas_and_gpu(args.replicas, param, args.gpu, rank, size)
+    if replicas != 1 or param.replicas:
+        param.replicas = replicas  # what every rank's Solver checks its peers run
+    # with replicas a snapshot is named by the model rank (rank mod ranks per replica)
+    per_replica = size // replicas if replicas >= 1 and size % replicas == 0 else size
+    args.snapshot = _own_snapshot(per_rank("snapshot", args.snapshot, rank, size),
+                                  rank % per_replica, per_replica)
     if args.snapshot and args.weights:
         raise errors.PycaffeError("give a snapshot to resume training or weights to finetune, "
                                   "but not both")
-    param = solvers.read_solver_param(args.solver)
     stages = [s for s in args.stage.split(",") if s]
     if stages or args.level:
         param.train_state.level = args.level
@@ -405,7 +432,7 @@ def cmd_train(args: argparse.Namespace, comm: Any) -> int:
     comm_mod.set_collective_timeout(comm, args.collective_timeout)
     solver = solvers.Solver(param, backend=backend, comm=comm,
                             same_seed_all_ranks=args.same_seed, nonfinite=args.nonfinite,
-                            source_path=args.solver, replicas=args.replicas,
+                            source_path=args.solver, replicas=replicas,
                             bucket_mb=args.bucket_mb)
     _install_signal_actions(solver, args.sigint_effect, args.sighup_effect)
     if args.weights:

@@ -56,8 +56,9 @@ class Layout:
             raise errors.PycaffeError(f"--replicas must be >= 1, got {self.replicas}")
         if self.world_size % self.replicas:
             raise errors.PycaffeError(
-                f"--replicas {self.replicas} does not divide the {self.world_size} MPI ranks of "
-                "this job: each replica takes world_size / replicas ranks (start "
+                f"--replicas {self.replicas} (or the solver's replicas) does not divide the "
+                f"{self.world_size} MPI ranks of this job: each replica takes world_size / "
+                "replicas ranks (start "
                 f"{self.replicas} x the ranks the net needs, e.g. mpiexec -n "
                 f"{self.replicas * max(1, self.world_size // self.replicas)})")
 
@@ -110,6 +111,60 @@ def plan_buckets(sizes: Sequence[int], ready: Sequence[int], bucket_bytes: int,
         buckets.append(current)
     return buckets
 
+
+
+def gpu_devices(world_size: int, ids: Sequence[int], replicas: int | None,
+                model_ranks: int, replicas_from: str = "--replicas") -> tuple[int, list[int]]:
+    """Caffe's ``--gpu 0,1,2,3`` under MPI: ``(replicas, device of each world rank)``.
+
+    A list of G ids is read one of two ways. *One per replica* (Caffe's multi-GPU form):
+    G replicas, every rank of replica k on device ``ids[k]``; it applies when ``replicas``
+    is G, or when ``replicas`` is None and ``world_size == G x model_ranks``. *One per rank*
+    (MPI-Caffe's rule for every flag): rank w on ``ids[w]``; it applies when G is the world
+    size and the first form does not. A single id is every rank's device.
+
+    Args:
+        world_size: W, the MPI ranks of the job.
+        ids: the device ids, in the order given.
+        replicas: R when given (by ``--replicas`` or the solver's ``replicas`` field, named
+            by ``replicas_from`` in errors), None when not.
+        model_ranks: M, the ranks one copy of the net needs (its ``mpi_rank`` rules); only
+            read when ``replicas`` is None.
+
+    Raises:
+        PycaffeError: when the list fits neither form, naming both ways to fix it.
+    """
+    ids, w = [int(i) for i in ids], int(world_size)
+    g = len(ids)
+    if g == 0:
+        raise errors.PycaffeError("--gpu: no device id given")
+    if g == 1:
+        return (replicas or 1), ids * w
+    if replicas is not None:
+        if g == replicas and w % g == 0:
+            m = w // g
+            return g, [ids[r // m] for r in range(w)]
+        if g == w:
+            return replicas, ids
+        raise errors.PycaffeError(
+            f"--gpu {','.join(map(str, ids))} lists {g} devices, but {replicas_from} is "
+            f"{replicas} on {w} MPI ranks: give one device per replica ({replicas} ids) or one "
+            f"per rank ({w} ids), or drop {replicas_from} to run {g} replicas (mpiexec -n "
+            f"{g} x the ranks the net needs)")
+    m = max(1, int(model_ranks))
+    if g * m == w:
+        return g, [ids[r // m] for r in range(w)]
+    if g == w:
+        return 1, ids
+    if w == 1:
+        raise errors.PycaffeError(
+            f"one process drives one GPU: --gpu {','.join(map(str, ids))} trains {g} replicas "
+            f"with one process each; start them with mpiexec (mpiexec -n {g * m} pycaffe-mpi "
+            f"train ... --gpu {','.join(map(str, ids))})")
+    raise errors.PycaffeError(
+        f"--gpu {','.join(map(str, ids))} lists {g} devices for {w} MPI ranks: as {g} "
+        f"replicas of this net ({m} rank{'s' if m > 1 else ''} each) the job needs "
+        f"mpiexec -n {g * m}; or give one id per rank ({w} ids), or --replicas R with R ids")
 
 # -- the communicators ------------------------------------------------------------------------
 @dataclasses.dataclass

@@ -20,10 +20,14 @@ from typing import Any
 from pycaffe_mpi import errors
 
 #: Solver fields that decide how many forward/backward passes (each one collective through the
-#: comm layers) a rank runs and when; average_loss and display decide the final display pass.
+#: comm layers) a rank runs and when; average_loss and display decide the final display pass;
+#: replicas decides the communicators themselves (the Solver stores the effective count there).
 SEQUENCE_FIELDS = ("max_iter", "iter_size", "test_iter", "test_interval", "test_initialization",
                    "display", "average_loss", "snapshot", "snapshot_after_train",
-                   "test_compute_loss")
+                   "test_compute_loss", "replicas")
+
+#: Fields whose unset value means the same as another (replicas 0: one replica).
+_EFFECTIVE = {"replicas": lambda v: v or 1}
 
 
 def settings_digest(param: Any, extra: dict[str, Any] | None = None) -> list[tuple[str, Any]]:
@@ -31,7 +35,7 @@ def settings_digest(param: Any, extra: dict[str, Any] | None = None) -> list[tup
     then ``extra`` (run options outside the solver file that decide collectives)."""
     out: list[tuple[str, Any]] = []
     for name in SEQUENCE_FIELDS:
-        value = getattr(param, name)
+        value = _EFFECTIVE.get(name, lambda v: v)(getattr(param, name))
         out.append((name, tuple(value) if not isinstance(value, (int, float, bool, str))
                     else value))
     out.extend(sorted((extra or {}).items()))

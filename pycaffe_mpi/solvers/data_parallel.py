@@ -221,6 +221,34 @@ def _ready_layers(net: Any) -> list[int]:
     return [0 if r == len(net.layers) else r for r in ready]
 
 
+def resolve_replicas(flag: int | None, field: int, log: logging.Logger = LOGGER) -> int:
+    """The replica count: ``flag`` (``--replicas``, ``replicas=``) when given, else the solver's
+    ``replicas`` field when set (not 0), else 1. A flag that overrides a different field says so."""
+    if flag is not None:
+        if int(field) != 0 and int(field) != int(flag):
+            log.info("--replicas %d overrides the solver's replicas: %d", int(flag), int(field))
+        return int(flag)
+    return int(field) if int(field) != 0 else 1  # a negative field: setup() refuses it
+
+
+def model_ranks(param: Any) -> int:
+    """The ranks one copy of the solver's train net needs (its ``mpi_rank`` rules and comm-layer
+    roots; 1 for a plain net, and when the net cannot be read here: the solver says why)."""
+    from pycaffe_mpi import netparam
+    from pycaffe_mpi.comm import plan
+
+    try:
+        for field in ("net_param", "train_net_param"):
+            if param.HasField(field):
+                return plan.ranks_needed(getattr(param, field))[0]
+        for field in ("net", "train_net"):
+            if param.HasField(field):
+                return plan.ranks_needed(netparam.read_net(getattr(param, field)).param)[0]
+    except (OSError, errors.PycaffeError):
+        pass
+    return 1
+
+
 def setup(world: Comm | None, replicas: int, bucket_mb: float | None = None,
           overlap: bool = True) -> DataParallel | None:
     """Split ``world`` into ``replicas`` replicas (collective); None when there is one."""
@@ -232,12 +260,13 @@ def setup(world: Comm | None, replicas: int, bucket_mb: float | None = None,
         from pycaffe_mpi import comm as comm_mod
 
         world = comm_mod.world()
-    # NOTE: ranks that disagree would create different groups and wait forever
+    # NOTE: ranks that disagree would create different groups and wait forever (the Solver's
+    # settings agreement has compared the count over the world already; this guards others)
     asked = world.allgather_obj(int(replicas))
     if len(set(asked)) > 1:
         raise errors.SolverError(
             "the ranks disagree on the number of replicas: " + ", ".join(
                 f"rank {r}: {n}" for r, n in enumerate(asked)) + "; give every rank the same "
-            "--replicas")
+            "--replicas or solver field replicas")
     groups = replicas_mod.split(world, int(replicas))
     return DataParallel(groups, bucket_mb, overlap)

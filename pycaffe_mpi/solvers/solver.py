@@ -142,7 +142,8 @@ class Solver(NetsMixin, ReportingMixin, SnapshotMixin):
         source_path: the file a ``SolverParameter`` was read from (named in messages).
         replicas: data-parallel replicas (:mod:`pycaffe_mpi.solvers.data_parallel`): the world
             of ``comm`` runs this many copies of the net, each on world_size / replicas ranks,
-            averaging gradients before every update (default 1: none). bucket_mb: the size of
+            averaging gradients before every update (default: the solver's ``replicas`` field,
+            else 1: none; given and different from the field, this wins). bucket_mb: the size of
             their gradient buckets (default: a quarter of the gradients, 64 KB to 4 MB).
         log: the logger (default ``logging.getLogger("pycaffe_mpi")``).
 
@@ -174,7 +175,7 @@ class Solver(NetsMixin, ReportingMixin, SnapshotMixin):
         nonfinite: str = "stop",
         results: str | os.PathLike | bool | None = None,
         source_path: str | None = None,
-        replicas: int = 1,
+        replicas: int | None = None,
         bucket_mb: float | None = None,
     ) -> None:
         from pycaffe_mpi.pycaffe import settings
@@ -193,6 +194,12 @@ class Solver(NetsMixin, ReportingMixin, SnapshotMixin):
         self.comm = comm
         if comm is not None:
             rank, size = comm.rank, comm.size
+        replicas = data_parallel.resolve_replicas(replicas, param.replicas, self.log)
+        if replicas > 1 or param.replicas:
+            param.replicas = replicas  # ranks agree on what they run (agreement.py)
+        self.nonfinite = nonfinite_mod.check_policy(nonfinite)
+        # NOTE: before the replica split, whose groups ranks that disagree would wait for
+        agreement.check_settings(comm, param, self.source_path, {"nonfinite": self.nonfinite})
         # with replicas the nets see this replica's model ranks; seeds differ per replica
         self.dp = data_parallel.setup(comm, replicas, bucket_mb)
         if self.dp is not None:
@@ -212,9 +219,6 @@ class Solver(NetsMixin, ReportingMixin, SnapshotMixin):
             raise errors.SolverError(
                 f"average_loss should be >= 1, got {param.average_loss}")
         self._check_snapshot_settings()
-        self.nonfinite = nonfinite_mod.check_policy(nonfinite)
-        agreement.check_settings(self.dp.groups.world if self.dp else comm, param,
-                                 self.source_path, {"nonfinite": self.nonfinite})
         self._guard = nonfinite_mod.LossGuard(self.nonfinite, comm)
         self.seed: int | None = None
         # the file's random_seed wins; else caffe.set_random_seed()'s

@@ -13,6 +13,7 @@ weights differ refuse to start; a failure on any replica ends every rank within 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -29,6 +30,7 @@ pytestmark = [pytest.mark.mpi,
               pytest.mark.skipif(mpirun.mpi_unavailable_reason() is not None,
                                  reason=str(mpirun.mpi_unavailable_reason()))]
 
+REPO = Path(__file__).resolve().parents[2]
 WORKERS = Path(__file__).parent / "workers"
 WORKER = WORKERS / "data_parallel.py"
 ITERS = 20
@@ -78,7 +80,7 @@ def lmdb(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return d / "train_lmdb"
 
 
-def train(d: Path, ranks: int, replicas: int, net_text: str, extra: str = "",
+def train(d: Path, ranks: int, replicas: int | str, net_text: str, extra: str = "",
           mode: str = "train", state: str = "", timeout: float = 120) -> Path:
     """Write the net and solver into ``d`` and run the worker; returns ``d``."""
     d.mkdir(parents=True, exist_ok=True)
@@ -467,3 +469,111 @@ def test_buckets_start_as_backward_reaches_them() -> None:
                       "start 2", "start 3", "backward data"]
     for p, w in zip(net.learnable_params, want):
         np.testing.assert_array_equal(p.diff, w)
+
+
+# -- the replica count: solver field, --replicas and Caffe's --gpu list ---------------------------
+def test_replicas_from_the_solver_file(lmdb: Path, reference: Path, tmp_path: Path) -> None:
+    """``replicas: 2`` in the solver file, no ``replicas=``: the same 2 replicas."""
+    run = train(tmp_path, 2, "file", plain_net(lmdb, BATCH // 2), "replicas: 2")
+    assert_same_as_reference(run, reference, 2)
+
+
+def test_replicas_flag_wins_over_the_solver_field(caplog: pytest.LogCaptureFixture) -> None:
+    from pycaffe_mpi.solvers import data_parallel
+
+    with caplog.at_level(logging.INFO, logger="pycaffe_mpi"):
+        assert data_parallel.resolve_replicas(None, 0) == 1
+        assert data_parallel.resolve_replicas(None, 4) == 4
+        assert data_parallel.resolve_replicas(2, 0) == 2
+        assert data_parallel.resolve_replicas(2, 2) == 2
+        assert not caplog.records
+        assert data_parallel.resolve_replicas(2, 4) == 2
+    assert [r.getMessage() for r in caplog.records] == [
+        "--replicas 2 overrides the solver's replicas: 4"]
+
+
+def test_single_process_refuses_a_solver_asking_for_replicas(tmp_path: Path) -> None:
+    from pycaffe_mpi import errors, solvers
+
+    (tmp_path / "net.prototxt").write_text(plain_net(Path("unused"), 2))
+    solver = tmp_path / "solver.prototxt"
+    solver.write_text(solver_text(tmp_path / "net.prototxt", tmp_path / "snap", "replicas: 2"))
+    with pytest.raises(errors.PycaffeError, match=r"replicas\) does not divide the 1 MPI ranks"):
+        solvers.Solver(str(solver))
+
+
+def test_ranks_agree_on_the_replicas_field() -> None:
+    """A field that decides the communicators: ranks that disagree fail together, naming it;
+    unset (0) and 1 mean the same."""
+    from google.protobuf import text_format
+
+    from pycaffe_mpi.proto import caffe_pb2
+    from pycaffe_mpi.solvers import agreement
+
+    def digest(text: str) -> list:
+        return agreement.settings_digest(text_format.Merge(text, caffe_pb2.SolverParameter()))
+
+    assert agreement.first_mismatch([digest(""), digest("replicas: 1")]) is None
+    msg = agreement.first_mismatch([digest("replicas: 2"), digest("replicas: 2"), digest("")])
+    assert msg is not None and 'solver field "replicas": ranks 0,1: replicas = 2; rank 2: ' \
+        "replicas = 1" in msg, msg
+
+
+def test_gpu_list_is_one_device_per_replica() -> None:
+    """Caffe's ``--gpu 0,1,2,3``: G ids, W = G x M ranks -> G replicas, every rank of replica k
+    on ids[k]; with W = G ids and a net of several ranks, MPI-Caffe's one id per rank."""
+    from pycaffe_mpi.comm import replicas
+
+    # a plain net (M = 1) on 4 ranks: 4 replicas, one GPU each
+    assert replicas.gpu_devices(4, [0, 1, 2, 3], None, 1) == (4, [0, 1, 2, 3])
+    # a 3-rank net (MCL over 3 ranks) on 6 ranks with 2 GPUs: 2 replicas sharing a GPU each
+    assert replicas.gpu_devices(6, [0, 1], None, 3) == (2, [0, 0, 0, 1, 1, 1])
+    assert replicas.gpu_devices(8, [3, 2], None, 4) == (2, [3, 3, 3, 3, 2, 2, 2, 2])
+    # the 3-rank net on 3 ranks with 3 ids: one id per rank, one replica (MPI-Caffe)
+    assert replicas.gpu_devices(3, [0, 1, 2], None, 3) == (1, [0, 1, 2])
+    # one id: every rank's; the count comes from elsewhere
+    assert replicas.gpu_devices(4, [1], None, 2) == (1, [1, 1, 1, 1])
+    assert replicas.gpu_devices(4, [1], 2, 1) == (2, [1, 1, 1, 1])
+    # an explicit count: the list is one id per replica, or one per rank
+    assert replicas.gpu_devices(4, [0, 1], 2, 1) == (2, [0, 0, 1, 1])
+    assert replicas.gpu_devices(4, [0, 1, 2, 3], 2, 1) == (2, [0, 1, 2, 3])
+    assert replicas.gpu_devices(4, [0, 1, 2, 3], 4, 9) == (4, [0, 1, 2, 3])
+
+
+def test_gpu_list_that_fits_no_form_is_refused() -> None:
+    from pycaffe_mpi import errors
+    from pycaffe_mpi.comm import replicas
+
+    with pytest.raises(errors.PycaffeError, match=r"--gpu 0,1,2 lists 3 devices, but --replicas "
+                       r"is 2 on 4 MPI ranks: give one device per replica \(2 ids\) or one per "
+                       r"rank \(4 ids\)"):
+        replicas.gpu_devices(4, [0, 1, 2], 2, 1)
+    with pytest.raises(errors.PycaffeError, match="the solver's replicas field is 4"):
+        replicas.gpu_devices(6, [0, 1], 4, 1, "the solver's replicas field")
+    with pytest.raises(errors.PycaffeError, match=r"lists 2 devices for 4 MPI ranks: as 2 "
+                       r"replicas of this net \(3 ranks each\) the job needs mpiexec -n 6"):
+        replicas.gpu_devices(4, [0, 1], None, 3)
+    with pytest.raises(errors.PycaffeError, match=r"one process drives one GPU.*mpiexec -n 2"):
+        replicas.gpu_devices(1, [0, 1], None, 1)
+
+
+def test_train_command_reads_the_count_and_this_ranks_gpu() -> None:
+    """``pycaffe-mpi train``'s choice per rank: --replicas, else the solver field, else the
+    --gpu list (the net's model ranks from its mpi_rank rules)."""
+    from pycaffe_mpi import cli, errors, solvers
+
+    mcl = solvers.read_solver_param(str(REPO / "solvers" / "cifar10_mcl.prototxt"))  # 3 ranks
+    quick = solvers.read_solver_param(str(REPO / "models/cifar10_quick/solver.prototxt"))
+    assert [cli._replicas_and_gpu(None, mcl, "0,1", r, 6) for r in range(6)] == \
+        [(2, "0")] * 3 + [(2, "1")] * 3
+    assert [cli._replicas_and_gpu(None, quick, "0,1", r, 2) for r in range(2)] == \
+        [(2, "0"), (2, "1")]
+    assert cli._replicas_and_gpu(None, quick, "", 1, 4) == (1, "")
+    assert cli._replicas_and_gpu(4, quick, "all", 1, 4) == (4, "all")
+    assert cli._replicas_and_gpu(2, quick, "0,1,2,3", 3, 4) == (2, "3")  # one id per rank
+    quick.replicas = 2
+    assert cli._replicas_and_gpu(None, quick, "5,6", 1, 4) == (2, "5")
+    with pytest.raises(errors.PycaffeError, match="--replicas is 4 on 6 MPI ranks"):
+        cli._replicas_and_gpu(4, mcl, "0,1", 0, 6)
+    with pytest.raises(errors.PycaffeError, match='--gpu expects device ids, got "0,x"'):
+        cli._replicas_and_gpu(None, quick, "0,x", 0, 2)

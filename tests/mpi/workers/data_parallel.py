@@ -2,7 +2,8 @@
 
 Run as ``mpiexec -n N python -m mpi4py data_parallel.py SOLVER OUTDIR REPLICAS MODE [STATE]``.
 Every rank builds a float64 :class:`~pycaffe_mpi.solvers.Solver` on the world communicator with
-``replicas=REPLICAS`` and trains to ``max_iter`` through ``solve`` (which checks the replicas'
+``replicas=REPLICAS`` (``file``: none given, the solver file's ``replicas`` field decides) and
+trains to ``max_iter`` through ``solve`` (which checks the replicas'
 weights digest first). MODE:
 
 - ``train``: world rank 0 writes the per-iteration losses (``OUTDIR/losses.json``; with
@@ -26,7 +27,8 @@ from pycaffe_mpi import comm as comm_mod
 from pycaffe_mpi import solvers
 
 
-def main(solver_path: str, outdir: str, replicas: int, mode: str, state: str = "") -> None:
+def main(solver_path: str, outdir: str, replicas: int | None, mode: str,
+         state: str = "") -> None:
     world = comm_mod.world()
     if not world.is_mpi:
         sys.exit("run this worker under mpiexec")
@@ -54,4 +56,5 @@ def main(solver_path: str, outdir: str, replicas: int, mode: str, state: str = "
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], *sys.argv[5:6])
+    main(sys.argv[1], sys.argv[2], None if sys.argv[3] == "file" else int(sys.argv[3]),
+         sys.argv[4], *sys.argv[5:6])
