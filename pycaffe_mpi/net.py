@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import collections
 import logging
-import os
 import zlib
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -29,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from pycaffe_mpi import backend as backend_mod
-from pycaffe_mpi import errors, fillers, netparam, registry, upgrade
+from pycaffe_mpi import errors, fillers, net_weights, netparam, registry, upgrade
 from pycaffe_mpi.blob import Blob, name_layer
 from pycaffe_mpi.comm.plan import (
     COMM_TYPES,
@@ -497,85 +496,18 @@ class Net(NetApi):
                 dst.share(s)
 
     def copy_trained_layers_from(self, source: str | Any) -> None:
-        """Caffe's ``CopyTrainedLayersFrom``: copy parameter blobs by layer name."""
-        from pycaffe_mpi import snapshot as io
-
-        if isinstance(source, (str, os.PathLike)):
-            path = str(source)
-            from pycaffe_mpi import snapshot_hdf5
-
-            if snapshot_hdf5.is_hdf5(path):  # by content, as Caffe's H5Fis_hdf5
-                snapshot_hdf5.load_caffemodel(self, path)
-                return
-            src = io.read_proto_binary(path, caffe_pb2.NetParameter())
-        else:
-            path, src = "<NetParameter>", caffe_pb2.NetParameter()
-            src.CopyFrom(source)
-        upgrade.upgrade_net_as_needed(path, src)  # V0/V1 .caffemodel files
-        copied, nonfinite = [], []
-        for sl in src.layer:
-            if sl.name not in self.layer_dict:
-                log.info("Ignoring source layer %s", sl.name)
-                continue
-            log.debug("Copying source layer %s", sl.name)
-            layer = self.layer_dict[sl.name]
-            self._load_layer_blobs(layer, sl.blobs, path)
-            if len(sl.blobs):
-                copied.append(sl.name)
-            if any(not bool(self.backend.xp.isfinite(b.data).all()) for b in layer.blobs):
-                nonfinite.append(sl.name)
-        # NOTE: Caffe copies silently; a file that matches nothing (a mean .binaryproto, an
-        # empty or foreign model) would leave the net at its random initial weights
-        learnable = [n for n, lay in zip(self.layer_names, self.layers) if len(lay.blobs)]
-        if learnable and not copied:
-            log.warning("WEIGHTS NOT LOADED: %s copied no layer into net %s (the file has %d "
-                        "layer(s) with weights, none named like this net's learnable layers "
-                        "%s); the net keeps its initial weights", path, self.name,
-                        sum(1 for sl in src.layer if len(sl.blobs)), learnable[:8])
-        if nonfinite:
-            log.warning("NON-FINITE WEIGHTS: %s brought NaN or Inf values into layer(s) %s",
-                        path, nonfinite)
+        """Caffe's ``CopyTrainedLayersFrom``: copy parameter blobs by layer name
+        (:func:`pycaffe_mpi.net_weights.copy_trained_layers`)."""
+        net_weights.copy_trained_layers(self, source)
 
     def _load_layer_blobs(self, layer: Layer, blob_protos: Sequence[Any], path: str) -> None:
-        """Copy saved blobs into ``layer``'s parameters, with Caffe's checks."""
-        from pycaffe_mpi import snapshot as io
-
-        name = layer.name
-        if len(blob_protos) != len(layer.blobs):
-            raise errors.SnapshotError(
-                f'{path}: incompatible number of blobs for layer "{name}": '
-                f"{len(blob_protos)} in the file, {len(layer.blobs)} in the net")
-        for j, (bp, blob) in enumerate(zip(blob_protos, layer.blobs)):
-            arr = io.blobproto_to_array(bp)
-            if tuple(arr.shape) != tuple(blob.shape):
-                legacy = arr.size == blob.count and \
-                    _legacy_shape(arr.shape) == _legacy_shape(blob.shape)
-                if not legacy:
-                    raise errors.ShapeError(
-                        f'{path}: cannot copy param {j} weights from layer "{name}"; '
-                        f"shape mismatch. Source param shape is {tuple(arr.shape)}; target "
-                        f"param shape is {tuple(blob.shape)}. To learn this layer's "
-                        "parameters from scratch rather than copying from a saved net, "
-                        "rename the layer.")
-                arr = arr.reshape(blob.shape)
-            blob.data[...] = self.backend.asarray(arr, self.dtype)
+        net_weights.load_layer_blobs(self, layer, blob_protos, path)
 
     copy_from = copy_trained_layers_from
 
     def to_proto(self, write_diff: bool = False) -> Any:
         """The net as a NetParameter with each layer's blobs (a .caffemodel's content)."""
-        from pycaffe_mpi import snapshot as io
-
-        out = caffe_pb2.NetParameter(name=self.name)
-        for lp, layer in zip(self.param.layer, self.layers):
-            dst = out.layer.add()
-            dst.CopyFrom(lp)
-            del dst.blobs[:]
-            for b in layer.blobs:
-                diff = self.backend.to_host(b.diff) if write_diff else None
-                dst.blobs.add().CopyFrom(io.array_to_blobproto(
-                    self.backend.to_host(b.data), diff, double=self.dtype == np.float64))
-        return out
+        return net_weights.to_proto(self, write_diff)
 
     def save(self, path: str) -> None:
         """Write the weights as a binary .caffemodel (atomically)."""
@@ -637,8 +569,3 @@ def _layer_rng(entropy: int, name: str) -> np.random.Generator:
     """The random generator of the layer called ``name`` in a net seeded with ``entropy``."""
     return np.random.default_rng(np.random.SeedSequence(entropy, spawn_key=(zlib.crc32(
         name.encode()),)))
-
-
-def _legacy_shape(shape: Sequence[int]) -> tuple[int, ...]:
-    s = tuple(shape)
-    return (1,) * (4 - len(s)) + s if len(s) <= 4 else s
