@@ -5,7 +5,9 @@ label input and SoftmaxWithLoss on top), fills its input with N(0, 1) data and r
 and prints, in one run: the mean forward+backward time per step, images per second, and each
 layer type's share of the step (forward and backward summed over the layers of that type), with
 the slowest single layers. It is the baseline the CPU speed work measures itself against; ratios
-between nets and layer types are what carries over between machines.
+between nets and layer types are what carries over between machines. ``bench/bench_cpu.py``
+times ResNet-50 and MobileNet v1 against their GEMM floor and PyTorch in one run; this one
+covers the rest of the zoo.
 
 Run it with OpenBLAS's machine overrides unset (they force half-speed kernels here)::
 
