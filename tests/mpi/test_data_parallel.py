@@ -577,3 +577,29 @@ def test_train_command_reads_the_count_and_this_ranks_gpu() -> None:
         cli._replicas_and_gpu(4, mcl, "0,1", 0, 6)
     with pytest.raises(errors.PycaffeError, match='--gpu expects device ids, got "0,x"'):
         cli._replicas_and_gpu(None, quick, "0,x", 0, 2)
+
+
+def test_documented_commands_parse_and_name_shipped_files() -> None:
+    """docs/data_parallel.md goes into the README: its shell blocks' ``pycaffe-mpi`` commands
+    parse and the files they name under models/ and solvers/ exist (as the README's test)."""
+    import shlex
+
+    from pycaffe_mpi import cli
+
+    parser, in_block, commands = cli.build_parser(), False, []
+    for line in (REPO / "docs" / "data_parallel.md").read_text().splitlines():
+        if line.startswith("```"):
+            in_block = line.strip() in ("```sh", "```bash", "```shell")
+            continue
+        text = line.split("#", 1)[0].strip()
+        words = shlex.split(text) if in_block and "pycaffe-mpi " in text else []
+        at = [i for i, w in enumerate(words) if os.path.basename(w) == "pycaffe-mpi"]
+        if at:
+            commands.append(words[at[0] + 1:])
+    assert len(commands) >= 6, commands
+    for argv in commands:
+        args = parser.parse_args(cli.normalise_argv(argv, parser))
+        for path in (getattr(args, "solver", "") or "").split(",") + \
+                (getattr(args, "model", "") or "").split(","):
+            if path.startswith(("models/", "solvers/")):
+                assert (REPO / path).is_file(), f"{' '.join(argv)}: {path} does not exist"
