@@ -228,18 +228,19 @@ layer {{ name: "loss" type: "SoftmaxWithLoss" bottom: "score" bottom: "label" to
 
 
 def launch_cli(d: Path, fault: dict, timeout: float, module: str = "faults",
-               layer: str = "Fault") -> tuple[subprocess.CompletedProcess, float]:
+               layer: str = "Fault", solver_extra: str = "",
+               flags: tuple[str, ...] = ("--replicas", "2"),
+               ) -> tuple[subprocess.CompletedProcess, float]:
     (d / "net.prototxt").write_text(faulty_net(fault, module, layer))
     solver = d / "solver.prototxt"
     solver.write_text(f"""net: "{d / 'net.prototxt'}"
 base_lr: 0.01 momentum: 0.9 lr_policy: "fixed" max_iter: 8 display: 1
-snapshot: 4 snapshot_prefix: "{d / 'job'}" random_seed: 1 solver_mode: CPU
+snapshot: 4 snapshot_prefix: "{d / 'job'}" random_seed: 1 solver_mode: CPU {solver_extra}
 """)
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(WORKERS), env.get("PYTHONPATH", "")]).rstrip(
         os.pathsep)
-    cli = [sys.executable, "-m", "pycaffe_mpi.cli", "train", "--solver", str(solver),
-           "--replicas", "2"]
+    cli = [sys.executable, "-m", "pycaffe_mpi.cli", "train", "--solver", str(solver), *flags]
     t0 = time.monotonic()
     try:
         proc = mpirun.run_mpi(4, cli, timeout=timeout, env=env, cwd=d)
@@ -476,6 +477,23 @@ def test_replicas_from_the_solver_file(lmdb: Path, reference: Path, tmp_path: Pa
     """``replicas: 2`` in the solver file, no ``replicas=``: the same 2 replicas."""
     run = train(tmp_path, 2, "file", plain_net(lmdb, BATCH // 2), "replicas: 2")
     assert_same_as_reference(run, reference, 2)
+
+
+def test_cli_replicas_from_the_solver_field_and_the_flag_over_it(tmp_path: Path) -> None:
+    """4 ranks of the 2-rank net: ``replicas: 2`` in the solver file alone makes 2 replicas;
+    ``--replicas 2`` overrides ``replicas: 4``, saying so."""
+    quiet = {"rank": 0, "phase": "none"}
+    (tmp_path / "a").mkdir()
+    proc, _ = launch_cli(tmp_path / "a", quiet, 90, solver_extra="replicas: 2", flags=())
+    assert proc.returncode == 0, proc.stderr
+    assert "Data parallel: replica 0 of 2" in proc.stderr, proc.stderr
+    assert (tmp_path / "a" / "job_iter_4_rank_1_replica_1.solverstate").is_file()
+    (tmp_path / "b").mkdir()
+    proc, _ = launch_cli(tmp_path / "b", quiet, 90, solver_extra="replicas: 4",
+                         flags=("--replicas", "2"))
+    assert proc.returncode == 0, proc.stderr
+    assert "--replicas 2 overrides the solver's replicas: 4" in proc.stderr, proc.stderr
+    assert "Data parallel: replica 0 of 2" in proc.stderr, proc.stderr
 
 
 def test_replicas_flag_wins_over_the_solver_field(caplog: pytest.LogCaptureFixture) -> None:
