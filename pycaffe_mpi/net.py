@@ -183,7 +183,8 @@ class Net(NetApi):
             dup = next(lp.name for lp in param.layer if lp.name in seen or seen.add(lp.name))
             raise errors.NetError(f'duplicate layer name "{dup}": layer names must be unique')
         for i, lp in enumerate(param.layer):
-            loc = prepared.location(i)
+            # the Input layer made from input fields has no line: name at least the file
+            loc = prepared.location(i) or (prepared.path or "")
             cls = registry.layer_class(lp.type, errors.layer_where(lp, loc))
             fillers.check_layer_fillers(lp, loc)  # before any layer draws from a bad filler
             lp.phase = self.phase
@@ -209,7 +210,9 @@ class Net(NetApi):
                 self._producer[t] = lp.name
                 available[t] = None
                 tops.append(blob)
+            before = [tuple(b.shape) for b in bottoms]
             self._setup_layer(layer, lp, bottoms, tops)
+            self._check_in_place(layer, lp, bottoms, before)
             if len(lp.blobs):  # a NetParameter that carries its weights (after setup, so
                 # user Python layers that add_blob unconditionally do not double them)
                 self._load_layer_blobs(layer, lp.blobs, self.source_path or "<NetParameter>")
@@ -244,6 +247,7 @@ class Net(NetApi):
             if not python_layer.is_user_layer(layer) and not isinstance(e, SystemExit):
                 if isinstance(e, MemoryError):  # a NumPy temporary past the memory limit
                     raise name_layer(e, layer) from e
+                _raise_if_empty(layer, bottoms, e)
                 if isinstance(e, (ValueError, IndexError, TypeError)):
                     raise errors.ShapeError(
                         f"{errors.layer_where(lp, layer.location)}: cannot set up: "
@@ -264,6 +268,17 @@ class Net(NetApi):
         for t, w in zip(tops, weights):
             if w:
                 t.diff[...] = w
+
+    def _check_in_place(self, layer: Layer, lp: Any, bottoms: list[Blob],
+                        before: list[tuple[int, ...]]) -> None:
+        """An in-place top (named like its bottom) must keep the bottom's shape: a layer that
+        changes it would read its input through the output's shape."""
+        for j, (b, t) in enumerate(zip(lp.bottom, lp.top)):
+            if b == t and tuple(bottoms[j].shape) != before[j]:
+                raise errors.NetError(
+                    f"{errors.layer_where(lp, layer.location)}, field top: computing in place "
+                    f'would change blob "{t}" from {before[j]} to {tuple(bottoms[j].shape)}; '
+                    "give the top its own name")
 
     def _append_params(self, i: int, layer: Layer, lp: Any) -> None:
         if len(lp.param) > len(layer.blobs):

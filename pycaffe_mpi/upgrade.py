@@ -403,6 +403,25 @@ def net_needs_upgrade(param: Any) -> bool:
 
 def upgrade_net_as_needed(source: str, param: Any, locations: Sequence[str] | None = None,
                           log: logging.Logger = log) -> tuple[bool, list[str]]:
+    """Upgrade ``param`` in place, as Caffe's ``UpgradeNetAsNeeded``; an error names the file
+    (and the line of the layer it names, where known)."""
+    locs = list(locations) if locations is not None else []
+    names = [lc.layer.name if lc.HasField("layer") else lc.name for lc in param.layers]
+    names += [lp.name for lp in param.layer]
+    try:
+        return _upgrade_net_as_needed(source, param, locations, log)
+    except errors.PrototxtError as e:
+        msg = str(e)
+        named = [i for i, n in enumerate(names) if msg.startswith(f'layer "{n}"')]
+        where = locs[named[0]] if named and named[0] < len(locs) and locs[named[0]] else \
+            ("" if source.startswith("<") else source)
+        if not where or where in msg:
+            raise
+        raise errors.PrototxtError(f"{where}: {msg}") from None
+
+
+def _upgrade_net_as_needed(source: str, param: Any, locations: Sequence[str] | None = None,
+                           log: logging.Logger = log) -> tuple[bool, list[str]]:
     """Upgrade ``param`` in place, as Caffe's ``UpgradeNetAsNeeded``.
 
     Args:

@@ -3,6 +3,7 @@ of another type, no runaway thread or allocation."""
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from pathlib import Path
@@ -170,14 +171,21 @@ layer { name: "pool" type: "Pooling" bottom: "x" top: "p"
 """
 
 
-def test_pooling_work_buffer_past_int_max_names_the_layer(tmp_path: Path):
-    """A stride far past the input made AVE pooling ask NumPy for a stride² work buffer:
-    a raw ValueError ("Maximum allowed dimension exceeded") in forward."""
-    path = _write(tmp_path, QUICK.replace("stride: 2", "stride: 2147483647"))
+def _forward_backward(path: Path) -> None:
     net = Net(str(path), 0)
-    with harness.limits(), pytest.raises(errors.ShapeError,
-                                         match=rf'{path}:3: layer "pool".*work buffer'):
-        net.forward()
+    net.forward()
+    net.backward()
+
+
+def test_pooling_huge_stride_runs_or_names_the_layer(tmp_path: Path):
+    """A stride far past the input made AVE pooling ask NumPy for a stride² work buffer:
+    a raw ValueError ("Maximum allowed dimension exceeded") in forward. Now it runs (as in
+    Caffe) or, where a kernel needs that buffer, is a ShapeError naming the layer."""
+    path = _write(tmp_path, "force_backward: true\n" +
+                  QUICK.replace("stride: 2", "stride: 2147483647"))
+    error = harness.expect_clean(_forward_backward, path)
+    assert error is None or (isinstance(error, errors.ShapeError) and
+                             f'{path}:4: layer "pool"' in str(error)), error
 
 
 def test_lrn_huge_local_size_names_the_layer(tmp_path: Path):
@@ -209,4 +217,78 @@ def test_data_layer_errors_give_file_and_line(tmp_path: Path):
     path = _write(tmp_path, text.replace(f'source: "{data / "db"}"', 'source: "nowhere"', 1))
     with pytest.raises(errors.DataError, match=rf'^{path}:4: layer "cifar" \(type Data\), '
                                                "field data_param.source"):
+        Net(str(path), 0)
+
+
+EMPTY = """force_backward: true
+layer { name: "in" type: "Input" top: "x" input_param { shape { dim: 0 dim: 3 dim: 8 dim: 8 } } }
+layer { name: "l" type: "%s" bottom: "x" top: "y" %s }
+"""
+
+
+@pytest.mark.parametrize(("type_", "params"), [
+    ("Convolution", "convolution_param { num_output: 2 kernel_size: 3 }"),
+    ("Pooling", "pooling_param { pool: MAX kernel_size: 3 stride: 2 }"),
+    ("BatchNorm", ""),
+    ("ArgMax", ""),
+])
+def test_empty_batch_is_a_located_shape_error(type_: str, params: str, tmp_path: Path):
+    """``dim: 0`` (Caffe runs an empty batch as a no-op) used to end in raw ValueErrors and
+    IndexErrors from the kernels: a layer runs it or says it cannot, naming itself."""
+    path = _write(tmp_path, EMPTY % (type_, params))
+    error = harness.expect_clean(_forward_backward, path)
+    assert error is None or (isinstance(error, errors.ShapeError) and
+                             re.search(rf'{path}:3: layer "l".*empty bottom', str(error))), error
+
+
+@pytest.mark.parametrize(("type_", "params"), [
+    ("Pooling", "pooling_param { pool: MAX kernel_size: 2 stride: 2 }"),
+    ("Im2col", "convolution_param { kernel_size: 3 }"),
+    ("InnerProduct", "inner_product_param { num_output: 4 }"),
+])
+def test_in_place_layer_that_changes_the_shape_is_refused(type_: str, params: str,
+                                                          tmp_path: Path):
+    """A top named like its bottom on a pooling layer used to fail in forward with a raw
+    ValueError (the layer read its input through the output's shape)."""
+    text = (EMPTY % (type_, params)).replace("dim: 0", "dim: 2").replace('top: "y"', 'top: "x"')
+    path = _write(tmp_path, text)
+    with pytest.raises(errors.NetError, match=rf'{path}:3: layer "l".*in place would change '
+                                              r'blob "x" from \(2, 3, 8, 8\)'):
+        Net(str(path), 0)
+
+
+def test_in_place_layers_that_keep_the_shape_still_work(tmp_path: Path):
+    text = (EMPTY % ("ReLU", "")).replace("dim: 0", "dim: 2").replace('top: "y"', 'top: "x"')
+    net = Net(str(_write(tmp_path, text)), 0)
+    assert net.forward()["x"].shape == (2, 3, 8, 8)
+
+
+V0 = """name: "v0"
+input: "data"
+input_dim: 2 input_dim: 3 input_dim: 8 input_dim: 8
+layers { layer { name: "conv1" type: "conv" num_output: 4 kernelsize: 3 } bottom: "data"
+  top: "conv1" }
+layers { layer { name: "ip" type: "Silence" } bottom: "conv1" top: "ip" }
+"""
+
+
+def test_v0_upgrade_error_names_file_and_line(tmp_path: Path):
+    path = _write(tmp_path, V0)
+    with pytest.raises(errors.PrototxtError, match=rf'^{path}:6: layer "ip": Unknown layer '
+                                                   "name: Silence"):
+        Net(str(path), 0)
+
+
+def test_v1_upgrade_error_names_the_file(tmp_path: Path):
+    text = 'layers { name: "a" type: RELU }\nlayer { name: "b" type: "ReLU" }\n'
+    path = _write(tmp_path, text)
+    with pytest.raises(errors.PrototxtError, match=rf"^{path}: Refusing to upgrade"):
+        Net(str(path), 0)
+
+
+def test_input_field_layer_errors_name_the_file(tmp_path: Path):
+    """The Input layer made from ``input``/``input_dim`` fields has no line of its own."""
+    text = 'input: "data"\ninput_dim: -2 input_dim: 3 input_dim: 8 input_dim: 8\n'
+    path = _write(tmp_path, text)
+    with pytest.raises(errors.ShapeError, match=rf'^{path}: layer "input" \(type Input\)'):
         Net(str(path), 0)
