@@ -50,8 +50,11 @@ def fuzz_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def net_seeds(fuzz_dir: Path) -> list[tuple[str, str]]:
     """(path relative to the repository, localised text) of every shipped net."""
-    return Seeds((str(p.relative_to(harness.ROOT)),
-                  harness.localise_net(p.read_text(), fuzz_dir)) for p in harness.seed_nets())
+    seeds = Seeds((str(p.relative_to(harness.ROOT)),
+                   harness.localise_net(p.read_text(), fuzz_dir)) for p in harness.seed_nets())
+    quick = dict(seeds)["models/cifar10_quick/train_test.prototxt"]
+    seeds.append(("v1/models/cifar10_quick/train_test.prototxt", harness.as_v1(quick)))
+    return seeds
 
 
 @pytest.fixture(scope="session")

@@ -64,6 +64,20 @@ def localise_net(text: str, data: Path) -> str:
     return re.sub(r"(\bdim:\s*)\d+(\s+dim:\s*3\s+dim:\s*32)", rf"\g<1>{BATCH}\2", text)
 
 
+def as_v1(text: str) -> str:
+    """A current-format net written in Caffe's V1 format (``layers`` blocks, enum types,
+    ``blobs_lr``), so the fuzz reaches the upgrade path from a shipped net."""
+    from pycaffe_mpi import upgrade
+    from pycaffe_mpi.proto import caffe_pb2
+
+    enum = caffe_pb2.V1LayerParameter.LayerType
+    names = {v: enum.Name(k) for k, v in upgrade.V1_TYPES.items() if v}
+    text = re.sub(r"\blayer(\s*)\{", r"layers\1{", text)
+    text = re.sub(r'\btype:\s*"(\w+)"', lambda m: f"type: {names[m.group(1)]}"
+                  if m.group(1) in names else m.group(0), text)
+    return re.sub(r"\bparam\s*\{\s*lr_mult:\s*([\d.]+)\s*\}", r"blobs_lr: \1", text)
+
+
 _RUN_LENGTH = {"max_iter": 1, "test_iter": 1, "test_interval": 1, "display": 1, "snapshot": 0}
 
 
