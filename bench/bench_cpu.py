@@ -284,6 +284,10 @@ def report(name: str, batch: int, ours: dict | None, nchw: dict | None,
     spec = NETS[name]
     print(f"\n{spec.title}, batch {batch}")
     if ours is None:
+        for label, res in (("torch NCHW", nchw), ("torch ch_last", cl)):
+            if res is not None:
+                print(f"  {label:<13} {res['step'] * 1e3:9.1f} ms  peak RSS "
+                      f"{res['peak']:7.0f} MiB (ours failed: no ratios)")
         return
     floor = sum(ours["floor"].values())
     step = ours["step"]
@@ -355,6 +359,7 @@ def main() -> int:
     torch_version = None if args.no_torch else torch_available()
     header(args, torch_version)
     t0 = time.perf_counter()
+    results = []
     for name, batch in runs:
         ours = run_worker("ours", name, batch, args)
         nchw = cl = None
@@ -362,9 +367,33 @@ def main() -> int:
             nchw = run_worker("torch", name, batch, args)
             cl = run_worker("torch_cl", name, batch, args)
         report(name, batch, ours, nchw, cl)
+        results.append((name, batch, ours, nchw, cl))
         sys.stdout.flush()
+    summary(results)
     print(f"\n(whole run {math.ceil(time.perf_counter() - t0)} s)")
     return 0
+
+
+def summary(results: list[tuple[str, int, dict | None, dict | None, dict | None]]) -> None:
+    """One line per net: the ratios the speed work is judged by (lower is better for us)."""
+    print("\nsummary: ours / GEMM floor, ours / PyTorch NCHW, ours / PyTorch channels_last "
+          "(step time); peak RSS ours / PyTorch NCHW")
+    print(f"  {'net':<28} {'step ms':>9} {'/floor':>7} {'/NCHW':>7} {'/ch_last':>8} "
+          f"{'RSS MiB':>8} {'/NCHW':>7}")
+
+    def ratio(a: float, res: dict | None, key: str) -> str:
+        return f"{a / res[key]:.2f}x" if res else "-"
+
+    for name, batch, ours, nchw, cl in results:
+        title = f"{NETS[name].title}, b{batch}"
+        if ours is None:
+            print(f"  {title:<28} failed")
+            continue
+        floor = sum(ours["floor"].values())
+        step = ours["step"]
+        print(f"  {title:<28} {step * 1e3:9.1f} {step / floor:6.2f}x "
+              f"{ratio(step, nchw, 'step'):>7} {ratio(step, cl, 'step'):>8} "
+              f"{ours['peak']:8.0f} {ratio(ours['peak'], nchw, 'peak'):>7}")
 
 
 if __name__ == "__main__":
