@@ -134,8 +134,7 @@ class PoolingLayer(Layer):
         if self.pool == _POOL.AVE:
             area = pool_k.ave_divisor((h, w), self.kernel, self.stride, self.pad, self.out)
             self.inv_area = self.xp.asarray(1.0 / area, dtype=self.dtype)
-        self.arg_dtype = np.uint8 if max(self.kernel) <= 256 else np.int32
-        self.phases = pool_k.phases(shape, self.kernel, self.stride, self.pad, self.out)
+        self.geom = pool_k.geometry(shape, self.kernel, self.stride, self.pad, self.out)
 
     def forward(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
         x, y = bottom[0].data, top[0].data
@@ -152,11 +151,11 @@ class PoolingLayer(Layer):
             else:
                 y[..., 0, 0] = xr.sum(axis=2) * (1.0 / (h * w))
         elif self.pool == _POOL.MAX:
-            pool_k.max_forward(self.xp, x, y, self.phases, self._bufs, self.arg_dtype)
+            pool_k.max_forward(self.xp, x, y, self.geom, self._bufs)
             if len(top) > 1:
-                self.argk = pool_k.max_argk(self.xp, self.phases, self._bufs, self.arg_dtype)
+                self.argk = pool_k.max_argk(self.xp, self.geom, self._bufs)
         else:
-            pool_k.ave_forward(self.xp, x, y, self.inv_area, self.phases, self._bufs)
+            pool_k.ave_forward(self.xp, x, y, self.inv_area, self.geom, self._bufs)
         if len(top) > 1:
             top[1].data[...] = self._mask_index(w).reshape(top[1].shape)
 
@@ -200,9 +199,9 @@ class PoolingLayer(Layer):
             else:
                 dxr[...] = dy.reshape(n * c, 1) * (1.0 / (h * w))
         elif self.pool == _POOL.MAX:
-            pool_k.max_backward(self.xp, dy, dx, self.phases, self._bufs, self.arg_dtype)
+            pool_k.max_backward(self.xp, dy, dx, self.geom, self._bufs)
         else:
-            pool_k.ave_backward(self.xp, dy, dx, self.inv_area, self.phases, self._bufs)
+            pool_k.ave_backward(self.xp, dy, dx, self.inv_area, self.geom, self._bufs)
 
 
 @register_layer("LRN")

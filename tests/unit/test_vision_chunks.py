@@ -15,6 +15,7 @@ from pycaffe_mpi import errors
 from pycaffe_mpi.kernels import im2col as im2col_kernels
 from pycaffe_mpi.kernels import pooling as pooling_kernels
 from pycaffe_mpi.testing.cases import conv as conv_cases
+from pycaffe_mpi.testing.cases import vision as vision_cases
 from pycaffe_mpi.testing.layer_cases import LayerCase, build_layer
 
 
@@ -74,9 +75,7 @@ def _naive_max_pool(x, k, s):
     return y, mask
 
 
-@pytest.mark.parametrize("chunk", [1 << 18, 7])
-def test_max_pool_ties_go_to_the_first_maximum(monkeypatch, chunk):
-    monkeypatch.setattr(pooling_kernels, "CHUNK_ELEMENTS", chunk)
+def test_max_pool_ties_go_to_the_first_maximum():
     rng = np.random.default_rng(1)
     x = rng.integers(0, 3, size=(3, 2, 11, 10)).astype(np.float64)  # many ties
     case = LayerCase("Pooling", "ties", "pooling_param { pool: MAX kernel_size: 3 stride: 2 }",
@@ -232,3 +231,25 @@ def test_spp_caffe_output_dims(shape, height, width):
     case = LayerCase("SPP", "dims", f"spp_param {{ pyramid_height: {height} }}", bottoms=[shape])
     _, _, tb = build_layer(case, [np.zeros(shape, np.float32)], np.float32)
     assert tb[0].shape == (shape[0], width)
+
+
+@pytest.mark.parametrize(("proto", "kernel", "stride", "pad"), [
+    ("kernel_size: 3 stride: 3 pad: 1", (3, 3), (3, 3), (1, 1)),
+    ("kernel_size: 17 stride: 2 pad: 4", (17, 17), (2, 2), (4, 4)),  # offsets past uint8
+])
+@pytest.mark.parametrize("chunk", [1 << 15, 1])
+def test_max_pool_over_chunks_of_planes_equals_reference(monkeypatch, proto, kernel, stride, pad,
+                                                         chunk):
+    monkeypatch.setattr(pooling_kernels, "MAX_CHUNK_ELEMENTS", chunk)  # 1: one plane per chunk
+    x = np.random.default_rng(2).standard_normal((2, 3, 19, 21))
+    case = LayerCase("Pooling", "chunks", f"pooling_param {{ pool: MAX {proto} }}",
+                     bottoms=[x.shape], ntop=2)
+    tops, dx, _, _ = _run(case, x)
+    want = vision_cases.pool_reference(x, kernel, stride, pad, "MAX", True, True)
+    np.testing.assert_array_equal(tops[0], want[0])
+    np.testing.assert_array_equal(tops[1], want[1])
+    dy = np.random.default_rng(3).standard_normal(want[0].shape)
+    want_dx = np.zeros((6, 19 * 21))
+    np.add.at(want_dx, (np.arange(6)[:, None], want[1].reshape(6, -1).astype(int)),
+              dy.reshape(6, -1))
+    np.testing.assert_allclose(dx, want_dx.reshape(x.shape), rtol=1e-12)

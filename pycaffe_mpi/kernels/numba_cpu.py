@@ -1,0 +1,97 @@
+"""CPU kernels compiled by numba: the memory-bound passes of pooling and im2col/col2im.
+
+NumPy runs these as many whole-array passes (one per kernel offset, each streaming the batch
+through memory); a compiled loop reads each input once and writes each output once. Arrays are
+C-contiguous; each function works for float32 and float64 (numba compiles one version per
+argument type on first use).
+
+NOTE: ``cache=True`` keeps the compiled code on disk (``__pycache__``), so only the first process
+on a machine pays the compile time (~1 s per kernel and dtype); later ones load it in
+milliseconds. numba is imported here, and this module is imported lazily by the kernels that use
+it, so ``import pycaffe_mpi`` does not pay numba's import time.
+"""
+
+from __future__ import annotations
+
+import numba
+
+_jit = numba.njit(cache=True, nogil=True, boundscheck=False)
+
+
+# -- pooling over (planes, H, W) ---------------------------------------------------------------
+# Window (oh, ow) covers rows oh·sh − ph + i, i < kh, and columns ow·sw − pw + j, j < kw, clipped
+# to the image; ``arg`` holds the offset i·kw + j of its first maximum in row-major order
+# (Caffe's strict ``>``).
+
+
+@_jit
+def _split(x, p0, m, xph, th, tw, ph, pw):
+    """Planes ``p0:p0+m`` of ``x`` into the stride-phase planes ``xph`` ``(sh, sw, n)``:
+    ``xph[a, b, q·th·tw + t·tw + u] = x[p0 + q, t·sh + a − ph, u·sw + b − pw]``; cells that no
+    image cell lands on are left as they are (the caller fills them with the padding value)."""
+    sh, sw = xph.shape[0], xph.shape[1]
+    _, height, width = x.shape
+    for q in range(m):
+        for h in range(height):
+            t = (h + ph) // sh
+            dst = xph[(h + ph) % sh]
+            src = x[p0 + q, h]
+            start = q * th * tw + t * tw
+            for b in range(sw):
+                u0 = max(0, (pw - b + sw - 1) // sw)
+                u1 = (width - 1 + pw - b) // sw + 1
+                for u in range(u0, u1):
+                    dst[b, start + u] = src[u * sw + b - pw]
+
+
+@_jit
+def max_pool_forward(x, y, arg, xph, best, at, kh, kw, th, tw, ph, pw):
+    """``y``, ``arg`` of ``x`` ``(planes, H, W)``; ``xph`` ``(sh, sw, n + slack)`` holds -inf
+    wherever no image cell lands, ``best``/``at`` ``(n,)`` are scratch, ``n`` a multiple of
+    ``th·tw``."""
+    planes = x.shape[0]
+    _, oh_n, ow_n = y.shape
+    sh, sw = xph.shape[0], xph.shape[1]
+    per = th * tw
+    chunk = best.shape[0] // per
+    # NOTE: on the stride-phase planes every window offset is one flat shift, so each offset is
+    # one contiguous SIMD pass over a cache-sized chunk of planes (a loop per window, or per
+    # output row, runs 2x slower: its loops are too short to vectorise).
+    for p0 in range(0, planes, chunk):
+        m = min(chunk, planes - p0)
+        n = m * per
+        _split(x, p0, m, xph, th, tw, ph, pw)
+        first = xph[0, 0]
+        for o in range(n):
+            best[o] = first[o]
+            at[o] = 0
+        for i in range(kh):
+            for j in range(kw):
+                if i + j == 0:
+                    continue
+                shift = (i // sh) * tw + j // sw
+                src = xph[i % sh, j % sw, shift:shift + n]
+                k = at.dtype.type(i * kw + j)
+                for o in range(n):
+                    v, b = src[o], best[o]
+                    gt = v > b
+                    best[o] = v if gt else b
+                    at[o] = k if gt else at[o]
+        for q in range(m):
+            for oh in range(oh_n):
+                o = q * per + oh * tw
+                for ow in range(ow_n):
+                    y[p0 + q, oh, ow] = best[o + ow]
+                    arg[p0 + q, oh, ow] = at[o + ow]
+
+
+@_jit
+def max_pool_backward(dy, arg, dx, kw, sh, sw, ph, pw):
+    planes, oh_n, ow_n = dy.shape
+    dx[:] = 0
+    for p in range(planes):
+        for oh in range(oh_n):
+            h0 = oh * sh - ph
+            for ow in range(ow_n):
+                k = arg[p, oh, ow]
+                dx[p, h0 + k // kw, ow * sw - pw + k % kw] += dy[p, oh, ow]
