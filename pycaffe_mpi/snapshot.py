@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 from google.protobuf import message as pb_message
 
-from pycaffe_mpi import errors
+from pycaffe_mpi import errors, image_codec
 from pycaffe_mpi.proto import caffe_pb2
 
 log = logging.getLogger(__name__)
@@ -360,10 +360,8 @@ def datum_to_array(datum: Any) -> np.ndarray:
 
 
 def _decode_image(raw: bytes, channels: int) -> np.ndarray:
-    # NOTE: imported late: the datasets package imports this module
-    from pycaffe_mpi.datasets import images
-
-    return images.decode_image(raw, True if channels == 3 else False if channels == 1 else None)
+    return image_codec.decode_image(raw, True if channels == 3 else False if channels == 1
+                                    else None)
 
 
 # -- LMDB -------------------------------------------------------------------------------------
