@@ -70,6 +70,8 @@ class CaffeTwin(nn.Module):
         self.plan: list[tuple[str, str, list[str], list[str], Any]] = []
         self.input_shapes: dict[str, tuple[int, ...]] = {}
         self.output_shapes: dict[str, tuple[int, ...]] = {}
+        # module key -> the Caffe layers whose learnable blobs it holds (BatchNorm2d: the Scale)
+        self.caffe_layers: dict[str, list[str]] = {}
         shapes: dict[str, tuple[int, ...]] = {}
         layers = _train_layers(param)
         for i, lp in enumerate(layers):
@@ -84,9 +86,12 @@ class CaffeTwin(nn.Module):
                 continue
             if lp.type == "Scale" and self.plan and self.plan[-1][0] == "BatchNormAffine" \
                     and self.plan[-1][3] == bottoms:
+                self.caffe_layers[self.plan[-1][1]] = [lp.name]
                 continue  # folded into the BatchNorm2d before it
             kind, extra, out = self._layer(lp, key, [shapes[b] for b in bottoms], layers, i)
             self.plan.append((kind, key, bottoms, tops, extra))
+            if key in self.mods:
+                self.caffe_layers[key] = [lp.name]
             for top, shape in zip(tops, out):
                 shapes[top] = self.output_shapes[top] = shape
 
@@ -210,6 +215,22 @@ def _eltwise(xs: list[torch.Tensor], op: int, coeff: list[float]) -> torch.Tenso
     for x in xs[1:]:
         y = y + x
     return y
+
+
+@torch.no_grad()
+def copy_caffe_params(model: CaffeTwin, params: dict[str, list[Any]]) -> None:
+    """Load our net's learnable blobs (``Net.params``: layer name -> blobs with ``.data``)
+    into the twin; Caffe's blob layouts are PyTorch's (conv (Cout, Cin/g, kh, kw), inner
+    product (out, in); a Scale's gamma/beta are BatchNorm2d's weight/bias). BatchNorm
+    statistics are not copied: both sides train on batch statistics."""
+    for key, names in model.caffe_layers.items():
+        mod = model.mods[key]
+        blobs = params.get(names[0], [])
+        if (isinstance(mod, nn.BatchNorm2d) and not mod.affine) or not blobs:
+            continue
+        mod.weight.copy_(torch.from_numpy(blobs[0].data.reshape(mod.weight.shape)))
+        if len(blobs) > 1 and mod.bias is not None:
+            mod.bias.copy_(torch.from_numpy(blobs[1].data.reshape(mod.bias.shape)))
 
 
 def param_count(model: nn.Module) -> int:

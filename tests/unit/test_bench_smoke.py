@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from pycaffe_mpi.net import Net
@@ -91,6 +92,39 @@ def test_torch_twin_has_our_parameters_and_shapes(name: str) -> None:
                 assert tuple(got[blob].shape) == shape, blob
             loss = twin(data, label)
             assert loss.shape == () and bool(torch.isfinite(loss))
+    finally:
+        net.close()
+
+
+@pytest.mark.parametrize("name", ["quick", "mobilenet_v1"])
+def test_torch_twin_computes_our_loss(name: str) -> None:
+    """With our weights copied in, the twin's loss is ours: same layers, same loss."""
+    torch = pytest.importorskip("torch")
+    import _torch_nets
+
+    param = (bench_cpu.NETS["quick"].build(3) if name == "quick"
+             else zoo.mobilenet_v1(batch=4, size=32, loss=True))
+    net = Net(param, 0, seed=1)
+    try:
+        spec = bench_cpu.NETS[name]
+        inputs = bench_cpu.seed_inputs(spec, {k: tuple(net.blobs[k].shape)
+                                              for k in ("data", "label")})
+        inputs["data"] /= spec.data_std
+        for k, v in inputs.items():
+            net.blobs[k].data[...] = v
+        # weights far from the fillers' near-zero start (unit-variance outputs), so a wrong
+        # layer shows in the loss
+        rng = np.random.default_rng(1)
+        for layer in net.layers:
+            for blob in layer.blobs if layer.type != "BatchNorm" else ():
+                fan_in = blob.count // blob.shape[0] if len(blob.shape) > 1 else 1
+                blob.data[...] = rng.standard_normal(blob.shape) / np.sqrt(fan_in)
+        ours = net.forward_loss()
+        assert abs(ours - np.log(spec.classes)) > 0.05
+        twin = _torch_nets.CaffeTwin(param)
+        _torch_nets.copy_caffe_params(twin, net.params)
+        theirs = twin(torch.from_numpy(inputs["data"]), torch.from_numpy(inputs["label"]))
+        assert float(theirs.detach()) == pytest.approx(ours, rel=1e-4)
     finally:
         net.close()
 
