@@ -1,11 +1,11 @@
-"""CPU train step of five nets against their GEMM floor and PyTorch, measured in one run.
+"""CPU train step of four nets against their GEMM floor and PyTorch, measured in one run.
 
 For CIFAR10-Quick (batch 100 and 350), NiN at CIFAR-100 sizes (batch 128), ResNet-50 (batch 8,
 224x224) and MobileNet v1 (batch 16, 224x224) it prints:
 
 - our train step (forward + backward + SGD update with momentum and weight decay, float32);
 - the GEMM floor: the same net's matrix products alone, as whole-batch NumPy matmuls (one
-  stacked matmul over the groups of a grouped or depthwise convolution);
+  stacked matmul or einsum over the groups of a grouped or depthwise convolution);
 - PyTorch's train step of the same net (same shapes, same loss, same SGD; NCHW and
   channels_last; ``torch.set_num_threads`` equal to our BLAS threads), when PyTorch is
   installed: it is an optional baseline, never a dependency;
