@@ -14,6 +14,7 @@ it, so ``import pycaffe_mpi`` does not pay numba's import time.
 from __future__ import annotations
 
 import numba
+import numpy as np
 
 _jit = numba.njit(cache=True, nogil=True, boundscheck=False)
 
@@ -24,24 +25,30 @@ _jit = numba.njit(cache=True, nogil=True, boundscheck=False)
 # (Caffe's strict ``>``).
 
 
+# NOTE: numba checks every signed index for a negative (wrap-around) value; in these short
+# inner loops the check costs as much as the copy (measured 1.8x on the split), so the copies
+# index flat arrays with unsigned offsets, which it does not check.
+_u = numba.uint64
+
+
 @_jit
 def _split(x, p0, m, xph, th, tw, ph, pw):
     """Planes ``p0:p0+m`` of ``x`` into the stride-phase planes ``xph`` ``(sh, sw, n)``:
     ``xph[a, b, q·th·tw + t·tw + u] = x[p0 + q, t·sh + a − ph, u·sw + b − pw]``; cells that no
     image cell lands on are left as they are (the caller fills them with the padding value)."""
-    sh, sw = xph.shape[0], xph.shape[1]
+    sh, sw, n = xph.shape
     _, height, width = x.shape
+    dst, src, step = xph.reshape(-1), x.reshape(-1), _u(sw)
     for q in range(m):
         for h in range(height):
-            t = (h + ph) // sh
-            dst = xph[(h + ph) % sh]
-            src = x[p0 + q, h]
-            start = q * th * tw + t * tw
+            row = ((p0 + q) * height + h) * width
+            start = q * th * tw + (h + ph) // sh * tw + (h + ph) % sh * sw * n
             for b in range(sw):
                 u0 = max(0, (pw - b + sw - 1) // sw)
                 u1 = (width - 1 + pw - b) // sw + 1
-                for u in range(u0, u1):
-                    dst[b, start + u] = src[u * sw + b - pw]
+                d, s = _u(start + b * n), _u(row + b - pw)
+                for u in range(_u(u0), _u(u1)):
+                    dst[d + u] = src[s + u * step]
 
 
 @_jit
@@ -54,6 +61,7 @@ def max_pool_forward(x, y, arg, xph, best, at, kh, kw, th, tw, ph, pw):
     sh, sw = xph.shape[0], xph.shape[1]
     per = th * tw
     chunk = best.shape[0] // per
+    yf, af = y.reshape(-1), arg.reshape(-1)
     # NOTE: on the stride-phase planes every window offset is one flat shift, so each offset is
     # one contiguous SIMD pass over a cache-sized chunk of planes (a loop per window, or per
     # output row, runs 2x slower: its loops are too short to vectorise).
@@ -79,19 +87,26 @@ def max_pool_forward(x, y, arg, xph, best, at, kh, kw, th, tw, ph, pw):
                     at[o] = k if gt else at[o]
         for q in range(m):
             for oh in range(oh_n):
-                o = q * per + oh * tw
-                for ow in range(ow_n):
-                    y[p0 + q, oh, ow] = best[o + ow]
-                    arg[p0 + q, oh, ow] = at[o + ow]
+                o, d = _u(q * per + oh * tw), _u(((p0 + q) * oh_n + oh) * ow_n)
+                for ow in range(_u(ow_n)):
+                    yf[d + ow] = best[o + ow]
+                    af[d + ow] = at[o + ow]
 
 
 @_jit
-def max_pool_backward(dy, arg, dx, kw, sh, sw, ph, pw):
+def max_pool_backward(dy, arg, dx, kh, kw, sh, sw, ph, pw):
     planes, oh_n, ow_n = dy.shape
+    _, height, width = dx.shape
     dx[:] = 0
+    dxf, dyf, af = dx.reshape(-1), dy.reshape(-1), arg.reshape(-1)
+    # flat input offset of each window offset (no division per output)
+    off = np.empty(kh * kw, np.int64)
+    for i in range(kh):
+        for j in range(kw):
+            off[i * kw + j] = i * width + j
     for p in range(planes):
         for oh in range(oh_n):
-            h0 = oh * sh - ph
-            for ow in range(ow_n):
-                k = arg[p, oh, ow]
-                dx[p, h0 + k // kw, ow * sw - pw + k % kw] += dy[p, oh, ow]
+            base = (p * height + oh * sh - ph) * width - pw
+            o = _u((p * oh_n + oh) * ow_n)
+            for ow in range(_u(ow_n)):
+                dxf[_u(base + ow * sw + off[af[o + ow]])] += dyf[o + ow]

@@ -12,8 +12,8 @@ cache-sized chunk of planes into "stride phases", ``X[a][b][t, u] = xpad[t·s_h 
 (``T_h × T_w`` each), where window offset ``(i, j)`` of every output is one flat shift of phase
 ``(i mod s_h, j mod s_w)``, and takes the maximum and its offset in one contiguous SIMD pass per
 offset; the backward scatters ``dy`` to the recorded offsets. NOTE: this replaced NumPy passes
-(4 array operations per offset), measured 1.4-2.0x faster forward + backward on CIFAR10-Quick's
-pool1 (batch 100 and 350). AVE stays NumPy passes over the same phase planes (separable: rows,
+(4 array operations per offset): forward + backward of CIFAR10-Quick's pool1 measured 2.3-3x
+faster (batch 350 and 100). AVE stays NumPy passes over the same phase planes (separable: rows,
 then columns); its compiled loops measured slower (0.7x). On a GPU the CUDA kernels of
 :mod:`pycaffe_mpi.kernels.cuda` do this work.
 """
@@ -145,8 +145,7 @@ def max_backward(xp: Any, dy: Any, dx: Any, g: Geometry, bufs: Any) -> None:
         cuda_k.max_pool_backward(dy, dx, g, bufs)
         return
     arg = bufs.get("arg", (g.planes, *g.out), dtype=g.arg_dtype)
-    kw, (sh, sw), (ph, pw) = g.kernel[1], g.stride, g.pad
-    _jit().max_pool_backward(_as_planes(dy, g.out), arg, _as_planes(dx, g.size), kw, sh, sw, ph, pw)
+    _jit().max_pool_backward(_as_planes(dy, g.out), arg, _as_planes(dx, g.size), *g.args())
 
 
 def ave_divisor(size_hw: Sequence[int], kernel: Sequence[int], stride: Sequence[int],
