@@ -129,6 +129,24 @@ def _cli_model_case(net_seeds: list[tuple[str, str]], fuzz_dir: Path,
 test_cli_model, test_cli_model_slow = _fast_and_slow(_cli_model_case, 15, 150)
 
 
+def _cli_upgrade_case(net_seeds: list[tuple[str, str]], fuzz_dir: Path,
+                      data: st.DataObject) -> None:
+    """``pycaffe-mpi upgrade-net IN OUT`` on a mutated net (the V1 seed reaches the upgrade)."""
+    name, content = data.draw(strategies.mutated(net_seeds))
+    path = _write(fuzz_dir, name, content)
+
+    def run(p: Path) -> None:
+        code, err = harness.run_cli(["upgrade-net", str(p), str(fuzz_dir / "upgraded.prototxt")])
+        assert code in (0, 1, 2), f"exit code {code}: {err}"  # 2: Caffe's "failed to parse"
+        if code:
+            assert str(p) in err, f"error without the file: {err}"
+
+    harness.expect_clean(run, path)
+
+
+test_cli_upgrade, test_cli_upgrade_slow = _fast_and_slow(_cli_upgrade_case, 30, 400)
+
+
 # -- every seed once, with byte damage (non-UTF-8, truncated, empty) ----------------------------
 def _bytes_case(net_seeds: list[tuple[str, str]], solver_seeds: list[tuple[str, str]],
                 fuzz_dir: Path, data: st.DataObject) -> None:
