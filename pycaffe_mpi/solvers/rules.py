@@ -312,6 +312,14 @@ class AdamRule(UpdateRule):
     type = "Adam"
     num_history_sets = 2
 
+    def check(self) -> None:
+        # NOTE: Caffe does not check; β = 1 divides by zero and β2 > 1 takes a negative root
+        b1, b2 = self.momentum, float(self.param.momentum2)
+        if not (0 <= b1 < 1 and 0 <= b2 < 1):
+            raise errors.SolverError(
+                f"Adam needs 0 <= momentum < 1 and 0 <= momentum2 < 1 (beta1, beta2), got "
+                f"momentum {b1:g}, momentum2 {b2:g}")
+
     def compute_update_value(self, i: int, p: Any, local_rate: float, it: int) -> None:
         m, v, g = self.hist(0, i), self.hist(1, i), p.diff
         b1, b2 = self.momentum, float(self.param.momentum2)

@@ -34,6 +34,7 @@ import functools
 import logging
 import math
 import os
+import re
 import tempfile
 import time
 from collections.abc import Callable
@@ -107,6 +108,13 @@ def _naming_solver_file(init: Callable[..., None]) -> Callable[..., None]:
             # and a mistake inside a net file names that file already
             unreadable = type(e) is errors.PrototxtError and str(e).startswith("cannot read")
             if unreadable or type(e) is errors.SolverError:
+                raise prototxt.located(e, getattr(self, "source_path", None)) \
+                    from (e.__cause__ or None)
+            raise
+        except (errors.DataError, errors.SnapshotError) as e:
+            # a file the solver names (weights) that is missing or damaged, when the message
+            # gives no place of its own
+            if not re.search(r"\S:\d+", str(e)):
                 raise prototxt.located(e, getattr(self, "source_path", None)) \
                     from (e.__cause__ or None)
             raise

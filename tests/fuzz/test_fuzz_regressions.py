@@ -292,3 +292,24 @@ def test_input_field_layer_errors_name_the_file(tmp_path: Path):
     path = _write(tmp_path, text)
     with pytest.raises(errors.ShapeError, match=rf'^{path}: layer "input" \(type Input\)'):
         Net(str(path), 0)
+
+
+def _tiny_solver(tmp_path: Path, extra: str) -> Path:
+    net = _write(tmp_path, NET.replace("inner_product_param", "loss_weight: 1 "
+                                       "inner_product_param"))
+    return _write(tmp_path, f'net: "{net}"\nbase_lr: 0.1\nlr_policy: "fixed"\nmax_iter: 1\n'
+                  f"snapshot_after_train: false\n{extra}\n", "solver.prototxt")
+
+
+@pytest.mark.parametrize("extra", ["momentum2: 2", "momentum: 1", "momentum2: nan"])
+def test_adam_betas_out_of_range_are_a_solver_error(extra: str, tmp_path: Path):
+    """momentum2: 2 used to end the first Adam step in a raw "math domain error"."""
+    path = _tiny_solver(tmp_path, f'type: "Adam"\n{extra}')
+    with pytest.raises(errors.SolverError, match=rf"^{path}:\d+: Adam needs 0 <= momentum"):
+        solvers.Solver(str(path)).solve()
+
+
+def test_missing_solver_weights_name_the_solver_line(tmp_path: Path):
+    path = _tiny_solver(tmp_path, 'weights: "/no/such.caffemodel"')
+    with pytest.raises(errors.DataError, match=rf"^{path}:6: .*/no/such.caffemodel"):
+        solvers.Solver(str(path))
