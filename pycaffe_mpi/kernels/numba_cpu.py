@@ -110,3 +110,85 @@ def max_pool_backward(dy, arg, dx, kh, kw, sh, sw, ph, pw):
             o = _u((p * oh_n + oh) * ow_n)
             for ow in range(_u(ow_n)):
                 dxf[_u(base + ow * sw + off[af[o + ow]])] += dyf[o + ow]
+
+
+@_jit
+def _merge(dxph, p0, m, dx, th, tw, ph, pw):
+    """Adjoint of :func:`_split`: planes ``p0:p0+m`` of ``dx`` = the image cells of the
+    stride-phase planes ``dxph``."""
+    sh, sw, n = dxph.shape
+    _, height, width = dx.shape
+    src, dst, step = dxph.reshape(-1), dx.reshape(-1), _u(sw)
+    for q in range(m):
+        for h in range(height):
+            row = ((p0 + q) * height + h) * width
+            start = q * th * tw + (h + ph) // sh * tw + (h + ph) % sh * sw * n
+            for b in range(sw):
+                u0 = max(0, (pw - b + sw - 1) // sw)
+                u1 = (width - 1 + pw - b) // sw + 1
+                s, d = _u(start + b * n), _u(row + b - pw)
+                for u in range(_u(u0), _u(u1)):
+                    dst[d + u * step] = src[s + u]
+
+
+@_jit
+def ave_pool_forward(x, y, inv_area, xph, acc, kh, kw, th, tw, ph, pw):
+    """``y`` = window sums of ``x`` ``(planes, H, W)`` times ``inv_area`` ``(OH, OW)``;
+    ``xph`` as :func:`max_pool_forward`'s but holding 0 where no image cell lands, ``acc``
+    ``(n,)`` scratch."""
+    planes = x.shape[0]
+    _, oh_n, ow_n = y.shape
+    sh, sw = xph.shape[0], xph.shape[1]
+    per = th * tw
+    chunk = acc.shape[0] // per
+    yf = y.reshape(-1)
+    for p0 in range(0, planes, chunk):
+        m = min(chunk, planes - p0)
+        n = m * per
+        _split(x, p0, m, xph, th, tw, ph, pw)
+        first = xph[0, 0]
+        for o in range(n):
+            acc[o] = first[o]
+        for i in range(kh):
+            for j in range(kw):
+                if i + j == 0:
+                    continue
+                shift = (i // sh) * tw + j // sw
+                src = xph[i % sh, j % sw, shift:shift + n]
+                for o in range(n):
+                    acc[o] += src[o]
+        for q in range(m):
+            for oh in range(oh_n):
+                o, d = _u(q * per + oh * tw), _u(((p0 + q) * oh_n + oh) * ow_n)
+                for ow in range(_u(ow_n)):
+                    yf[d + ow] = acc[o + ow] * inv_area[oh, ow]
+
+
+@_jit
+def ave_pool_backward(dy, inv_area, dx, dxph, acc, kh, kw, th, tw, ph, pw):
+    """``dx`` (overwritten) = Σ over the windows holding a cell of ``dy · inv_area``, through
+    the stride-phase planes: each window offset adds ``dy · inv_area`` shifted into its phase
+    (contiguous passes), then the image cells are read back (:func:`_merge`)."""
+    planes = dy.shape[0]
+    _, oh_n, ow_n = dy.shape
+    sh, sw = dxph.shape[0], dxph.shape[1]
+    per = th * tw
+    chunk = acc.shape[0] // per
+    dyf = dy.reshape(-1)
+    for p0 in range(0, planes, chunk):
+        m = min(chunk, planes - p0)
+        n = m * per
+        acc[:n] = 0
+        for q in range(m):
+            for oh in range(oh_n):
+                o, d = _u(q * per + oh * tw), _u(((p0 + q) * oh_n + oh) * ow_n)
+                for ow in range(_u(ow_n)):
+                    acc[o + ow] = dyf[d + ow] * inv_area[oh, ow]
+        dxph[:] = 0
+        for i in range(kh):
+            for j in range(kw):
+                shift = (i // sh) * tw + j // sw
+                dst = dxph[i % sh, j % sw, shift:shift + n]
+                for o in range(n):
+                    dst[o] += acc[o]
+        _merge(dxph, p0, m, dx, th, tw, ph, pw)
