@@ -64,15 +64,6 @@ class Geometry(NamedTuple):
                                                self.out))
 
     @property
-    def count(self) -> int:
-        """Elements of one set of phase planes, ``planes·T_h·T_w``."""
-        return self.planes * self.length[0] * self.length[1]
-
-    def shift(self, i: int, j: int) -> int:
-        """Flat shift of window offset ``(i, j)`` within the planes of its phase."""
-        return (i // self.stride[0]) * self.length[1] + j // self.stride[1]
-
-    @property
     def slack(self) -> int:
         """Cells after the last plane read by the largest shift."""
         (kh, kw), (sh, sw) = self.kernel, self.stride
