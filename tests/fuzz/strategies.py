@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Sequence
 
+from google.protobuf.descriptor import FieldDescriptor
 from hypothesis import strategies as st
 
 from pycaffe_mpi import registry
@@ -133,6 +134,31 @@ def rank_rule(draw: Draw, text: str) -> str:
     return _splice(text, m.end(), m.end(), f" {new} ")
 
 
+def _value_for(draw: Draw, field: FieldDescriptor) -> str:
+    """A value of the field's own type (so the parser lets it through), often an edge."""
+    if field.type == FieldDescriptor.TYPE_MESSAGE:
+        return "{ }"
+    if field.type == FieldDescriptor.TYPE_ENUM:
+        return draw(st.sampled_from([v.name for v in field.enum_type.values]))
+    if field.type == FieldDescriptor.TYPE_BOOL:
+        return draw(st.sampled_from(["true", "false"]))
+    if field.type in (FieldDescriptor.TYPE_STRING, FieldDescriptor.TYPE_BYTES):
+        return draw(st.sampled_from(['""', '"x"', '"/no/such/file"', '"L3"', '"Adam"']))
+    return draw(st.sampled_from(NUMBERS))
+
+
+def known_field(draw: Draw, text: str) -> str:
+    """A field the schema knows, set to a value of its type: a solver field at the top of a
+    solver, a layer field inside a layer (a second value of a singular field included)."""
+    layers = list(_LAYER_OPEN.finditer(text))
+    if layers:
+        at, desc = draw(st.sampled_from(layers)).end(), caffe_pb2.LayerParameter.DESCRIPTOR
+    else:
+        at, desc = 0, caffe_pb2.SolverParameter.DESCRIPTOR
+    field = draw(st.sampled_from(sorted(desc.fields, key=lambda f: f.name)))
+    return _splice(text, at, at, f" {field.name}: {_value_for(draw, field)}\n")
+
+
 def delete_line(draw: Draw, text: str) -> str:
     lines = text.split("\n")
     i = draw(st.integers(0, max(len(lines) - 1, 0)))
@@ -144,7 +170,7 @@ def delete_line(draw: Draw, text: str) -> str:
 SYNTAX_MUTATIONS: list[Callable[[Draw, str], str]] = [
     drop_brace, add_brace, wrong_value, change_enum, unknown_field, field_twice]
 SEMANTIC_MUTATIONS: list[Callable[[Draw, str], str]] = [
-    change_number, rewire, swap_type, rank_rule, delete_line]
+    change_number, rewire, swap_type, rank_rule, delete_line, known_field]
 TEXT_MUTATIONS = SYNTAX_MUTATIONS + 3 * SEMANTIC_MUTATIONS
 
 
