@@ -16,6 +16,13 @@ Channels-first layout (Caffe's):
 * ``cols``: ``(G, Cg, *K, N, *O)``, per group the matrix ``(Cg·ΠK, N·P)``, one column per output
   position; the convolution is ``W_g @ cols_g`` ``(Og, N·P)``.
 
+Image-major (channels-first per image, on the host):
+
+* ``xpad``: ``(N, C, *Sp)``; ``cols``: ``(N, G, Cg, *K, *O)``, per image and group the matrix
+  ``(Cg·ΠK, P)``. The convolution is one product per image, ``W_g @ cols[n]_g`` ``(Og, P)``,
+  written straight into the ``(N, C, *O)`` blob, and the weight gradient reads the top diff as
+  it is: no transposed copy on either side (see :meth:`ConvPlan.reshape`).
+
 NOTE: im2col's cost is the number of contiguous runs it copies. Channels-last runs are ``kw·Cg``
 values long (unit dilation), channels-first runs ``OW`` long (unit stride): with 32 channels and
 a 5×5 kernel the channels-last copy measured 1.7x (16×16 outputs) to 5.7x (8×8) faster, with 3
@@ -64,18 +71,23 @@ def window(offset: Sequence[int], out: Sequence[int], stride: Sequence[int],
                  for k, o, s, d in zip(offset, out, stride, dilation))
 
 
-def padded_shape(x_shape: Sequence[int], pad: Sequence[int],
-                 channels_last: bool) -> tuple[int, ...]:
+def padded_shape(x_shape: Sequence[int], pad: Sequence[int], channels_last: bool,
+                 per_image: bool = False) -> tuple[int, ...]:
     """``xpad``'s shape for an input of shape ``(N, C, *S)``."""
     n, c, *spatial = x_shape
     sp = tuple(s + 2 * p for s, p in zip(spatial, pad))
+    if per_image:
+        return (n, c, *sp)
     return (n, *sp, c) if channels_last else (c, n, *sp)
 
 
 def cols_shape(n: int, channels: int, out: Sequence[int], kernel: Sequence[int], group: int,
-               channels_last: bool) -> tuple[int, ...]:
-    """``(G, N, *O, *K, Cg)`` or ``(G, Cg, *K, N, *O)``."""
+               channels_last: bool, per_image: bool = False) -> tuple[int, ...]:
+    """``(G, N, *O, *K, Cg)``, ``(G, Cg, *K, N, *O)`` or (``per_image``) ``(N, G, Cg, *K,
+    *O)``."""
     cg = channels // group
+    if per_image:
+        return (n, group, cg, *kernel, *out)
     return ((group, n, *out, *kernel, cg) if channels_last
             else (group, cg, *kernel, n, *out))
 
@@ -92,10 +104,22 @@ class Unfold:
 
     def __init__(self, xp: Any, cols: Any, xpad: Any, x_shape: Sequence[int],
                  kernel: Sequence[int], stride: Sequence[int], pad: Sequence[int],
-                 dilation: Sequence[int], group: int, channels_last: bool) -> None:
+                 dilation: Sequence[int], group: int, channels_last: bool,
+                 per_image: bool = False) -> None:
         _, c, *spatial = x_shape
         nsp, cg = len(kernel), c // group
         self.xp, self.cols = xp, cols
+        if per_image:  # host only: (N, C, *Sp) → (N, G, Cg, *K, *O), one strided copy
+            self.cuda, self.view = None, None
+            self.inner = xpad[(slice(None), slice(None), *_interior(pad, spatial))]
+            self.axes = tuple(range(2 + nsp))
+            src = xpad.reshape(xpad.shape[0], group, cg, *xpad.shape[2:])
+            st, sp = src.strides, range(3, 3 + nsp)
+            win = [st[a] * d for a, d in zip(sp, dilation)]
+            pos = [st[a] * s for a, s in zip(sp, stride)]
+            self.view = stride_tricks.as_strided(src, shape=cols.shape,
+                                                 strides=(*st[:3], *win, *pos), writeable=False)
+            return
         # on a GPU, one kernel reads x straight into cols (xpad stays unused)
         self.cuda = cuda_k.im2col_plan(xp, cols, x_shape, kernel, stride, pad, dilation,
                                        channels_last)
@@ -314,6 +338,11 @@ class ConvPlan:
         on_gpu = cuda_k.enabled(self.xp)
         if on_gpu and len(self.kernel) == 2:
             self.channels_last = False
+        # NOTE: channels-first on the host goes image by image: the products then read and
+        # write the blobs in place, where the batch-wide matrix needs a transposed copy of the
+        # top (forward) and of its diff (weight gradient). CIFAR10-Quick conv1, batch 100,
+        # one thread: those two copies were 5.3 of its 34 ms.
+        self.per_image = not self.channels_last and self.xp is np and not on_gpu
         # NOTE: im2col writes ~Πk times the input, which the GEMM then reads back: over the whole
         # batch that streams through DRAM (82 MB for CIFAR10-quick conv2). In chunks of images
         # whose cols fit in the CPU cache the copy measured 3.5x faster and the GEMMs read cached
@@ -363,29 +392,34 @@ class ConvPlan:
         return w.reshape(g, og, ckg)
 
     def _cols(self, x: Any, channels: int, spatial: Sequence[int], out: Sequence[int],
-              pad: Sequence[int], stride: Sequence[int], tag: str) -> Any:
-        """The ``cols`` matrices ``(G, m·ΠOut, ΠK·Cg)`` (or transposed, channels-first) of the
-        ``m`` images ``x`` ``(m, channels, *spatial)``, in buffers named after ``tag``."""
+              pad: Sequence[int], stride: Sequence[int], tag: str, per_image: bool = False) -> Any:
+        """The ``cols`` matrices ``(G, m·ΠOut, ΠK·Cg)`` (or transposed, channels-first; or
+        ``(m, G, ΠK·Cg, ΠOut)`` ``per_image``) of the ``m`` images ``x`` ``(m, channels,
+        *spatial)``, in buffers named after ``tag``."""
         m, g, cl = x.shape[0], self.group, self.channels_last
         view = self._views.get((tag, m))
         if view is None:  # the buffers' views for chunks of m images, made once
-            cols = self._bufs.get(tag, cols_shape(self.chunk, channels, out, self.kernel, g, cl))
-            cols = cols[:, :m] if cl else \
+            cols = self._bufs.get(tag, cols_shape(self.chunk, channels, out, self.kernel, g, cl,
+                                                  per_image))
+            cols = cols[:m] if per_image else cols[:, :m] if cl else \
                 cols[(Ellipsis, slice(0, m), *(slice(None),) * len(out))]
             xpad = self._bufs.get(tag + "_pad", padded_shape(
-                (self.chunk, channels, *spatial), pad, cl), fill=0.0)
-            xpad = xpad[:m] if cl else xpad[:, :m]
+                (self.chunk, channels, *spatial), pad, cl, per_image), fill=0.0)
+            xpad = xpad[:m] if cl or per_image else xpad[:, :m]
             unfold = Unfold(self.xp, cols, xpad, x.shape, self.kernel, stride, pad,
-                            self.dilation, g, cl)
+                            self.dilation, g, cl, per_image)
             rows, positions = channels // g * math.prod(self.kernel), m * math.prod(out)
-            view = (unfold, cols.reshape((g, positions, rows) if cl else (g, rows, positions)))
+            shape = ((m, g, rows, positions // m) if per_image
+                     else (g, positions, rows) if cl else (g, rows, positions))
+            view = (unfold, cols.reshape(shape))
             self._views[(tag, m)] = view
         view[0](x)
         return view[1]
 
     def _x_cols(self, x: Any) -> Any:
         """The ``cols`` of a chunk ``x`` of the input (see :meth:`_cols`)."""
-        return self._cols(x, self.channels, self.spatial, self.out, self.pad, self.stride, "cols")
+        return self._cols(x, self.channels, self.spatial, self.out, self.pad, self.stride, "cols",
+                          self.per_image)
 
     # -- the products -----------------------------------------------------------------------------
     def forward(self, x: Any, w: Any, y: Any, bias: Any = None, dy: Any = None,
@@ -414,7 +448,15 @@ class ConvPlan:
         if dw is not None:
             dy, dwm = dy.reshape(n, g, og, p), self._dw_sum()
         for lo, hi in self._chunks():
-            cols, out = self._x_cols(x[lo:hi]), self._mat("out", hi - lo, og, p)
+            cols = self._x_cols(x[lo:hi])
+            if self.per_image:  # cols (m, G, ΠK·Cg, P), products straight into the top
+                if dw is not None:
+                    self._dw_add_per_image(dwm, cols, dy[lo:hi])
+                xp.matmul(wc, cols, out=y[lo:hi])
+                if bias is not None:
+                    y[lo:hi] += bias
+                continue
+            out = self._mat("out", hi - lo, og, p)
             if dw is not None:
                 self._dw_add(dwm, cols, from_blob(dy[lo:hi], self._mat("dy", hi - lo, og, p), cl))
             if cl:
@@ -454,8 +496,12 @@ class ConvPlan:
         if dx is not None:
             dx = dx.reshape(n, self.channels, *self.spatial)
         for lo, hi in self._chunks():
+            if dw is not None and self.per_image:
+                self._dw_add_per_image(dwm, self._x_cols(x[lo:hi]), dy[lo:hi])
+            if dx is None and self.per_image:
+                continue
             dym = from_blob(dy[lo:hi], self._mat("out", hi - lo, og, p), cl)
-            if dw is not None:
+            if dw is not None and not self.per_image:
                 self._dw_add(dwm, self._x_cols(x[lo:hi]), dym)
             if dx is not None:
                 self._col2im(wc, dym, dx[lo:hi])
@@ -475,6 +521,11 @@ class ConvPlan:
             dwm += self.xp.matmul(cols.transpose(0, 2, 1), dym)
         else:
             dwm += self.xp.matmul(cols, dym.transpose(0, 2, 1))
+
+    def _dw_add_per_image(self, dwm: Any, cols: Any, dy: Any) -> None:
+        """``dwm += Σ_n cols[n]_g · dy[n]_gᵀ`` for one chunk (``cols`` ``(m, G, ΠK·Cg, P)``,
+        ``dy`` ``(m, G, Og, P)`` as the blob holds it)."""
+        dwm += self.xp.matmul(cols, dy.transpose(0, 1, 3, 2)).sum(axis=0)
 
     def _dw_finish(self, dwm: Any, dw: Any) -> None:
         """``dw (O, Cg, *K) += dwm`` reordered."""

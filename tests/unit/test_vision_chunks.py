@@ -39,6 +39,11 @@ def _run(case: LayerCase, x: np.ndarray, dy_seed: int = 3):
     " }",
     "convolution_param { num_output: 4 kernel_size: 5 pad: 2 group: 2 "
     "weight_filler { type: 'gaussian' } }",
+    # one channel per group: the image-major channels-first layout
+    "convolution_param { num_output: 8 kernel_size: 3 stride: 2 pad: 1 group: 4 "
+    "weight_filler { type: 'gaussian' } bias_filler { type: 'gaussian' } }",
+    "convolution_param { num_output: 4 kernel_size: 3 pad: 1 group: 4 "
+    "weight_filler { type: 'gaussian' } bias_filler { type: 'gaussian' } }",
 ])
 def test_conv_in_small_chunks_equals_one_chunk_and_reference(monkeypatch, proto):
     x = np.random.default_rng(0).standard_normal((7, 4, 9, 8))
