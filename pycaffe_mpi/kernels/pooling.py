@@ -14,8 +14,8 @@ cache-sized chunk of planes into "stride phases", ``X[a][b][t, u] = xpad[t·s_h 
 (MAX) or the sum (AVE). MAX's backward scatters ``dy`` to the recorded offsets; AVE's adds
 ``dy · inv_area`` back through the same shifts and reads the image cells out of the phases.
 NOTE: this replaced NumPy passes over the same phase planes (4 array operations per offset for
-MAX): forward + backward measured 2.3-3x faster on CIFAR10-Quick's pool1 (MAX) and 1.15-1.3x
-on pool2 and pool3 (AVE), batch 100 and 350. On a GPU the CUDA kernels of
+MAX): forward + backward measured 3-3.8x faster on CIFAR10-Quick's pool1 (MAX) and 1.7-2x on
+pool2 and pool3 (AVE), batch 100 and 350. On a GPU the CUDA kernels of
 :mod:`pycaffe_mpi.kernels.cuda` do this work.
 """
 
