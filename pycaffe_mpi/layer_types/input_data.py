@@ -61,7 +61,11 @@ class MemoryData(Layer):
         p = self.layer_param.memory_data_param
         self.batch_size = int(p.batch_size)
         self.chw = (int(p.channels), int(p.height), int(p.width))
-        self.require(self.batch_size > 0 and min(self.chw) > 0, "memory_data_param",
+        sizes = dict(zip(("batch_size", "channels", "height", "width"),
+                         (self.batch_size, *self.chw)))
+        bad = next((k for k, v in sizes.items() if v <= 0), "batch_size")
+        # the error names the first field at fault, so the user knows which one to set
+        self.require(not any(v <= 0 for v in sizes.values()), f"memory_data_param.{bad}",
                      "batch_size, channels, height, and width must be specified and positive; "
                      f"got {self.batch_size}, {self.chw[0]}, {self.chw[1]}, {self.chw[2]}")
         self.transformer = DataTransformer(self.layer_param, self.layer_param.transform_param,
