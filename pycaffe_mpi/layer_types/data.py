@@ -333,6 +333,9 @@ class _Prefetcher:
             self._put(_Failure(errors.DataError(f"sys.exit({e.code!r}) in the prefetch thread")))
         except Exception as e:  # handed to forward, which re-raises it with the source path
             self._put(_Failure(e))
+        finally:
+            if getattr(self, "release_on_exit", False):
+                dbm.SharedDB.release(self.env)
 
     # -- consumer side ------------------------------------------------------------------------
     def next_batch(self) -> tuple[tuple[np.ndarray, np.ndarray], dict]:
@@ -350,6 +353,12 @@ class _Prefetcher:
 
     def stop(self) -> None:
         self.stop_event.set()
+        if threading.current_thread() is self.thread:
+            # NOTE: the layer was collected by a GC pass on this very thread; it cannot join
+            # itself ("cannot join current thread"): it ends at its next stop check and
+            # releases the database then
+            self.release_on_exit = True
+            return
         while self.thread.is_alive():
             try:  # drain so a producer blocked on a full queue sees the stop flag
                 while True:

@@ -313,3 +313,36 @@ def test_missing_solver_weights_name_the_solver_line(tmp_path: Path):
     path = _tiny_solver(tmp_path, 'weights: "/no/such.caffemodel"')
     with pytest.raises(errors.DataError, match=rf"^{path}:6: .*/no/such.caffemodel"):
         solvers.Solver(str(path))
+
+
+def test_prefetcher_stopped_from_its_own_thread_ends_quietly(tmp_path: Path, monkeypatch):
+    """A GC pass on the prefetch thread ran the layer's finalizer there: "Exception ignored
+    ... RuntimeError: cannot join current thread", and the database stayed open."""
+    import queue
+
+    from pycaffe_mpi.datasets import db as dbm
+
+    data = harness.make_data(tmp_path)
+    text = harness.localise_net((harness.ROOT / "models/cifar10_quick/train_test.prototxt")
+                                .read_text(), data)
+    net = Net(str(_write(tmp_path, text)), 0)
+    prefetcher = net.layer_dict["cifar"]._prefetcher
+    read = prefetcher._batch
+
+    def collected_while_reading(records):
+        prefetcher.stop()  # what the finalizer does when the GC runs on this thread
+        return read(records)
+
+    monkeypatch.setattr(prefetcher, "_batch", collected_while_reading)
+    items = []
+    for _ in range(200):  # drain, so the thread reads again
+        try:
+            items.append(prefetcher.queue.get(timeout=0.05))
+        except queue.Empty:
+            if not prefetcher.thread.is_alive():
+                break
+    assert not prefetcher.thread.is_alive()
+    assert not any(type(x).__name__ == "_Failure" for x in items), items  # no error raised
+    assert all(entry[0] is not prefetcher.env for entry in dbm.SharedDB._open.values())
+    net.layer_dict["cifar"]._prefetcher = None  # stopped already
+    net.close()
