@@ -12,8 +12,8 @@ renames a finished database into place.
 * LevelDB through ``plyvel`` with Caffe's options (``db_leveldb.cpp``: 64 KiB blocks, 256 MiB
   write buffer, at most 100 open files). LevelDB lets one process open a database at a time;
   when another process (another MPI rank) holds it, the reader opens a private view instead:
-  a directory of hard links to the immutable table files plus copies of the small log and
-  manifest files, removed on close.
+  one consistent state of it (the manifest that CURRENT names, hard links to exactly the
+  table files that manifest lists, copies of the logs it needs), removed on close.
 
 Every failure (missing package, missing or damaged database) is a
 :class:`~pycaffe_mpi.errors.DataError` naming the path.
@@ -92,18 +92,138 @@ def _lmdb_errors() -> tuple[type[BaseException], ...]:
 
 
 def _link_or_copy(src: str, dst: str) -> None:
-    """Hard-link the table files of LevelDB ``src`` into ``dst`` and copy the rest."""
-    for entry in os.scandir(src):
-        if entry.name == "LOCK" or not entry.is_file():
+    """Hard-link file ``src`` to ``dst``, or copy it where links fail (another file system).
+
+    Raises:
+        FileNotFoundError: ``src`` is gone.
+    """
+    try:
+        os.link(src, dst)
+    except FileNotFoundError:
+        raise
+    except OSError:
+        shutil.copyfile(src, dst)
+
+
+class _StaleView(Exception):
+    """A file that the view needs vanished while it was built: the holder moved on."""
+
+
+def _varint(buf: bytes, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = buf[pos]
+        value, pos, shift = value | (byte & 0x7F) << shift, pos + 1, shift + 7
+        if byte < 0x80:
+            return value, pos
+
+
+def _log_records(data: bytes) -> Iterator[bytes]:
+    """The records of a LevelDB log-format file: 32 KiB blocks of fragments, each with a
+    7-byte header (checksum, length, type FULL=1/FIRST=2/MIDDLE=3/LAST=4).
+
+    NOTE: a fragment cut short at the end (a holder mid-append) ends the file, as LevelDB
+    reads it; LevelDB checks the checksums when the view is opened.
+    """
+    pos, parts = 0, []
+    while pos + 7 <= len(data):
+        left = 32768 - pos % 32768
+        if left < 7:
+            pos += left  # zero trailer of a block
             continue
-        target = os.path.join(dst, entry.name)
-        if entry.name.endswith((".ldb", ".sst")):
-            try:
-                os.link(entry.path, target)
+        end = pos + 7 + int.from_bytes(data[pos + 4:pos + 6], "little")
+        if end > len(data):
+            return
+        kind, frag, pos = data[pos + 6], data[pos + 7:end], end
+        if kind in (1, 2):
+            parts = [frag]
+        elif kind in (3, 4):
+            parts.append(frag)
+        if kind in (1, 4):
+            yield b"".join(parts)
+
+
+def _manifest_state(data: bytes) -> tuple[int, int, int, set[int]]:
+    """(log number, previous log number, next file number, live table numbers) of a
+    LevelDB manifest: its version edits applied in order (``version_edit.cc`` tags)."""
+    numbers = {2: 0, 9: 0, 3: 0}  # log number, previous log number, next file number
+    live: set[int] = set()
+    for rec in _log_records(data):
+        pos = 0
+        while pos < len(rec):
+            tag, pos = _varint(rec, pos)
+            if tag in (2, 3, 4, 9):  # 4: last sequence, not needed
+                numbers[tag], pos = _varint(rec, pos)
                 continue
-            except OSError:
-                pass  # another file system: copy instead
-        shutil.copyfile(entry.path, target)
+            if tag in (5, 6, 7):
+                _, pos = _varint(rec, pos)  # the level
+            if tag in (6, 7):
+                number, pos = _varint(rec, pos)
+                if tag == 6:
+                    live.discard(number)
+                    continue
+                live.add(number)
+                _, pos = _varint(rec, pos)  # the file size
+            if tag not in (1, 5, 7):
+                raise ValueError(f"unknown manifest tag {tag}")
+            for _ in range(2 if tag == 7 else 1):  # comparator name, keys: length-prefixed
+                size, pos = _varint(rec, pos)
+                pos += size
+    return numbers[2], numbers[9], numbers[3], live
+
+
+def _build_view(src: str, dst: str) -> None:
+    """Fill ``dst`` with one consistent state of LevelDB ``src``, writing nothing into ``src``.
+
+    The state is the one that ``src``'s CURRENT names: its manifest (copied), exactly the
+    table files live in that manifest (hard-linked: LevelDB never rewrites a table) and the
+    write-ahead logs it still needs (copied: the view replays them in ``dst``).
+
+    NOTE: a holder opening ``src`` meanwhile replays its log into a new table, writes a new
+    manifest, switches CURRENT and then deletes the old log and manifest. Tables that the
+    named manifest does not list are never linked: the view's own replay allocates file
+    numbers from that manifest and would truncate such a table through the link, damaging
+    ``src``. A needed file deleted before it was taken is a :class:`_StaleView` (retry).
+
+    Raises:
+        _StaleView: a needed file vanished (``src`` changed underneath).
+        ValueError, IndexError: CURRENT or the manifest is damaged.
+    """
+    def read(name: str) -> bytes:
+        try:
+            return Path(src, name).read_bytes()
+        except FileNotFoundError:
+            raise _StaleView(name) from None
+
+    current = read("CURRENT")
+    manifest = current.decode(errors="replace")[:-1]
+    if not current.endswith(b"\n") or not manifest.startswith("MANIFEST-") or "/" in manifest:
+        raise ValueError(f"CURRENT names no manifest: {current[:60]!r}")
+    data = read(manifest)
+    log_no, prev_log, next_file, live = _manifest_state(data)
+    Path(dst, manifest).write_bytes(data)
+    for number in sorted(live):
+        if number >= next_file:
+            raise ValueError(f"manifest {manifest} lists table {number} at or after its next "
+                             f"file number {next_file}")
+        for name in (f"{number:06d}.ldb", f"{number:06d}.sst"):
+            try:
+                _link_or_copy(os.path.join(src, name), os.path.join(dst, name))
+                break
+            except FileNotFoundError:
+                continue
+        else:
+            raise _StaleView(f"table {number:06d}.ldb")
+    logs = [n for n in os.listdir(src) if n.endswith(".log") and n[:-4].isdigit()
+            and (int(n[:-4]) >= log_no or int(n[:-4]) == prev_log)]
+    if log_no and f"{log_no:06d}.log" not in logs:
+        raise _StaleView(f"{log_no:06d}.log")
+    for name in logs:
+        try:
+            shutil.copyfile(os.path.join(src, name), os.path.join(dst, name))
+        except FileNotFoundError:
+            raise _StaleView(name) from None
+    Path(dst, "CURRENT").write_bytes(current)
 
 
 def _message(e: BaseException) -> str:
@@ -139,30 +259,38 @@ class LevelDBEnv:
 
     def _open_view(self, plyvel: Any) -> Any:
         """Another process holds the database (or its directory is read-only): open a private
-        view of its files, in a temporary directory removed on close.
+        view of one consistent state of it (:func:`_build_view`), in a temporary directory
+        removed on close.
 
-        NOTE: table files (.ldb/.sst) are never modified once written, so hard links are safe;
-        the manifest, CURRENT and write-ahead logs are small and copied. The holder may be
-        rewriting the directory as we copy (its open replays the log into a table), so a
-        failed view is retried a few times.
+        NOTE: the holder may be replaying the log as the view is built; a view is built again
+        only when a file it needs vanished (the holder moved to a newer state, which the next
+        try takes), never to paper over an open that failed.
         """
         parent = os.path.dirname(os.path.abspath(self.path))
-        for attempt in range(5):
+        tries = 8
+        for attempt in range(tries):
             try:
                 view = tempfile.mkdtemp(prefix=".leveldb-view-", dir=parent)
             except OSError:
                 view = tempfile.mkdtemp(prefix="pycaffe-leveldb-view-")
             try:
-                _link_or_copy(self.path, view)
+                _build_view(self.path, view)
                 db = plyvel.DB(view, create_if_missing=False)
-            except (OSError, plyvel.Error) as e:
+            except _StaleView as e:
                 shutil.rmtree(view, ignore_errors=True)
-                if attempt == 4:
+                if attempt == tries - 1:
                     raise errors.DataError(
-                        f"LevelDB {self.path!r} is in use by another process (or read-only) "
-                        f"and a private view of it failed: {_message(e)}") from None
-                time.sleep(0.2 * (attempt + 1))
+                        f"LevelDB {self.path!r} is in use by another process and kept "
+                        f"changing while a private view of it was built ({e} vanished)"
+                        ) from None
+                time.sleep(0.05 * (attempt + 1))
                 continue
+            except (OSError, ValueError, IndexError, plyvel.Error) as e:
+                shutil.rmtree(view, ignore_errors=True)
+                raise errors.DataError(
+                    f"LevelDB {self.path!r} is in use by another process (or read-only) and a "
+                    f"private view of it failed: it is damaged or not a LevelDB "
+                    f"({type(e).__name__}: {_message(e)})") from None
             log.info("LevelDB %s is held by another process or read-only; reading a private "
                      "view of it", self.path)
             self._view_dir = view
