@@ -46,6 +46,8 @@ class Input(Layer):
     Shapes:
         top[i]: ``input_param.shape[i]`` (or ``shape[0]``). Reshaping a top by hand sticks:
             ``reshape`` leaves the tops alone.
+
+    Backward: none (a data layer: as in Caffe, nothing is passed down).
     """
 
     is_data = True
@@ -82,6 +84,8 @@ class DummyData(Layer):
 
     Forward: tops whose filler is ``constant`` are filled once, in setup; the others are
     refilled from ``self.rng`` on every forward (Caffe's ``refill_`` rule).
+
+    Backward: none (a data layer: as in Caffe, nothing is passed down).
     """
 
     is_data = True
@@ -393,6 +397,9 @@ class Data(Layer):
     Shapes:
         top[0]: (batch_size, C, H', W') with H' = W' = crop_size when cropping.
         top[1] (optional): labels, (batch_size,).
+
+    Forward: the next batch_size records, transformed; top[1] = their labels.
+    Backward: none (a data layer: as in Caffe, nothing is passed down).
 
     Records are read in key order and wrap round at the end of the database. A daemon thread
     reads, decodes and transforms whole batches into a queue of ``prefetch`` batches; its

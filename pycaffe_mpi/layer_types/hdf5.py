@@ -51,6 +51,8 @@ class HDF5Data(Layer):
     Data-parallel replica k of n (``set_replica``) takes row i of the stream only when
     i mod n == k (Caffe's ``HDF5DataLayer::Skip``); with shuffle each replica shuffles with
     its own generator, so their rows are not disjoint then.
+
+    Backward: none (a data layer: as in Caffe, nothing is passed down).
     """
 
     is_data = True

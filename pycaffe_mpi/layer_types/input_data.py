@@ -51,6 +51,8 @@ class MemoryData(Layer):
     Forward: the next batch_size examples of the arrays, wrapping round to the first after
     the last. Forward before any :meth:`reset` is an error (Caffe: "needs to be initialized
     by calling Reset"). The arrays are copied, so the caller may reuse them.
+
+    Backward: none (a data layer: as in Caffe, nothing is passed down).
     """
 
     is_data = True
@@ -177,6 +179,8 @@ class ImageData(Layer):
     random crops/mirrors come from ``self.rng``; ``get_state`` holds the position and order,
     so a resumed run reads the same batches. Images are read in the training thread (no
     prefetch).
+
+    Backward: none (a data layer: as in Caffe, nothing is passed down).
     """
 
     is_data = True
@@ -334,6 +338,8 @@ class WindowData(Layer):
     padding swapped; the rest of the output stays 0. Then y = (x − mean) · scale, with a
     mean_file mean read at the same output position offset by (mean width − crop_size)/2.
     Windows differ in size, so each is cut and resized on its own.
+
+    Backward: none (a data layer: as in Caffe, nothing is passed down).
     """
 
     is_data = True
