@@ -92,11 +92,7 @@ def _lmdb_errors() -> tuple[type[BaseException], ...]:
 
 
 def _link_or_copy(src: str, dst: str) -> None:
-    """Hard-link file ``src`` to ``dst``, or copy it where links fail (another file system).
-
-    Raises:
-        FileNotFoundError: ``src`` is gone.
-    """
+    """Hard-link file ``src`` to ``dst``, or copy it where links fail (FileNotFoundError: gone)."""
     try:
         os.link(src, dst)
     except FileNotFoundError:
@@ -186,8 +182,7 @@ def _build_view(src: str, dst: str) -> None:
     ``src``. A needed file deleted before it was taken is a :class:`_StaleView` (retry).
 
     Raises:
-        _StaleView: a needed file vanished (``src`` changed underneath).
-        ValueError, IndexError: CURRENT or the manifest is damaged.
+        _StaleView: a needed file vanished. ValueError, IndexError: a damaged manifest.
     """
     def read(name: str) -> bytes:
         try:
@@ -207,11 +202,9 @@ def _build_view(src: str, dst: str) -> None:
             raise ValueError(f"manifest {manifest} lists table {number} at or after its next "
                              f"file number {next_file}")
         for name in (f"{number:06d}.ldb", f"{number:06d}.sst"):
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 _link_or_copy(os.path.join(src, name), os.path.join(dst, name))
                 break
-            except FileNotFoundError:
-                continue
         else:
             raise _StaleView(f"table {number:06d}.ldb")
     logs = [n for n in os.listdir(src) if n.endswith(".log") and n[:-4].isdigit()
