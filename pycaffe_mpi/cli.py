@@ -21,13 +21,15 @@ Environment: see ``cli_flags.ENVIRONMENT`` (also printed by ``--help``).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import re
+import shlex
 import signal
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -296,6 +298,19 @@ def cmd_train(args: argparse.Namespace, comm: Any) -> int:
     return 0
 
 
+@contextlib.contextmanager
+def _mpiexec_hint(command: str, model: str) -> Iterator[None]:
+    """A net that needs mpiexec, started without it: the hint shows this very command."""
+    from pycaffe_mpi.comm import plan
+
+    try:
+        yield
+    except plan.NeedsMoreRanks as e:
+        raise plan.NeedsMoreRanks(str(e).replace(
+            "train --solver SOLVER` (or test/time --model NET)",
+            f"{command} --model {shlex.quote(model)}`"), e.ranks) from None
+
+
 def cmd_test(args: argparse.Namespace, comm: Any) -> int:
     from pycaffe_mpi.net import Net
 
@@ -311,8 +326,9 @@ def cmd_test(args: argparse.Namespace, comm: Any) -> int:
                     "logged, not written)")
     backend = choose_backend(args.gpu)
     stages = [s for s in args.stage.split(",") if s]
-    net = Net(args.model, _phase(args.phase, TEST), weights=args.weights or None,
-              level=args.level, stages=stages, backend=backend, comm=comm)
+    with _mpiexec_hint("test", args.model):
+        net = Net(args.model, _phase(args.phase, TEST), weights=args.weights or None,
+                  level=args.level, stages=stages, backend=backend, comm=comm)
     log.info("Running for %d iterations.", args.iterations)
     from pycaffe_mpi.reports.results import element_names
     from pycaffe_mpi.solvers import testing
@@ -351,8 +367,9 @@ def cmd_time(args: argparse.Namespace, comm: Any) -> int:
         raise errors.PycaffeError("time needs --model (a net prototxt)")
     backend = choose_backend(args.gpu)
     stages = [s for s in args.stage.split(",") if s]
-    net = Net(args.model, _phase(args.phase, TRAIN), level=args.level, stages=stages,
-              backend=backend, comm=comm)
+    with _mpiexec_hint("time", args.model):
+        net = Net(args.model, _phase(args.phase, TRAIN), level=args.level, stages=stages,
+                  backend=backend, comm=comm)
     sync = backend.synchronize
     try:
         log.info("Performing Forward")

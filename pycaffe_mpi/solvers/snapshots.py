@@ -138,6 +138,13 @@ class SnapshotMixin:
         for net, states, what in [(self.net, train, "train net"),
                                   *((n, st, f"test net #{i}")
                                     for i, (n, st) in enumerate(zip(self.test_nets, tests)))]:
+            unknown = [name for name, _ in states if name not in net.layer_dict]
+            if unknown:
+                # NOTE: a renamed or removed layer; the run goes on, but not as it would have
+                self.log.warning("%s: the %s has no layer named %s; their saved run-time state "
+                                 "(random generators, data cursors) is ignored, so the resumed "
+                                 "run will not repeat the original exactly", path, what,
+                                 ", ".join(f'"{n}"' for n in dict.fromkeys(unknown)))
             for name, raw in states:
                 if name in net.layer_dict:
                     _guarded(path, f'layer "{name}" of the {what}',
