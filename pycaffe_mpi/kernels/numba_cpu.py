@@ -6,7 +6,7 @@ memory; these loops do each offset in one fused pass over data in the CPU cache 
 for float32 and float64 (numba compiles one version per argument types on first use).
 
 NOTE: ``cache=True`` keeps the compiled code on disk (``__pycache__``), so only the first process
-on a machine (or after this file changes) pays the compile time: ~9 s for the four pooling
+on a machine (or after this file changes) pays the compile time: 9-18 s for the four pooling
 kernels in both dtypes on a loaded 2-core machine; later processes load them in ~0.3 s. numba is
 imported here, and this module is imported on first use by :mod:`~pycaffe_mpi.kernels.pooling`,
 so ``import pycaffe_mpi`` does not pay numba's import time.
