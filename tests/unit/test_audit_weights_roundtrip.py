@@ -160,3 +160,53 @@ def test_batchnorm_blobs_in_the_file_are_mean_variance_scale_factor(tmp_path: Pa
     assert [list(b.shape.dim) for b in blobs] == [[3], [3], [1]]
     # a TRAIN forward sets Caffe's running scale factor: s = λ·s + 1 = 1 after one batch
     assert list(blobs[2].double_data or blobs[2].data) == [1.0]
+
+
+# -- files as BVLC Caffe writes them ---------------------------------------------------------
+def _legacy(shape: tuple[int, ...]) -> tuple[int, ...]:
+    return (1,) * (4 - len(shape)) + tuple(shape)
+
+
+@pytest.mark.parametrize("type_", sorted(PARAM_CASES))
+def test_legacy_four_axis_blobs_load(tmp_path: Path, type_: str) -> None:
+    # older Caffe releases wrote num/channels/height/width and float ``data``; a blob of
+    # fewer axes is padded with leading 1s (Caffe's LegacyShape)
+    case = PARAM_CASES[type_]
+    net = _build(case, seed=1)
+    layer = net.layer_dict["under_test"]
+    if any(len(b.shape) > 4 for b in layer.blobs):
+        pytest.skip("blobs of more than 4 axes have no legacy form")
+    rng = np.random.default_rng(9)
+    model = caffe_pb2.NetParameter(name="audit")
+    src = model.layer.add(name="under_test", type=type_)
+    want = []
+    for b in layer.blobs:
+        arr = rng.standard_normal(b.shape).astype(np.float32)
+        n, c, h, w = _legacy(tuple(b.shape))
+        src.blobs.add(num=n, channels=c, height=h, width=w, data=arr.ravel().tolist())
+        want.append(arr)
+    path = tmp_path / "legacy.caffemodel"
+    path.write_bytes(model.SerializeToString())
+    dst = _build(case, seed=2, weights=str(path))
+    for a, b in zip(want, dst.layer_dict["under_test"].blobs):
+        np.testing.assert_array_equal(a, b.data.astype(np.float32))
+
+
+@pytest.mark.parametrize("type_", sorted(PARAM_CASES))
+def test_caffe_hdf5_layout_loads(tmp_path: Path, type_: str) -> None:
+    # Caffe's Net::ToHDF5: group "data", a group per layer, a dataset per blob named by index
+    h5py = pytest.importorskip("h5py")
+    case = PARAM_CASES[type_]
+    net = _build(case, seed=1)
+    layer = net.layer_dict["under_test"]
+    rng = np.random.default_rng(9)
+    want = [rng.standard_normal(b.shape).astype(np.float32) for b in layer.blobs]
+    path = tmp_path / "w.caffemodel.h5"
+    with h5py.File(path, "w") as f:
+        g = f.create_group("data").create_group("under_test")
+        f["data"].create_group("a_layer_this_net_lacks")
+        for j, arr in enumerate(want):
+            g.create_dataset(str(j), data=arr)
+    dst = _build(case, seed=2, weights=str(path))
+    for a, b in zip(want, dst.layer_dict["under_test"].blobs):
+        np.testing.assert_array_equal(a, b.data.astype(np.float32))
