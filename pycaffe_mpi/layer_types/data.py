@@ -84,7 +84,6 @@ class DummyData(Layer):
 
     Forward: tops whose filler is ``constant`` are filled once, in setup; the others are
     refilled from ``self.rng`` on every forward (Caffe's ``refill_`` rule).
-
     Backward: none (a data layer: as in Caffe, nothing is passed down).
     """
 
