@@ -70,7 +70,9 @@ class ReportingMixin:
             # NOTE: the record precedes this iteration's update, so self.lr is still the last
             # update's rate; the log's "Iteration N, lr = R" line gives the rate for N
             rate = lr_policy.learning_rate(self.param, self.iter, self.current_step, log=False)[0]
-            writer.write_train(self.iter, rate, seconds, outputs)
+            # NOTE: base_lr is a float32 proto field: 0.01 reads back as 0.009999999776...; the
+            # shortest decimal of that float32 is what the user wrote (and what the log shows)
+            writer.write_train(self.iter, float(str(np.float32(rate))), seconds, outputs)
         else:
             writer.write_test(self.iter, seconds, outputs, test_net)
 

@@ -179,7 +179,7 @@ def test_ensemble_over_ranks_names_every_member_output(tmp_path: Path) -> None:
     assert [r["iter"] for r in rows if r["kind"] == "train"] == list(range(7))
     for r in rows:
         assert r["rank"] == 0 and r["seconds"] >= 0
-        assert r["kind"] == "test" or abs(r["lr"] - 0.01) < 1e-6
+        assert r["kind"] == "test" or r["lr"] == 0.01  # as written, not float32's 0.00999...
         assert set(members[:6]) <= set(r["outputs"]), r
     for r in rows:
         if r["kind"] == "test":

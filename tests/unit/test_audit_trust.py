@@ -9,6 +9,7 @@ warn naming the file (item 6); run outputs stay out of git (item 11).
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -133,6 +134,8 @@ def test_damaged_or_foreign_layer_state(tmp_path: Path, capfd: pytest.CaptureFix
     solver = solver_file(tmp_path, net_file(tmp_path, "net"))
     code, text = run(capfd, "train", "--solver", str(solver))
     assert code == 0, text
+    rows = [json.loads(ln) for ln in (tmp_path / "net_results.jsonl").open()]
+    assert [r["lr"] for r in rows] == [0.01] * 5  # as written, not float32's 0.0099999997...
     state = io.read_proto_binary(str(tmp_path / "net_iter_2.solverstate"),
                                  caffe_pb2.SolverState())
     assert {e.layer for e in state.layer_state} >= {"data", "ip"}
