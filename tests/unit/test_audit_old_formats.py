@@ -155,3 +155,46 @@ def test_v0_padding_layers_fold_into_pad_and_the_net_builds(tmp_path: Path) -> N
     assert net.blobs["conv1"].data.shape == (1, 2, 7, 7)
     assert net.blobs["pool1"].data.shape == (1, 2, 7, 7)
     net.forward()
+
+
+# V0 type -> (bottoms, number of tops, the V0 layer's fields); the types that need no files
+# (V0 "im2col" is left out: Caffe moves no kernel field to it, so no V0 im2col layer builds)
+V0_LAYERS: dict[str, tuple[list[str], int, str]] = {
+    "accuracy": (["vec", "label"], 1, ""),
+    "bnll": (["data"], 1, ""),
+    "concat": (["data", "data"], 1, "concat_dim: 1"),
+    "conv": (["data"], 1, "num_output: 2 kernelsize: 3 stride: 1 pad: 1 group: 1 biasterm: true "
+             'weight_filler { type: "xavier" }'),
+    "dropout": (["data"], 1, "dropout_ratio: 0.2"),
+    "euclidean_loss": (["vec", "vec"], 1, ""),
+    "flatten": (["data"], 1, ""),
+    "innerproduct": (["data"], 1, "num_output: 3 biasterm: false"),
+    "lrn": (["data"], 1, "local_size: 3 alpha: 0.1 beta: 0.75"),
+    "multinomial_logistic_loss": (["vec", "label"], 1, ""),
+    "pool": (["data"], 1, "pool: AVE kernelsize: 2 stride: 2"),
+    "relu": (["data"], 1, ""),
+    "sigmoid": (["data"], 1, ""),
+    "softmax": (["vec"], 1, ""),
+    "softmax_loss": (["vec", "label"], 1, ""),
+    "split": (["data"], 2, ""),
+    "tanh": (["data"], 1, ""),
+}
+
+
+@pytest.mark.parametrize("v0_type", sorted(V0_LAYERS))
+def test_v0_type_builds(tmp_path: Path, v0_type: str) -> None:
+    bottoms, ntop, fields = V0_LAYERS[v0_type]
+    lines = ['name: "v0"']
+    for blob, shape in INPUTS.items():
+        lines.append(f'input: "{blob}"')
+        lines += [f"input_dim: {d}" for d in shape]
+    lines.append(f'layers {{ layer {{ name: "old" type: "{v0_type}" {fields} }} '
+                 + " ".join(f'bottom: "{b}"' for b in bottoms) + " "
+                 + " ".join(f'top: "t{i}"' for i in range(ntop)) + " }")
+    path = tmp_path / "v0.prototxt"
+    path.write_text("\n".join(lines) + "\n")
+    net = Net(str(path), 0, seed=1)
+    assert net.layer_dict["old"].type == upgrade.V1_TYPES[upgrade.V0_TYPES[v0_type]]
+    if v0_type == "multinomial_logistic_loss":
+        net.blobs["vec"].data[...] = 0.5
+    net.forward()
