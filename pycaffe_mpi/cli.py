@@ -53,6 +53,13 @@ MPI_COMMANDS = ("train", "test", "time", "device_query")
 UPGRADE_COMMANDS = {c: cli_flags.DESCRIPTIONS[c] for c in ("upgrade-net", "upgrade-solver")}
 
 
+def _add_timeout_flag(p: argparse.ArgumentParser) -> None:
+    """``--collective_timeout``: every command whose net may hold comm layers takes it."""
+    p.add_argument("--collective_timeout", type=float, default=0.0, metavar="SECONDS",
+                   help="under MPI: end the job when a rank waits longer than SECONDS in one "
+                        "collective, naming the rank that never arrived (default 0: off)")
+
+
 def _add_train_flags(p: argparse.ArgumentParser) -> None:
     """Flags of ``train`` beyond Caffe's."""
     p.add_argument("--same_seed", action="store_true",
@@ -62,9 +69,7 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nonfinite", default="stop", choices=("stop", "continue"),
                    help="when the loss becomes NaN or Inf: stop, naming the iteration and the "
                         "first non-finite layer (default), or continue as Caffe does")
-    p.add_argument("--collective_timeout", type=float, default=0.0, metavar="SECONDS",
-                   help="under MPI: end the job when a rank waits longer than SECONDS in one "
-                        "collective, naming the rank that never arrived (default 0: off)")
+    _add_timeout_flag(p)
     p.add_argument("--replicas", type=int, default=None, metavar="R",
                    help="data parallelism: the MPI ranks run R replicas of the net (each on "
                         "ranks / R ranks: world rank = replica x ranks/R + model rank; the "
@@ -111,6 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
         cli_flags.add_caffe_flags(c, name)
         if name == "train":
             _add_train_flags(c)
+        elif name in ("test", "time"):
+            _add_timeout_flag(c)
     cli_tools.configure_ensemble(command("ensemble", cli_tools.cmd_ensemble))
     upgrade_epilog = ("Exit status: 0 when upgraded without problems (or already current), 1 "
                       "when parts could not be upgraded (the file is written anyway), 2 when IN "
@@ -312,6 +319,7 @@ def _mpiexec_hint(command: str, model: str) -> Iterator[None]:
 
 
 def cmd_test(args: argparse.Namespace, comm: Any) -> int:
+    from pycaffe_mpi import comm as comm_mod
     from pycaffe_mpi.net import Net
 
     args.model = per_rank("model", args.model, comm.rank, comm.size)
@@ -326,6 +334,7 @@ def cmd_test(args: argparse.Namespace, comm: Any) -> int:
                     "logged, not written)")
     backend = choose_backend(args.gpu)
     stages = [s for s in args.stage.split(",") if s]
+    comm_mod.set_collective_timeout(comm, args.collective_timeout)
     with _mpiexec_hint("test", args.model):
         net = Net(args.model, _phase(args.phase, TEST), weights=args.weights or None,
                   level=args.level, stages=stages, backend=backend, comm=comm)
@@ -359,6 +368,7 @@ def cmd_test(args: argparse.Namespace, comm: Any) -> int:
 
 
 def cmd_time(args: argparse.Namespace, comm: Any) -> int:
+    from pycaffe_mpi import comm as comm_mod
     from pycaffe_mpi.net import Net
 
     args.model = per_rank("model", args.model, comm.rank, comm.size)
@@ -367,6 +377,7 @@ def cmd_time(args: argparse.Namespace, comm: Any) -> int:
         raise errors.PycaffeError("time needs --model (a net prototxt)")
     backend = choose_backend(args.gpu)
     stages = [s for s in args.stage.split(",") if s]
+    comm_mod.set_collective_timeout(comm, args.collective_timeout)
     with _mpiexec_hint("time", args.model):
         net = Net(args.model, _phase(args.phase, TRAIN), level=args.level, stages=stages,
                   backend=backend, comm=comm)

@@ -46,14 +46,16 @@ layer { name: "loss" type: "SoftmaxWithLoss" bottom: "score" bottom: "label" top
 """
 IDENTITY = 'layer { name: "same" type: "Split" bottom: "ip0" top: "ip" }'
 USER_LAYER = ('layer { name: "user" type: "Python" bottom: "ip0" top: "ip"\n'
-              '  python_param { module: "audit_user_layer" layer: "LeaveOnRank1" } }')
+              '  python_param { module: "audit_user_layer" layer: "OnRank1" param_str: "MODE" '
+              '} }')
 USER_MODULE = '''import sys
+import time
 
 import caffe
 from pycaffe_mpi import comm
 
 
-class LeaveOnRank1(caffe.Layer):
+class OnRank1(caffe.Layer):
     def setup(self, bottom, top):
         self.calls = 0
 
@@ -63,6 +65,8 @@ class LeaveOnRank1(caffe.Layer):
     def forward(self, bottom, top):
         self.calls += 1
         if comm.world().rank == 1 and self.calls == 3:
+            if self.param_str == "stall":
+                time.sleep(600)
             sys.exit("leaving early")
         top[0].data[...] = bottom[0].data
 
@@ -124,11 +128,15 @@ def test_solver_fields_that_decide_collectives_must_agree(tmp_path: Path) -> Non
         assert "Traceback" not in proc.stderr, show(proc)
 
 
+def user_env(d: Path) -> dict[str, str]:
+    (d / "audit_user_layer.py").write_text(USER_MODULE)
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(
+        p for p in (str(d), os.environ.get("PYTHONPATH", "")) if p))
+
+
 def test_sys_exit_in_a_user_layer_ends_every_rank(tmp_path: Path) -> None:
-    solver = write_job(tmp_path, USER_LAYER)
-    (tmp_path / "audit_user_layer.py").write_text(USER_MODULE)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        p for p in (str(tmp_path), os.environ.get("PYTHONPATH", "")) if p))
+    solver = write_job(tmp_path, USER_LAYER.replace("MODE", "exit"))
+    env = user_env(tmp_path)
     proc, seconds = mpiexec([SCRIPT, "train", "--solver", str(solver)], tmp_path, env=env)
     assert proc.returncode != 0, show(proc)
     assert seconds < LIMIT_S, f"took {seconds:.1f} s\n{show(proc)}"
@@ -139,7 +147,20 @@ def test_sys_exit_in_a_user_layer_ends_every_rank(tmp_path: Path) -> None:
     assert "sys.exit('leaving early')" in head[0] and "forward" in head[0], head[0]
     # the user's own traceback follows, rank-tagged
     assert "[rank 1/3] SystemExit: leaving early" in proc.stderr, show(proc)
-    assert 'audit_user_layer.py", line 17, in forward' in proc.stderr, show(proc)
+    assert 'audit_user_layer.py", line 20, in forward' in proc.stderr, show(proc)
+
+
+def test_collective_timeout_in_pycaffe_test(tmp_path: Path) -> None:
+    """``pycaffe-mpi test`` takes --collective_timeout too: a rank stuck in its 3rd forward."""
+    write_job(tmp_path, USER_LAYER.replace("MODE", "stall"))
+    proc, seconds = mpiexec([SCRIPT, "test", "--model", str(tmp_path / "net.prototxt"),
+                             "--iterations", "5", "--collective_timeout", "2"], tmp_path,
+                            env=user_env(tmp_path))
+    assert proc.returncode != 0, show(proc)
+    assert seconds < LIMIT_S, f"took {seconds:.1f} s\n{show(proc)}"
+    lines = [ln for ln in proc.stderr.splitlines() if "error: collective timeout" in ln]
+    assert lines and lines[0].startswith(("[rank 0/3]", "[rank 2/3]")), show(proc)
+    assert "rank 1 never arrived" in lines[0], lines[0]
 
 
 def test_ensemble_over_ranks_names_every_member_output(tmp_path: Path) -> None:
