@@ -103,8 +103,10 @@ def _write(tmp_path: Path, type_: str, params: str, shapes: list[tuple[int, ...]
         lines += ["  }", "}"]
     line = len(lines) + 1
     tops = bottoms[:1] if in_place else ["t0"]
-    if type_ in {"HDF5Data", "ImageData", "MemoryData", "WindowData"}:
+    if type_ in {"HDF5Data", "ImageData", "MemoryData", "WindowData", "LSTMUnit"}:
         tops = ["t0", "t1"]
+    if type_ == "HDF5Output":
+        tops = []
     lines.append(f'layer {{ name: "bad_{type_.lower()}" type: "{type_}"')
     lines += [f'  bottom: "{b}"' for b in bottoms] + [f'  top: "{t}"' for t in tops]
     lines += [f"  {params}", "}"]
@@ -138,3 +140,48 @@ def test_fork_layer_type_is_named_as_not_bvlc(tmp_path: Path) -> None:
     msg = str(info.value)
     assert f"{path}:2" in msg and '"up"' in msg and "Upsample" in msg, msg
     assert "BVLC" in msg, msg
+
+
+# More of Caffe's CHECKs on parameters and bottom shapes, each located the same way.
+MORE = [
+    ("ArgMax", "argmax_param { axis: 1 top_k: 4 }", [(2, 3)], "argmax_param.top_k", False),
+    ("Bias", "bias_param { num_axes: -2 }", [(2, 3, 4)], "bias_param.num_axes", False),
+    ("Scale", "scale_param { axis: 1 num_axes: 3 }", [(2, 3, 4)], "scale_param.num_axes",
+     False),
+    ("Crop", "crop_param { axis: 4 }", [(2, 3, 6, 6), (2, 3, 4, 4)], "crop_param.axis", False),
+    ("Crop", "crop_param { axis: 1 offset: 0 offset: 1 }", [(2, 3, 6, 6), (2, 3, 4, 4)],
+     "crop_param.offset", False),
+    ("Tile", "", [(2, 3)], "tile_param.tiles", False),  # CHECK(has_tiles())
+    ("ImageData", 'image_data_param { source: "LIST" batch_size: 0 }', [],
+     "image_data_param.batch_size", False),
+    ("HDF5Output", 'hdf5_output_param { file_name: "LIST.h5" }', [(2, 3), (3,)], "bottom",
+     False),
+    ("Im2col", "convolution_param { kernel_size: 3 kernel_h: 3 kernel_w: 3 }", [(2, 3, 4, 4)],
+     "convolution_param.kernel_size", False),
+    ("Im2col", "convolution_param { kernel_size: 3 stride: 0 }", [(2, 3, 4, 4)],
+     "convolution_param.stride", False),
+    ("Deconvolution", "convolution_param { num_output: 4 kernel_size: 2 group: 3 }",
+     [(2, 6, 4, 4)], "convolution_param.group", False),
+    ("Deconvolution", "convolution_param { kernel_size: 2 }", [(2, 3, 4, 4)],
+     "convolution_param.num_output", False),
+    ("LSTM", "recurrent_param { num_output: 3 }", [(3, 2, 4), (3, 2), (3, 5)], "bottom[2]",
+     False),
+    ("LSTMUnit", "", [(1, 2, 3), (1, 2, 10), (1, 2)], "bottom[1]", False),
+    ("Filter", "", [(2, 3), (2, 2)], "bottom", False),
+    ("Log", "log_param { base: 1 }", [(2, 3)], "log_param.base", False),
+    ("ContrastiveLoss", "", [(2, 3), (2, 3), (2, 2)], "bottom[2]", False),
+    ("Embed", "embed_param { input_dim: 3 }", [(2,)], "embed_param.num_output", False),
+    ("InfogainLoss", "loss_param { normalize: true }", [(2, 3), (2,), (1, 1, 3, 3)],
+     "loss_param.normalize", False),
+    ("MVN", "", [(2, 3, 4, 4, 4)], "bottom", False),
+    ("PReLU", "prelu_param { channel_shared: true }", [(2,)], "bottom", False),
+    ("BatchReindex", "", [(2, 3), (2, 2)], "bottom", False),
+]
+
+
+@pytest.mark.parametrize(("type_", "params", "shapes", "field", "in_place"), MORE,
+                         ids=[f"{m[0]}-{m[3]}-{i}" for i, m in enumerate(MORE)])
+def test_more_bad_values_are_located(tmp_path: Path, type_: str, params: str,
+                                     shapes: list[tuple[int, ...]], field: str,
+                                     in_place: bool) -> None:
+    test_bad_parameter_is_located(tmp_path, type_, params, shapes, field, in_place)
