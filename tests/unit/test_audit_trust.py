@@ -225,3 +225,35 @@ def test_run_outputs_stay_out_of_git() -> None:
     if proc.returncode != 0:
         pytest.skip(f"git unavailable: {proc.stderr}")
     assert proc.stdout == "", f"tracked files that .gitignore ignores:\n{proc.stdout}"
+
+
+def test_snapshot_past_the_file_size_limit_keeps_the_previous_one(
+        tmp_path: Path, capfd: pytest.CaptureFixture) -> None:
+    """A write that fails for want of space (here RLIMIT_FSIZE, as a full disk would): one
+    error line, the previous snapshot intact, no temporary file left."""
+    resource = pytest.importorskip("resource")
+    net = net_file(tmp_path, "wide", lambda t: t.replace("num_output: 3 ", "num_output: 300 "))
+    solver = solver_file(tmp_path, net)
+    code, text = run(capfd, "train", "--solver", str(solver))
+    assert code == 0, text
+    first = {p.name: p.read_bytes() for p in tmp_path.glob("wide_iter_*")}
+    for p in tmp_path.glob("wide_iter_4.*"):
+        first.pop(p.name)
+        p.unlink()
+    assert sorted(first) == ["wide_iter_2.caffemodel", "wide_iter_2.solverstate"]
+    assert all(len(b) > 100 * 1024 for b in first.values())  # over the limit below
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))
+
+    script = Path(sys.executable).parent / "pycaffe-mpi"
+    proc = subprocess.run([str(script), "train", "--solver", str(solver), "--snapshot",
+                           str(tmp_path / "wide_iter_2.solverstate")], preexec_fn=limit,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    lines = errors_of(proc.stderr)
+    assert len(lines) == 1 and f"cannot write '{tmp_path}/wide_iter_4.caffemodel'" in lines[0]
+    assert "nothing was written" in lines[0], lines[0]
+    left = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("wide_iter"))
+    assert left == sorted(first), left
+    assert all((tmp_path / name).read_bytes() == data for name, data in first.items())
