@@ -210,3 +210,35 @@ def test_caffe_hdf5_layout_loads(tmp_path: Path, type_: str) -> None:
     dst = _build(case, seed=2, weights=str(path))
     for a, b in zip(want, dst.layer_dict["under_test"].blobs):
         np.testing.assert_array_equal(a, b.data.astype(np.float32))
+
+
+SHARED = """
+layer { name: "d" type: "Input" top: "a" top: "b" input_param { shape { dim: 2 dim: 3 } } }
+layer { name: "ip1" type: "InnerProduct" bottom: "a" top: "x" param { name: "w" }
+        param { name: "bias" } inner_product_param { num_output: 2
+        weight_filler { type: "gaussian" } bias_filler { type: "gaussian" } } }
+layer { name: "ip2" type: "InnerProduct" bottom: "b" top: "y" param { name: "w" }
+        param { name: "bias" } inner_product_param { num_output: 2
+        weight_filler { type: "gaussian" } bias_filler { type: "gaussian" } } }
+"""
+
+
+@pytest.mark.parametrize("form", ["binary", "hdf5"])
+def test_shared_parameters_round_trip_and_stay_shared(tmp_path: Path, form: str) -> None:
+    net_file = tmp_path / "shared.prototxt"
+    net_file.write_text(SHARED)
+    src = Net(str(net_file), 1, seed=1)
+    src.params["ip1"][0].data[...] = 3
+    path = str(tmp_path / ("w.caffemodel" if form == "binary" else "w.caffemodel.h5"))
+    if form == "binary":
+        src.save(path)
+    else:
+        src.save_hdf5(path)
+    if form == "hdf5":
+        h5py = pytest.importorskip("h5py")
+        with h5py.File(path) as f:  # Caffe writes a shared blob once, under its owner
+            assert sorted(f["data/ip1"]) == ["0", "1"] and len(f["data/ip2"]) == 0
+    dst = Net(str(net_file), 1, seed=2, weights=path)
+    assert (dst.params["ip1"][0].data == 3).all() and (dst.params["ip2"][0].data == 3).all()
+    dst.params["ip1"][0].data[...] = 5
+    assert (dst.params["ip2"][0].data == 5).all()
