@@ -67,7 +67,8 @@ class Net(NetApi):
         model: a prototxt path, a ``NetParameter`` or a :class:`~pycaffe_mpi.netparam.ParsedNet`
             (old formats are upgraded, :mod:`pycaffe_mpi.upgrade`).
         phase: ``TRAIN`` (0) or ``TEST`` (1). pycaffe's legacy form ``Net(model, weights, phase)``
-            is accepted too.
+            is accepted too; after an int phase, a third positional argument is the level, as
+            in pycaffe's ``Net(model, phase, level)``.
         weights: a ``.caffemodel`` (or comma-separated list) to copy layers from, by name.
         level, stages: the NetState level and stages.
         backend: where arrays live (default CPU); dtype: float32 (default) or float64.
@@ -86,7 +87,7 @@ class Net(NetApi):
         self,
         model: str | Any,
         phase: int | str = TRAIN,
-        legacy_phase: int | None = None,
+        legacy_phase: int | str | None = None,
         *,
         weights: str | None = None,
         level: int | None = None,
@@ -102,6 +103,16 @@ class Net(NetApi):
     ) -> None:
         if isinstance(phase, str):  # pycaffe legacy: Net(prototxt, caffemodel, phase)
             weights, phase = phase, (TEST if legacy_phase is None else legacy_phase)
+        elif legacy_phase is not None:  # pycaffe: Net(prototxt, phase, level)
+            if isinstance(legacy_phase, bool) or not isinstance(legacy_phase, (int, np.integer)):
+                raise errors.PycaffeError(
+                    f"Net(model, phase, {legacy_phase!r}): after the phase, the third "
+                    "positional argument is the NetState level (an int), as in pycaffe; "
+                    "give weights as weights=...")
+            if level is not None and level != legacy_phase:
+                raise errors.PycaffeError(f"Net(): level given twice ({legacy_phase} and "
+                                          f"level={level})")
+            level = int(legacy_phase)
         if phase not in (TRAIN, TEST):
             raise errors.PycaffeError(f"phase must be TRAIN (0) or TEST (1), got {phase!r}")
         from pycaffe_mpi.pycaffe import settings

@@ -207,9 +207,6 @@ def test_net_spec_prototxt_read_back_by_net_equals_the_netparameter(tmp_path: Pa
     net.forward()
 
 
-@pytest.mark.xfail(strict=True, reason="net.py: Net(model, phase, X) drops a third positional "
-                   "argument silently; pycaffe's third positional is `level` (a str is an error "
-                   "there). Fix in Net.__init__, then remove this marker.")
 def test_third_positional_after_an_int_phase_is_not_dropped(deploy: Path,
                                                              tmp_path: Path) -> None:
     first = caffe.Net(str(deploy), caffe.TEST)
@@ -222,3 +219,15 @@ def test_third_positional_after_an_int_phase_is_not_dropped(deploy: Path,
     except (TypeError, caffe_errors.PycaffeError):
         return
     assert (net.params["ip"][0].data == 7).all(), "the weights were silently ignored"
+
+
+def test_third_positional_after_an_int_phase_is_the_level(tmp_path: Path) -> None:
+    model = tmp_path / "levels.prototxt"
+    model.write_text(
+        'layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 } } }\n'
+        'layer { name: "deep" type: "ReLU" bottom: "data" top: "deep"\n'
+        '        include { min_level: 2 } }\n')
+    assert "deep" not in caffe.Net(str(model), caffe.TEST)._layer_names
+    assert "deep" in caffe.Net(str(model), caffe.TEST, 2)._layer_names
+    with pytest.raises(caffe_errors.PycaffeError, match="level given twice"):
+        caffe.Net(str(model), caffe.TEST, 2, level=3)
