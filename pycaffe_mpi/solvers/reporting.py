@@ -52,16 +52,22 @@ class ReportingMixin:
         if self.results is None and self._results_arg is not False:
             path = self._results_arg
             if path is None or path is True:
-                if self.rank != 0 or not self.param.snapshot_prefix or \
+                if not self.param.snapshot_prefix or \
                         (self.dp is not None and not self.dp.is_root_replica):
                     self._results_arg = False
                     return None
-                path = f"{self.param.snapshot_prefix}_results.jsonl"
+                # NOTE: another rank's outputs (a loss or accuracy of its own) go to a file of
+                # its own, named as its snapshots are, so that no output is lost
+                rank = f"_rank_{self.rank}" if self.rank else ""
+                path = f"{self.param.snapshot_prefix}{rank}_results.jsonl"
             self.results = ResultsWriter(path, self.rank, append=self.iter > 0)
-            self.log.info("Writing results to %s", self.results.path)
+            self.log.info("Writing results to %s", self.results.path,
+                          extra={"all_ranks": self.rank != 0})
         return self.results
 
     def _record(self, kind: str, outputs: Sequence[tuple[str, Any]], test_net: int = 0) -> None:
+        if self.rank != 0 and not any(name != "smoothed_loss" for name, _ in outputs):
+            return  # ranks other than 0 record only outputs their own net computes
         writer = self._results_writer()
         if writer is None:
             return

@@ -195,6 +195,7 @@ def test_ensemble_over_ranks_names_every_member_output(tmp_path: Path) -> None:
         assert sum(f": {name} = " in ln for ln in test_lines) == 3, (name, show(run))
     # the results file: one line per display and test pass, every output by name
     rows = [json.loads(ln) for ln in (tmp_path / "ens" / "ens_results.jsonl").open()]
+    assert not list((tmp_path / "ens").glob("*_rank_*_results.jsonl"))  # no outputs there
     assert [(r["kind"], r["iter"]) for r in rows if r["kind"] == "test"] == \
         [("test", 0), ("test", 3), ("test", 6)]
     assert [r["iter"] for r in rows if r["kind"] == "train"] == list(range(7))
@@ -222,3 +223,28 @@ def test_ensemble_over_ranks_names_every_member_output(tmp_path: Path) -> None:
     dot = (tmp_path / "net.dot").read_text()
     assert all(f"cluster_rank{r}" in dot for r in range(3)) and "cluster_rank3" not in dot
     assert dot.count("dashed") >= 4, dot  # broadcast to ranks 1, 2; gather from ranks 1, 2
+
+
+def test_every_rank_with_outputs_writes_its_results(tmp_path: Path) -> None:
+    """Three independent nets, a loss and an accuracy on each rank: rank 0's results file
+    as in a single process, ranks 1 and 2 in files named as their snapshots are."""
+    net = tmp_path / "own.prototxt"
+    net.write_text(NET.split('layer { name: "bcast"')[0].replace(" include { mpi_rank: 0 }", "")
+                   + 'layer { name: "ip" type: "InnerProduct" bottom: "data" top: "ip"\n'
+                   '  inner_product_param { num_output: 3 weight_filler { type: "xavier" } } }\n'
+                   'layer { name: "loss" type: "SoftmaxWithLoss" bottom: "ip" bottom: "label" '
+                   'top: "loss" }\n'
+                   'layer { name: "acc" type: "Accuracy" bottom: "ip" bottom: "label" '
+                   'top: "accuracy" include { phase: TEST } }\n')
+    solver = tmp_path / "own_solver.prototxt"
+    solver.write_text(SOLVER.format(net=net, prefix=tmp_path / "own"))
+    proc, _ = mpiexec([SCRIPT, "train", "--solver", str(solver)], tmp_path)
+    assert proc.returncode == 0, show(proc)
+    for rank, name in enumerate(("own_results.jsonl", "own_rank_1_results.jsonl",
+                                 "own_rank_2_results.jsonl")):
+        rows = [json.loads(ln) for ln in (tmp_path / name).open()]
+        assert {r["rank"] for r in rows} == {rank}, rows
+        assert [r["iter"] for r in rows if r["kind"] == "train"] == list(range(7))
+        assert [r["iter"] for r in rows if r["kind"] == "test"] == [0, 3, 6]
+        assert all(set(r["outputs"]) >= {"loss", "accuracy"} for r in rows
+                   if r["kind"] == "test"), rows
