@@ -145,8 +145,9 @@ class Solver(NetsMixin, ReportingMixin, SnapshotMixin):
         results: the results file (one JSON line per display and test pass,
             :mod:`pycaffe_mpi.reports.results`; every output by name, plus ``smoothed_loss``
             (the displayed loss) and, with test_compute_loss, ``test_loss``): None (default) writes
-            ``<snapshot_prefix>_results.jsonl`` on rank 0 when there is a snapshot_prefix;
-            False writes none; a path writes there (on every rank that is given one).
+            ``<snapshot_prefix>_results.jsonl`` on rank 0 when there is a snapshot_prefix (and
+            ``<snapshot_prefix>_rank_<R>_results.jsonl`` on a rank R whose net has outputs of
+            its own); False writes none; a path writes there (on every rank that is given one).
         source_path: the file a ``SolverParameter`` was read from (named in messages).
         replicas: data-parallel replicas (:mod:`pycaffe_mpi.solvers.data_parallel`): the world
             of ``comm`` runs this many copies of the net, each on world_size / replicas ranks,
