@@ -157,9 +157,20 @@ def cmd_upgrade(command: str, args: argparse.Namespace) -> int:
         else:
             prototxt.parse_text(prototxt.read_text(src), message, src)
     except errors.PycaffeError as e:
-        log.error("Failed to parse input %s file as %s: %s (%s)",
-                  "binary" if binary else "text", what, src, e)
-        return 2
+        reason = e
+        if binary:
+            # NOTE: a prototxt with a stray non-UTF-8 byte looks binary: its text error (the
+            # byte's line and column) is the one the user needs
+            try:
+                prototxt.parse_text(prototxt.read_text(src), message, src)
+            except errors.PycaffeError as text_error:
+                reason = errors.PycaffeError(f"{e}; read as text: {text_error}")
+            else:
+                binary, reason = False, None
+        if reason is not None:
+            log.error("Failed to parse input %s file as %s: %s (%s)",
+                      "binary" if binary else "text", what, src, reason)
+            return 2
     if is_net:
         needed = upgrade.net_needs_upgrade(message)
         success = upgrade.upgrade_net_as_needed(src, message)[0] if needed else True

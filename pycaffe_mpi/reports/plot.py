@@ -116,7 +116,7 @@ def plot(runs: Sequence[Run | str | os.PathLike], out_png: str | os.PathLike,
     missing = [n for n in names if n not in known]
     if missing or not names:
         raise errors.PycaffeError(
-            f"nothing to plot: {', '.join(missing) or 'no loss or accuracy output'} not found "
+            f"nothing to plot: {', '.join(missing) or 'a loss or accuracy output'} not found "
             f"in the runs; their outputs: {', '.join(sorted(known)) or 'none'}")
     ensembles = [r for r in loaded if r.members()]
     n_panels = len(names) + len(ensembles)

@@ -257,3 +257,22 @@ def test_snapshot_past_the_file_size_limit_keeps_the_previous_one(
     left = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("wide_iter"))
     assert left == sorted(first), left
     assert all((tmp_path / name).read_bytes() == data for name, data in first.items())
+
+
+def test_file_tools_on_wrong_inputs(tmp_path: Path, capfd: pytest.CaptureFixture) -> None:
+    """upgrade-net on a prototxt with a non-UTF-8 byte names the byte's place (it looks
+    binary); plot and parse-log on files that hold no run say so in one line."""
+    net = tmp_path / "latin1.prototxt"
+    net.write_bytes(b'name: "caf\xe9"\n' + NET.split("\n", 1)[1].encode())
+    code, text = run(capfd, "upgrade-net", str(net), str(tmp_path / "up.prototxt"))
+    assert code == 2 and "Traceback" not in text, text
+    assert f"read as text: {net}:1:11: byte 0xe9 is not UTF-8 text" in text, text
+    assert not (tmp_path / "up.prototxt").exists()
+    blob = tmp_path / "mean.binaryproto"
+    io.write_proto_binary(str(blob), io.array_to_blobproto(np.zeros((1, 3, 2, 2), np.float32)))
+    code, text = run(capfd, "plot", str(blob), "-o", str(tmp_path / "c.png"))
+    assert code == 1 and errors_of(text) == [
+        "error: nothing to plot: a loss or accuracy output not found in the runs; their "
+        "outputs: none"], text
+    code, text = run(capfd, "parse-log", str(blob), "-o", str(tmp_path / "csv"))
+    assert code == 1 and errors_of(text) == [f"error: {blob}: no train or test outputs found"]
