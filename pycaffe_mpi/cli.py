@@ -223,12 +223,14 @@ def _install_signal_actions(solver: Any, sigint: str, sighup: str) -> None:
     if getattr(solver, "dp", None) is not None:  # replicas: every rank of the world agrees
         comm = solver.dp.groups.world
     if comm is not None and comm.size > 1:
-        # every rank stops (or snapshots) at the same iteration, as rank 0 decides, or the
-        # collectives of the next iteration would wait forever
+        # every rank stops (or snapshots) at the same iteration, or the collectives of the next
+        # iteration would wait forever; a signal sent to any one rank counts (a stop before a
+        # snapshot), not only rank 0's
         local = action
 
         def action() -> str:
-            return comm.bcast_obj(local(), 0)
+            asked = set(comm.allgather_obj(local()))
+            return next((a for a in ("stop", "snapshot") if a in asked), "none")
 
     solver.set_action_function(action)
 

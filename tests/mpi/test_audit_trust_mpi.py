@@ -48,7 +48,9 @@ IDENTITY = 'layer { name: "same" type: "Split" bottom: "ip0" top: "ip" }'
 USER_LAYER = ('layer { name: "user" type: "Python" bottom: "ip0" top: "ip"\n'
               '  python_param { module: "audit_user_layer" layer: "OnRank1" param_str: "MODE" '
               '} }')
-USER_MODULE = '''import sys
+USER_MODULE = '''import os
+import signal
+import sys
 import time
 
 import caffe
@@ -64,7 +66,11 @@ class OnRank1(caffe.Layer):
 
     def forward(self, bottom, top):
         self.calls += 1
-        if comm.world().rank == 1 and self.calls == 3:
+        rank = comm.world().rank
+        if self.param_str == "signals":  # a signal to one process, as kill PID sends it
+            if (rank, self.calls) in ((2, 3), (1, 6)):
+                os.kill(os.getpid(), signal.SIGHUP if rank == 2 else signal.SIGINT)
+        elif rank == 1 and self.calls == 3:
             if self.param_str == "stall":
                 time.sleep(600)
             sys.exit("leaving early")
@@ -147,7 +153,7 @@ def test_sys_exit_in_a_user_layer_ends_every_rank(tmp_path: Path) -> None:
     assert "sys.exit('leaving early')" in head[0] and "forward" in head[0], head[0]
     # the user's own traceback follows, rank-tagged
     assert "[rank 1/3] SystemExit: leaving early" in proc.stderr, show(proc)
-    assert 'audit_user_layer.py", line 20, in forward' in proc.stderr, show(proc)
+    assert 'audit_user_layer.py", line 26, in forward' in proc.stderr, show(proc)
 
 
 def test_collective_timeout_in_pycaffe_test(tmp_path: Path) -> None:
@@ -161,6 +167,22 @@ def test_collective_timeout_in_pycaffe_test(tmp_path: Path) -> None:
     lines = [ln for ln in proc.stderr.splitlines() if "error: collective timeout" in ln]
     assert lines and lines[0].startswith(("[rank 0/3]", "[rank 2/3]")), show(proc)
     assert "rank 1 never arrived" in lines[0], lines[0]
+
+
+def test_a_signal_to_one_rank_reaches_every_rank(tmp_path: Path) -> None:
+    """SIGHUP to rank 2 alone snapshots every rank, SIGINT to rank 1 alone stops them all (the
+    ranks act together at the end of an iteration; before, only rank 0's signals counted)."""
+    solver = write_job(tmp_path, USER_LAYER.replace("MODE", "signals"))
+    solver.write_text(solver.read_text().replace("max_iter: 6", "max_iter: 1000").replace(
+        "test_interval: 3", "test_interval: 1000"))
+    proc, _ = mpiexec([SCRIPT, "train", "--solver", str(solver), "--sighup_effect",
+                       "snapshot"], tmp_path, env=user_env(tmp_path))
+    assert proc.returncode == 0, show(proc)
+    assert "Optimization stopped early." in proc.stderr, show(proc)
+    snapshots = sorted(p.name for p in tmp_path.glob("snap_iter_*.caffemodel"))
+    # the SIGHUP in iteration 2's forward: snapshot 3; the SIGINT in iteration 5's: stop at 6
+    assert snapshots == [f"snap_iter_{i}_rank_{r}.caffemodel" for i in (3, 6)
+                         for r in range(3)], (snapshots, show(proc))
 
 
 def test_ensemble_over_ranks_names_every_member_output(tmp_path: Path) -> None:
