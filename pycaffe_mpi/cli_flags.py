@@ -42,7 +42,8 @@ CAFFE_FLAGS: dict[str, dict[str, Any]] = {
     "sigint_effect": {"default": "stop", "choices": EFFECTS,
                       "help": "what Ctrl-C does while training (default stop)"},
     "sighup_effect": {"default": "snapshot", "choices": EFFECTS,
-                      "help": "what SIGHUP does while training (default snapshot)"},
+                      "help": "what SIGHUP does while training (default snapshot); under "
+                              "MPI a signal to any one rank acts on every rank"},
 }
 
 # The flags each Caffe command reads, with help worded for it where the generic text is vague.
