@@ -95,14 +95,11 @@ def _comm_groups(param: Any, locations: Sequence[str], phase: int | None,
 
 
 def world_size_of(param: Any) -> int:
-    """The ranks a net names: one more than the largest rank in its rules and comm roots."""
-    ranks = [0]
-    for lp in param.layer:
-        for rule in [*lp.include, *lp.exclude]:
-            ranks.extend(rule.mpi_rank)
-        if lp.type in COMM_TYPES:
-            ranks.append(lp.mpi_param.root)
-    return max(ranks) + 1
+    """The ranks a net names: one more than the largest rank in its rules and comm roots, or
+    the top count of an MPIGather over the whole world (one top per rank), as the Net asks."""
+    from pycaffe_mpi.comm import plan
+
+    return plan.ranks_needed(param)[0]
 
 
 def _record(text: str) -> str:
@@ -202,6 +199,13 @@ def net_graph(net_param: Any, rank: int | None = None, all_ranks: bool = False,
     param, locs, ph = parsed.param, parsed.locations, _phase(phase)
     g = graphviz.Digraph(param.name or "Net", graph_attr={"rankdir": rankdir})
     ids = _Ids()
+    if rank is not None:
+        # a net without rank rules runs the same on any rank; one that names ranks does not
+        size = world_size or world_size_of(param)
+        if rank < 0 or (rank >= size and (world_size or size > 1)):
+            raise errors.PycaffeError(
+                f"rank {rank} is outside the {size} ranks (0..{size - 1}) this net runs on"
+                + ("" if world_size else "; give --world-size for a larger job"))
     if not all_ranks:
         _add_net(g, _filtered(param, locs, ph, rank), ids, "", rankdir)
         return g

@@ -276,3 +276,27 @@ def test_file_tools_on_wrong_inputs(tmp_path: Path, capfd: pytest.CaptureFixture
         "outputs: none"], text
     code, text = run(capfd, "parse-log", str(blob), "-o", str(tmp_path / "csv"))
     assert code == 1 and errors_of(text) == [f"error: {blob}: no train or test outputs found"]
+
+
+def test_draw_counts_a_world_wide_gather_and_refuses_a_rank_outside(
+        tmp_path: Path, capfd: pytest.CaptureFixture) -> None:
+    """A net whose only rank count is its MPIGather's tops (no include rules) still draws one
+    cluster per rank; --rank past the ranks the net runs on is an error, not an empty drawing."""
+    net = net_file(tmp_path, "mpi", lambda t: t.replace(
+        'layer { name: "loss"', MPI_LAYERS + 'layer { name: "loss"'))
+    code, text = run(capfd, "draw", "--model", str(net), "--all-ranks", "-o",
+                     str(tmp_path / "all.dot"))
+    assert code == 0, text
+    dot = (tmp_path / "all.dot").read_text()
+    assert [r for r in range(5) if f"cluster_rank{r}" in dot] == [0, 1, 2], dot
+    assert dot.count("dashed") == 4, dot  # broadcast to ranks 1, 2; gather from ranks 1, 2
+    for rank in ("3", "-1"):
+        code, text = run(capfd, "draw", "--model", str(net), "--rank", rank, "-o",
+                         str(tmp_path / "r.dot"))
+        assert code == 1 and errors_of(text) == [
+            f"error: rank {rank} is outside the 3 ranks (0..2) this net runs on; give "
+            "--world-size for a larger job"], text
+    plain = net_file(tmp_path, "plain")  # no rank rules: the same net on any rank
+    code, text = run(capfd, "draw", "--model", str(plain), "--rank", "3", "-o",
+                     str(tmp_path / "p.dot"))
+    assert code == 0, text
