@@ -8,6 +8,7 @@ Hypothesis' deadline is off.
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import harness
@@ -45,6 +46,18 @@ def _quiet_log():
 @pytest.fixture(scope="session")
 def fuzz_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return harness.make_data(tmp_path_factory.mktemp("fuzz"))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _run_in_fuzz_dir(fuzz_dir: Path):
+    """Mutated solvers name relative snapshot prefixes ("x"): whatever a run writes lands in
+    the fuzz directory, never in the checkout."""
+    work = fuzz_dir / "cwd"
+    work.mkdir(exist_ok=True)
+    old = os.getcwd()
+    os.chdir(work)
+    yield
+    os.chdir(old)
 
 
 @pytest.fixture(scope="session")
