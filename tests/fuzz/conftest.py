@@ -8,7 +8,6 @@ Hypothesis' deadline is off.
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 import harness
@@ -48,16 +47,14 @@ def fuzz_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return harness.make_data(tmp_path_factory.mktemp("fuzz"))
 
 
-@pytest.fixture(scope="session", autouse=True)
-def _run_in_fuzz_dir(fuzz_dir: Path):
+@pytest.fixture(autouse=True)
+def _run_in_fuzz_dir(fuzz_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Mutated solvers name relative snapshot prefixes ("x"): whatever a run writes lands in
-    the fuzz directory, never in the checkout."""
+    the fuzz directory, never in the checkout. Per test (NOTE: a session-wide chdir would
+    outlive this folder and move every later test's working directory)."""
     work = fuzz_dir / "cwd"
     work.mkdir(exist_ok=True)
-    old = os.getcwd()
-    os.chdir(work)
-    yield
-    os.chdir(old)
+    monkeypatch.chdir(work)
 
 
 @pytest.fixture(scope="session")
