@@ -25,6 +25,7 @@ import re
 import secrets
 import socket
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -127,36 +128,50 @@ def remove_stale_temps(path: str | os.PathLike) -> list[str]:
     return removed
 
 
-def atomic_write(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see the old file or the whole new one.
+@contextlib.contextmanager
+def atomic_target(path: str | os.PathLike, size: str = "") -> Iterator[str]:
+    """A temporary path to write in full; it replaces ``path`` when the block ends cleanly.
 
-    The bytes go to a temporary file in the same directory (:func:`temp_path`), are flushed to
-    disk (fsync), and the temporary file then replaces ``path`` (``os.replace`` is atomic on
-    POSIX and Windows). Stale temporary files of killed writers of ``path`` are removed first.
-
-    Raises:
-        WriteError: the write failed (e.g. no space left on device); the previous ``path``, if
-            any, is unchanged and no temporary file is left behind.
+    Stale temporary files of killed writers of ``path`` are removed first; the block's file
+    is flushed to disk (fsync) and then renamed onto ``path`` (``os.replace`` is atomic on
+    POSIX and Windows). On any error the temporary file is removed and ``path`` is untouched;
+    an ``OSError`` (e.g. no space left on device) becomes a :class:`WriteError` (``size`` is
+    added to its message).
     """
     path = os.fspath(path)
     remove_stale_temps(path)
     tmp = temp_path(path)
     try:
-        # NOTE: os.open with mode 0o666 honours the umask (mkstemp would make the file 0600).
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0),
-                     0o666)
         try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
+            yield tmp
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
             os.replace(tmp, path)
         except BaseException:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             raise
     except OSError as e:
-        raise write_error(path, e, f" ({len(data)} bytes)") from e
+        raise write_error(path, e, size) from e
+
+
+def atomic_write(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see the old file or the whole new one
+    (through :func:`atomic_target`).
+
+    Raises:
+        WriteError: the write failed (e.g. no space left on device); the previous ``path``, if
+            any, is unchanged and no temporary file is left behind.
+    """
+    with atomic_target(path, f" ({len(data)} bytes)") as tmp:
+        # NOTE: os.open with mode 0o666 honours the umask (mkstemp would make the file 0600).
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0),
+                     0o666)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
 
 
 def write_error(path: str, e: OSError, size: str = "") -> WriteError:

@@ -62,25 +62,8 @@ def _atomic_h5(path: str | os.PathLike) -> Iterator[Any]:
     :class:`~pycaffe_mpi.snapshot.WriteError` with the previous ``path`` unchanged and no
     temporary file left behind.
     """
-    path = os.fspath(path)
-    pio.remove_stale_temps(path)
-    tmp = pio.temp_path(path)
-    try:
-        try:
-            with _h5py().File(tmp, "w") as f:
-                yield f
-            fd = os.open(tmp, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-    except OSError as e:
-        raise pio.write_error(path, e) from e
+    with pio.atomic_target(path) as tmp, _h5py().File(tmp, "w") as f:
+        yield f
 
 
 def _open(path: str | os.PathLike, what: str) -> Any:
