@@ -7,8 +7,13 @@ Tables 1 (random init, bagging, combined), 3 (score- and probability-averaged lo
 members. Every experiment is a `pycaffe-mpi ensemble` net trained by `pycaffe-mpi train` in a
 process of its own; --jobs processes run side by side with the cores shared between them.
 
---scale shrinks the schedule: max_iter, the learning-rate step and the pretraining points are
-multiplied by it (scale 1 = the paper's 5,000 iterations, lr 0.001 dropped x0.1 at 4,000).
+By default every member is trained in the paper's own setting: CIFAR10-Quick at batch 350
+(models/cifar10_quick/train_test_b350.prototxt) with models/cifar10_quick/solver_paper.prototxt
+(5,000 iterations, lr 0.001 dropped x0.1 at 4,000). --solver picks another base solver (its
+`net` is the single model unless --model names one), e.g. models/cifar10_quick/solver.prototxt
+for BVLC's batch-100 net. --scale shrinks the schedule: max_iter, the learning-rate step and
+the pretraining points are multiplied by it. --only keeps the named experiments of the chosen
+tables (e.g. `--tables 1,4 --only random_init,mcl_k1`).
 Each net is tested once, on the whole test set, at the end; its numbers are read from the
 results file its solver writes (OUT/<run>/snap_results.jsonl, one JSON line per display and
 test pass). Results go to OUT/results.csv (one row per experiment, trial and metric),
@@ -18,8 +23,10 @@ A finished experiment is not run again when the command is repeated with the sam
 
 Needs the CIFAR-10 LMDBs: run `python tools/get_cifar10.py` first.
 
-Example (what the README's table was measured with):
-    python tools/reproduce.py --scale 0.1 --trials 1 --out runs/reproduce
+Examples (what the README's tables were measured with):
+    python tools/reproduce.py --tables 1,4 --only random_init,mcl_k1 --out runs/paper
+    python tools/reproduce.py --solver models/cifar10_quick/solver.prototxt --scale 0.2 \
+        --trials 2 --out runs/reproduce
 """
 
 from __future__ import annotations
@@ -45,6 +52,7 @@ REPO = Path(__file__).resolve().parent.parent
 MEMBERS = 4
 PRETRAIN_POINTS = (100, 500, 1000, 2000, 4000)
 SPLITS = (("relu1", "conv1"), ("pool2", "conv2"), ("pool3", "conv3"), ("ip1", "ip1"))
+PAPER_SOLVER = "models/cifar10_quick/solver_paper.prototxt"
 METRICS = ("ensemble_accuracy", "score_mean_accuracy", "oracle_accuracy",
            "oracle_accuracy_authors", "member_accuracy")
 
@@ -346,10 +354,15 @@ def main(argv: list[str] | None = None) -> int:
                     help="training processes side by side (default: the number of cores)")
     ap.add_argument("--tables", default="1,3,4,5,ce,split",
                     help="which experiments: 1,3,4,5,ce,split (default: all)")
-    ap.add_argument("--model", default="models/cifar10_quick/train_test.prototxt",
-                    help="the single-model net the members are made from")
-    ap.add_argument("--solver", default="models/cifar10_quick/solver.prototxt",
-                    help="its solver (models/cifar10_quick/solver_paper.prototxt: batch 350)")
+    ap.add_argument("--solver", default=PAPER_SOLVER,
+                    help="the base solver (default: the paper's batch-350 schedule, "
+                         f"{PAPER_SOLVER})")
+    ap.add_argument("--model", default=None,
+                    help="the single-model net the members are made from "
+                         "(default: the base solver's net)")
+    ap.add_argument("--only", default="",
+                    help="comma-separated experiment keys to keep, e.g. random_init,mcl_k1 "
+                         "(default: every experiment of the chosen tables)")
     ap.add_argument("--out", default="runs/reproduce", help="output folder")
     ap.add_argument("--dry-run", action="store_true", help="write the files, run nothing")
     args = ap.parse_args(argv)
@@ -359,6 +372,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"unknown table {bad[0]!r}; choose from 1,3,4,5,ce,split")
     if args.scale <= 0 or args.trials < 1 or args.jobs < 1:
         ap.error("--scale must be > 0, --trials and --jobs >= 1")
+    only = {k.strip() for k in args.only.split(",") if k.strip()}
 
     def body() -> int:
         os.chdir(REPO)
@@ -367,7 +381,16 @@ def main(argv: list[str] | None = None) -> int:
                                       "`python tools/get_cifar10.py` first")
         out = Path(args.out).resolve()
         out.mkdir(parents=True, exist_ok=True)
+        if args.model is None:
+            args.model = prototxt.read_solver(args.solver).net
         exps = experiments(args.tables, args.scale)
+        if only:
+            unknown = sorted(only - {e.key for e in exps})
+            if unknown:
+                raise errors.PycaffeError(
+                    f"--only: no experiment {unknown[0]!r} in tables {','.join(args.tables)} "
+                    f"(they have: {', '.join(e.key for e in exps)})")
+            exps = [e for e in exps if e.key in only]
         jobs = [j for t in range(args.trials) for e in exps for j in prepare(e, t, args, out)]
         print(f"{len(jobs)} training runs, {args.jobs} at a time, in {out}", flush=True)
         if args.dry_run:
@@ -382,8 +405,12 @@ def main(argv: list[str] | None = None) -> int:
                                                         else sys.argv[1:])])
         minutes = sum(float(j.done_marker.read_text()) for j in jobs
                       if j.done_marker.exists()) / 60
-        header = (f"CIFAR10-Quick x{MEMBERS}, schedule scale {args.scale:g} "
-                  f"({scaled(5000, args.scale)} iterations), {args.trials} trial(s); "
+        base = prototxt.read_solver(args.solver)
+        setting = ("the paper's setting" if Path(args.solver).resolve()
+                   == (REPO / PAPER_SOLVER).resolve() else f"solver {args.solver}")
+        header = (f"CIFAR10-Quick x{MEMBERS} ({setting}: net {args.model}), schedule scale "
+                  f"{args.scale:g} ({scaled(base.max_iter, args.scale)} iterations), "
+                  f"{args.trials} trial(s); "
                   f"accuracies in %. Command: `{cmd}`; {len(jobs)} training runs, "
                   f"{minutes:.0f} min of training in all, {args.jobs} at a time.")
         (out / "table.md").write_text(table(exps, rows, header))

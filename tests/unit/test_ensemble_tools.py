@@ -133,6 +133,26 @@ def test_reproduce_plan_chains_pretraining(tmp_path: Path, monkeypatch: pytest.M
     assert any(lp.type == "MultipleChoiceLoss" for lp in net.layer)
 
 
+def test_reproduce_defaults_to_the_papers_setting_and_keeps_only(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    rp = _tool("reproduce")
+    monkeypatch.chdir(REPO)
+    assert rp.main(["--tables", "1,4", "--only", "random_init,mcl_k1", "--out", str(tmp_path),
+                    "--dry-run"]) == 0
+    assert "2 training runs" in capsys.readouterr().out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mcl_k1_t0", "random_init_t0"]
+    solver = prototxt.read_solver(str(tmp_path / "mcl_k1_t0" / "solver.prototxt"))
+    assert solver.max_iter == 5000 and list(solver.stepvalue) == [4000]
+    net, _ = prototxt.read_net(solver.net)
+    train_batches = {lp.data_param.batch_size for lp in net.layer
+                     if lp.type == "Data" and any(r.phase == caffe_pb2.TRAIN
+                                                  for r in lp.include)}
+    assert train_batches == {350}
+    assert rp.main(["--tables", "1", "--only", "mcl_k1", "--out", str(tmp_path / "x"),
+                    "--dry-run"]) != 0
+    assert "no experiment 'mcl_k1' in tables 1" in capsys.readouterr().err
+
+
 # -- MCL from a trained ensemble -----------------------------------------------------------------
 
 NET = """name: "tiny"
