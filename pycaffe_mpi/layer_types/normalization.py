@@ -9,6 +9,7 @@ overwrites the top cannot corrupt the gradient.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -19,6 +20,27 @@ from pycaffe_mpi.registry import register_layer
 
 _count = layer_mod.count_of
 _canonical_axis = layer_mod.canonical_axis
+
+# NOTE: blob → a host array that held the blob's data when its layer's forward ended (kept by
+# an in-place BatchNorm for its backward). An in-place Scale right after it needs a copy of the
+# same values: it takes this one once a compare pass finds it still equal (a layer in between
+# may have written the blob), which saves a full-size copy per BatchNorm + Scale pair.
+_KEPT: weakref.WeakKeyDictionary[Blob, Any] = weakref.WeakKeyDictionary()
+
+
+def _norm_cpu() -> Any:
+    # NOTE: imported on first use, so that importing the package does not import numba
+    from pycaffe_mpi.kernels import norm_cpu
+
+    return norm_cpu
+
+
+def _reuse(xp: Any, buf: Any, like: Any) -> Any:
+    """``buf`` when it has ``like``'s shape and dtype, else a new array for it (a buffer kept
+    for backward is rewritten by every forward, not reallocated and faulted in again)."""
+    if buf is None or buf.shape != like.shape or buf.dtype != like.dtype:
+        return xp.empty_like(like)
+    return buf
 
 
 def _param_shape(layer: Layer, shape: Sequence[int], axis_param: int, num_axes: int,
@@ -101,8 +123,10 @@ class BatchNorm(Layer):
                              f"cannot configure batch normalization statistics as layer "
                              f"parameters: lr_mult must be 0 (or the param block left out), "
                              f"got {specs[i].lr_mult}")
-        self._x_norm = None  # y of the last batch-statistics forward
-        self._std = None  # sqrt(σ² + ε), (1, C, 1)
+        self._x_norm = None  # x̂ of the last forward, when backward cannot recompute it
+        self._kept = None  # the buffer that holds it on the host, reused between forwards
+        self._std = None  # sqrt(σ² + ε), (1, C, 1) (GPU)
+        self._mean = self._inv_std = None  # μ and 1/sqrt(σ² + ε), float64 (C,) (host)
 
     def reshape(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
         shape = bottom[0].shape
@@ -118,6 +142,35 @@ class BatchNorm(Layer):
         return a.reshape(a.shape[0] if a.ndim else 1, self.channels, -1)
 
     def forward(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
+        if self.backend.is_gpu:
+            self._forward_xp(bottom, top)
+            return
+        norm_cpu = _norm_cpu()
+        x, y = self._view(bottom[0].data), self._view(top[0].data)
+        if self.use_global_stats:
+            mean, var = self._global_stats()
+        else:
+            mean, var = norm_cpu.batch_stats(x)  # float64 (C,)
+            self._update_running_sums(mean, var, x.shape[0] * x.shape[2])
+        self._mean, self._inv_std = mean, 1.0 / self.xp.sqrt(var + self.eps)
+        # NOTE: backward recomputes x̂ = (x − μ)·inv_std from the bottom; in place the bottom
+        # is gone (and later in-place layers overwrite the top), so x̂ is kept, once, and
+        # offered to the next in-place layer (Scale) that would keep a copy of the same values
+        self._x_norm = None
+        if top[0] is bottom[0] and not self.use_global_stats:
+            self._x_norm = self._kept = _reuse(self.xp, self._kept, y)
+            _KEPT[top[0]] = self._x_norm
+        norm_cpu.normalize(x, self._mean, self._inv_std, y, self._x_norm)
+
+    def _global_stats(self) -> tuple[Any, Any]:
+        """μ = mean/s and σ² = var/s from the running sums (both 0 when s = 0), float64."""
+        xp = self.xp
+        s = float(self.blobs[2].data[0])
+        factor = 0.0 if s == 0 else 1.0 / s
+        return (xp.asarray(self.blobs[0].data, xp.float64) * factor,
+                xp.asarray(self.blobs[1].data, xp.float64) * factor)
+
+    def _forward_xp(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
         xp = self.xp
         x = self._view(bottom[0].data)
         if self.use_global_stats:
@@ -156,6 +209,16 @@ class BatchNorm(Layer):
             return
         dy = self._view(top[0].diff)
         dx = self._view(bottom[0].diff)
+        if self.backend.is_gpu:
+            self._backward_xp(dy, dx)
+        elif self.use_global_stats:
+            _norm_cpu().affine_backward(dy, scale=self._inv_std.astype(dy.dtype), dx=dx)
+        else:
+            x = None if self._x_norm is not None else self._view(bottom[0].data)
+            _norm_cpu().batch_norm_backward(dy, self._mean, self._inv_std, dx,
+                                            x_norm=self._x_norm, x=x)
+
+    def _backward_xp(self, dy: Any, dx: Any) -> None:
         if self.use_global_stats:
             self.xp.divide(dy, self._std, out=dx)
             return
@@ -281,20 +344,30 @@ class Bias(Layer):
         return a.reshape(self.outer, self.dim, self.inner)
 
     def forward(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
-        b = self._operand(bottom).data.reshape(1, self.dim, 1)
-        self.xp.add(self._view(bottom[0].data), b, out=self._view(top[0].data))
+        b = self._operand(bottom).data
+        x, y = self._view(bottom[0].data), self._view(top[0].data)
+        if self.backend.is_gpu:
+            self.xp.add(x, b.reshape(1, self.dim, 1), out=y)
+        else:
+            _norm_cpu().affine_forward(x, y, bias=b)
 
     def backward(
         self, top: Sequence[Blob], propagate_down: Sequence[bool], bottom: Sequence[Blob]
     ) -> None:
         dy = top[0].diff
-        db = self._view(dy).sum(axis=(0, 2)).reshape(self._operand(bottom).shape)
+        copy_dx = propagate_down[0] and bottom[0] is not top[0]
+        if self.backend.is_gpu:
+            db = self._view(dy).sum(axis=(0, 2))
+            if copy_dx:
+                bottom[0].diff[...] = dy
+        else:
+            dx = self._view(bottom[0].diff) if copy_dx else None
+            _, db = _norm_cpu().affine_backward(self._view(dy), dx=dx, want_dbias=True)
+        db = db.reshape(self._operand(bottom).shape)
         if len(bottom) == 1:
             self.blobs[0].diff[...] += db
         elif propagate_down[1]:
             bottom[1].diff[...] = db
-        if propagate_down[0] and bottom[0] is not top[0]:
-            bottom[0].diff[...] = dy
 
 
 @register_layer("Scale")
@@ -335,6 +408,7 @@ class Scale(Layer):
         if p.bias_term:
             self._setup_bias(bottom, top, p)
         self._x = None  # the input of the last in-place forward
+        self._kept = None  # the host buffer that holds it, when not shared
 
     def _setup_bias(self, bottom: Sequence[Blob], top: Sequence[Blob], p: Any) -> None:
         """Caffe's ScaleLayer runs an internal Bias layer on its top; so does this one."""
@@ -372,6 +446,25 @@ class Scale(Layer):
         return a.reshape(self.outer, self.dim, self.inner)
 
     def forward(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
+        if self.backend.is_gpu:
+            self._forward_xp(bottom, top)
+            return
+        x, y = self._view(bottom[0].data), self._view(top[0].data)
+        bias = self._bias.blobs[0].data if self._bias is not None else None
+        # NOTE: in place the input is gone after the multiply, and dE/ds needs it: take the
+        # copy an in-place BatchNorm before this layer kept of the same values, else keep one
+        self._x, kept = None, None
+        if top[0] is bottom[0]:
+            shared = _KEPT.get(bottom[0])
+            if shared is not None and shared.size == x.size:
+                shared = shared.reshape(x.shape)
+            if shared is not None and _norm_cpu().equal(shared, x):
+                self._x = shared
+            else:
+                self._x = kept = self._kept = _reuse(self.xp, self._kept, x)
+        _norm_cpu().affine_forward(x, y, self._operand(bottom).data, bias, kept)
+
+    def _forward_xp(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
         x = self._view(bottom[0].data)
         # NOTE: in place the input is gone after the multiply, and dE/ds needs it
         self._x = x.copy() if top[0] is bottom[0] else None
@@ -381,6 +474,26 @@ class Scale(Layer):
             self._bias.forward([top[0]], top)
 
     def backward(
+        self, top: Sequence[Blob], propagate_down: Sequence[bool], bottom: Sequence[Blob]
+    ) -> None:
+        if self.backend.is_gpu:
+            self._backward_xp(top, propagate_down, bottom)
+            return
+        scale = self._operand(bottom)
+        want_ds = len(bottom) == 1 or propagate_down[1]
+        x = self._x if self._x is not None else self._view(bottom[0].data)
+        dx = self._view(bottom[0].diff) if propagate_down[0] else None
+        ds, db = _norm_cpu().affine_backward(
+            self._view(top[0].diff), x if want_ds else None, scale.data, dx,
+            want_dscale=want_ds, want_dbias=self._bias is not None)
+        if db is not None:
+            self._bias.blobs[0].diff[...] += db.reshape(self._bias.blobs[0].shape)
+        if len(bottom) == 1:
+            scale.diff[...] += ds.reshape(scale.shape)
+        elif want_ds:
+            scale.diff[...] = ds.reshape(scale.shape)
+
+    def _backward_xp(
         self, top: Sequence[Blob], propagate_down: Sequence[bool], bottom: Sequence[Blob]
     ) -> None:
         if self._bias is not None:

@@ -1,0 +1,365 @@
+"""CPU kernels for BatchNorm, Scale and Bias, compiled by numba, split over channels in lanes.
+
+Every array is a C-contiguous ``(outer, C, inner)`` view: BatchNorm's ``(N, C, H·W)``, or
+Scale's and Bias's ``(outer, dim, inner)`` around their operand. Channel ``c`` is the ``outer``
+rows ``x[o, c, :]``; a lane of :func:`pycaffe_mpi.kernels.threads.run` takes a contiguous range
+of channels, so every per-channel sum is made by one lane alone and results do not depend on
+the thread count. Each function works for float32 and float64 (numba compiles one version per
+argument types on first use); per-channel sums are accumulated in float64.
+
+NumPy ran BatchNorm's training forward as five whole-array passes (mean, centre, square, mean,
+divide) with two full-size temporaries, and kept a full-size copy of its output for the
+backward. Here the statistics are one read of each channel, the normalization one read and one
+write, the backward two reads of each channel (the second from the cache), and what the backward
+needs is the per-channel mean and 1/sqrt(σ² + ε) alone: x̂ = (x − μ)·inv_std is recomputed from
+the bottom, or read from the one copy an in-place layer keeps.
+
+NOTE: numba is imported here, and this module is imported on first use by
+:mod:`pycaffe_mpi.layer_types.normalization`, so ``import pycaffe_mpi`` does not pay for it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numba
+import numpy as np
+
+from pycaffe_mpi.kernels import threads
+
+_jit = numba.njit(cache=True, nogil=True, boundscheck=False)
+
+# NOTE: a lane takes channels worth at least this many values; below it, handing a part to the
+# worker thread costs more than the part.
+MIN_LANE_ELEMENTS = 1 << 15
+
+
+# -- row helpers: one contiguous row of ``inner`` values ----------------------------------------
+# NOTE: without fastmath, LLVM keeps a sum in program order and cannot vectorize it; four
+# independent float64 accumulators let it run the four in one vector register.
+@_jit
+def _shifted_sums(a: Any, k: float) -> tuple[float, float]:
+    """(Σ (a − k), Σ (a − k)²) in float64."""
+    n = a.shape[0]
+    s0 = s1 = s2 = s3 = 0.0
+    q0 = q1 = q2 = q3 = 0.0
+    m = n - n % 4
+    for i in range(0, m, 4):
+        d0, d1 = np.float64(a[i]) - k, np.float64(a[i + 1]) - k
+        d2, d3 = np.float64(a[i + 2]) - k, np.float64(a[i + 3]) - k
+        s0 += d0
+        s1 += d1
+        s2 += d2
+        s3 += d3
+        q0 += d0 * d0
+        q1 += d1 * d1
+        q2 += d2 * d2
+        q3 += d3 * d3
+    for i in range(m, n):
+        d0 = np.float64(a[i]) - k
+        s0 += d0
+        q0 += d0 * d0
+    return (s0 + s1) + (s2 + s3), (q0 + q1) + (q2 + q3)
+
+
+@_jit
+def _sum(a: Any) -> float:
+    """Σ a in float64."""
+    n = a.shape[0]
+    s0 = s1 = s2 = s3 = 0.0
+    m = n - n % 4
+    for i in range(0, m, 4):
+        s0 += np.float64(a[i])
+        s1 += np.float64(a[i + 1])
+        s2 += np.float64(a[i + 2])
+        s3 += np.float64(a[i + 3])
+    for i in range(m, n):
+        s0 += np.float64(a[i])
+    return (s0 + s1) + (s2 + s3)
+
+
+@_jit
+def _sum_and_dot(a: Any, b: Any) -> tuple[float, float]:
+    """(Σ a, Σ a·b) in float64."""
+    n = a.shape[0]
+    s0 = s1 = s2 = s3 = 0.0
+    p0 = p1 = p2 = p3 = 0.0
+    m = n - n % 4
+    for i in range(0, m, 4):
+        a0, a1 = np.float64(a[i]), np.float64(a[i + 1])
+        a2, a3 = np.float64(a[i + 2]), np.float64(a[i + 3])
+        s0 += a0
+        s1 += a1
+        s2 += a2
+        s3 += a3
+        p0 += a0 * np.float64(b[i])
+        p1 += a1 * np.float64(b[i + 1])
+        p2 += a2 * np.float64(b[i + 2])
+        p3 += a3 * np.float64(b[i + 3])
+    for i in range(m, n):
+        a0 = np.float64(a[i])
+        s0 += a0
+        p0 += a0 * np.float64(b[i])
+    return (s0 + s1) + (s2 + s3), (p0 + p1) + (p2 + p3)
+
+
+@_jit
+def _sum_and_dot_centred(a: Any, x: Any, mu: Any, inv: Any) -> tuple[float, float]:
+    """(Σ a, Σ a·x̂) in float64, x̂ = (x − mu)·inv computed as the forward computes it."""
+    n = a.shape[0]
+    s0 = s1 = s2 = s3 = 0.0
+    p0 = p1 = p2 = p3 = 0.0
+    m = n - n % 4
+    for i in range(0, m, 4):
+        a0, a1 = np.float64(a[i]), np.float64(a[i + 1])
+        a2, a3 = np.float64(a[i + 2]), np.float64(a[i + 3])
+        s0 += a0
+        s1 += a1
+        s2 += a2
+        s3 += a3
+        p0 += a0 * np.float64((x[i] - mu) * inv)
+        p1 += a1 * np.float64((x[i + 1] - mu) * inv)
+        p2 += a2 * np.float64((x[i + 2] - mu) * inv)
+        p3 += a3 * np.float64((x[i + 3] - mu) * inv)
+    for i in range(m, n):
+        a0 = np.float64(a[i])
+        s0 += a0
+        p0 += a0 * np.float64((x[i] - mu) * inv)
+    return (s0 + s1) + (s2 + s3), (p0 + p1) + (p2 + p3)
+
+
+# -- BatchNorm ---------------------------------------------------------------------------------
+@_jit
+def _bn_stats(x: Any, mean: Any, var: Any, c0: int, c1: int) -> None:
+    """``mean[c]``, ``var[c]`` (biased) over ``x[:, c, :]`` for ``c0 ≤ c < c1``.
+
+    One pass of shifted sums, d = x − k with k = the channel's first value: var = Σd²/m −
+    (Σd/m)². NOTE: the shift keeps the cancellation to the size of (mean − k)² / σ², i.e. none
+    for data near its mean, where the unshifted formula loses digits as mean² / σ² grows."""
+    outer, inner = x.shape[0], x.shape[2]
+    m = outer * inner
+    if m == 0:
+        return
+    for c in range(c0, c1):
+        k = np.float64(x[0, c, 0])
+        s = q = 0.0
+        for o in range(outer):
+            ds, dq = _shifted_sums(x[o, c], k)
+            s += ds
+            q += dq
+        mu = s / m
+        mean[c] = k + mu
+        var[c] = max(q / m - mu * mu, 0.0)
+
+
+@_jit
+def _bn_normalize(x: Any, mean: Any, inv_std: Any, y: Any, kept: Any, c0: int,
+                  c1: int) -> None:
+    """``y = (x − mean)·inv_std`` per channel (``y`` may be ``x``); also into ``kept`` when
+    it is not empty."""
+    keep = kept.size > 0
+    for c in range(c0, c1):
+        mu, inv = mean[c], inv_std[c]
+        for o in range(x.shape[0]):
+            xr, yr = x[o, c], y[o, c]
+            if keep:
+                kr = kept[o, c]
+                for i in range(xr.shape[0]):
+                    v = (xr[i] - mu) * inv
+                    yr[i] = v
+                    kr[i] = v
+            else:
+                for i in range(xr.shape[0]):
+                    yr[i] = (xr[i] - mu) * inv
+
+
+@_jit
+def _bn_backward(dy: Any, src: Any, from_bottom: bool, mean: Any, inv_std: Any, dx: Any,
+                 c0: int, c1: int) -> None:
+    """``dx = (dy − mean(dy) − x̂·mean(dy·x̂))·inv_std`` per channel (``dx`` may be ``dy``);
+    x̂ is ``src`` itself, or ``(src − mean)·inv_std`` when ``from_bottom``."""
+    outer, inner = dy.shape[0], dy.shape[2]
+    m = outer * inner
+    means = np.empty(2, dy.dtype)
+    for c in range(c0, c1):
+        mu, inv = mean[c], inv_std[c]
+        s = p = 0.0
+        for o in range(outer):
+            if from_bottom:
+                ds, dp = _sum_and_dot_centred(dy[o, c], src[o, c], mu, inv)
+            else:
+                ds, dp = _sum_and_dot(dy[o, c], src[o, c])
+            s += ds
+            p += dp
+        # the means in the arrays' dtype, so that the pass below does not widen each value
+        means[0], means[1] = s / m, p / m
+        a, b = means[0], means[1]
+        for o in range(outer):
+            dr, sr, xr = dy[o, c], src[o, c], dx[o, c]
+            if from_bottom:
+                for i in range(inner):
+                    xr[i] = (dr[i] - a - (sr[i] - mu) * inv * b) * inv
+            else:
+                for i in range(inner):
+                    xr[i] = (dr[i] - a - sr[i] * b) * inv
+
+
+# -- Scale and Bias ----------------------------------------------------------------------------
+@_jit
+def _affine_forward(x: Any, scale: Any, bias: Any, y: Any, kept: Any, c0: int,
+                    c1: int) -> None:
+    """``y = x·scale[c] + bias[c]`` (an empty ``scale`` or ``bias`` is left out; ``y`` may be
+    ``x``); ``x`` is first copied into ``kept`` when that is not empty."""
+    has_scale, has_bias, keep = scale.size > 0, bias.size > 0, kept.size > 0
+    for c in range(c0, c1):
+        for o in range(x.shape[0]):
+            xr, yr = x[o, c], y[o, c]
+            if keep:
+                kept[o, c][:] = xr
+            if has_scale and has_bias:
+                s, b = scale[c], bias[c]
+                for i in range(xr.shape[0]):
+                    yr[i] = xr[i] * s + b
+            elif has_scale:
+                s = scale[c]
+                for i in range(xr.shape[0]):
+                    yr[i] = xr[i] * s
+            else:
+                b = bias[c]
+                for i in range(xr.shape[0]):
+                    yr[i] = xr[i] + b
+
+
+@_jit
+def _affine_backward(dy: Any, x: Any, scale: Any, dx: Any, dscale: Any, dbias: Any, c0: int,
+                     c1: int) -> None:
+    """Per channel: ``dscale[c] = Σ dy·x`` and ``dbias[c] = Σ dy`` (float64, each when not
+    empty), then ``dx = dy·scale[c]`` (``dy`` without a scale; ``dx`` may be ``dy``; skipped
+    when ``dx`` is empty). Each row's sums read ``dy`` before its ``dx`` is written."""
+    want_ds, want_db, want_dx = dscale.size > 0, dbias.size > 0, dx.size > 0
+    has_scale = scale.size > 0
+    for c in range(c0, c1):
+        s = p = 0.0
+        for o in range(dy.shape[0]):
+            dr = dy[o, c]
+            if want_ds:
+                ds, dp = _sum_and_dot(dr, x[o, c])
+                s += ds
+                p += dp
+            elif want_db:
+                s += _sum(dr)
+            if want_dx:
+                xr = dx[o, c]
+                if has_scale:
+                    g = scale[c]
+                    for i in range(dr.shape[0]):
+                        xr[i] = dr[i] * g
+                else:
+                    xr[:] = dr
+        if want_ds:
+            dscale[c] = p
+        if want_db:
+            dbias[c] = s
+
+
+@_jit
+def _equal(a: Any, b: Any, lo: int, hi: int) -> bool:
+    """Whether ``a[lo:hi] == b[lo:hi]`` (flat), stopping after the first block that differs."""
+    # NOTE: a count over a block vectorizes; a test and a branch per value does not
+    for start in range(lo, hi, 4096):
+        differ = 0
+        for i in range(start, min(start + 4096, hi)):
+            differ += a[i] != b[i]
+        if differ:
+            return False
+    return True
+
+
+# -- host entry points: the lanes --------------------------------------------------------------
+_EMPTY3: dict[Any, Any] = {}
+
+
+def _none3(dtype: Any) -> Any:
+    """An empty (0, 0, 0) array standing for an absent array argument."""
+    dtype = np.dtype(dtype)
+    if dtype not in _EMPTY3:
+        _EMPTY3[dtype] = np.empty((0, 0, 0), dtype)
+    return _EMPTY3[dtype]
+
+
+def _over_channels(fn: Any, x: Any) -> None:
+    """``fn(c0, c1)`` for the channels (axis 1) of ``x`` ``(outer, C, inner)``, in lanes."""
+    per_channel = max(1, x.shape[0] * x.shape[2])
+    threads.run(lambda lane, lo, hi: fn(lo, hi), x.shape[1],
+                grain=max(1, MIN_LANE_ELEMENTS // per_channel))
+
+
+def batch_stats(x: Any) -> tuple[Any, Any]:
+    """Per-channel mean μ and biased variance σ² of ``x`` ``(N, C, S)``: float64 ``(C,)``.
+
+    μ = Σ x / m, σ² = Σ (x − μ)² / m over the m = N·S values of a channel."""
+    mean, var = np.zeros(x.shape[1]), np.zeros(x.shape[1])
+    _over_channels(lambda c0, c1: _bn_stats(x, mean, var, c0, c1), x)
+    return mean, var
+
+
+def normalize(x: Any, mean: Any, inv_std: Any, y: Any, kept: Any = None) -> None:
+    """``y = (x − μ)·inv_std`` per channel of ``x`` ``(N, C, S)`` (``y`` may be ``x``), also
+    written into ``kept`` (same shape) when given; ``mean``, ``inv_std`` ``(C,)``."""
+    mean, inv_std = mean.astype(x.dtype), inv_std.astype(x.dtype)
+    kept = _none3(x.dtype) if kept is None else kept
+    _over_channels(lambda c0, c1: _bn_normalize(x, mean, inv_std, y, kept, c0, c1), x)
+
+
+def batch_norm_backward(dy: Any, mean: Any, inv_std: Any, dx: Any, x_norm: Any = None,
+                        x: Any = None) -> None:
+    """BatchNorm's gradient with batch statistics, all arrays ``(N, C, S)``, per channel:
+
+    dx = (dy − mean(dy) − x̂·mean(dy·x̂))·inv_std, means over the channel's N·S values;
+
+    x̂ is ``x_norm``, or ``(x − μ)·inv_std`` recomputed from the bottom ``x``. ``dx`` may be
+    ``dy`` (in place)."""
+    from_bottom = x_norm is None
+    src = x if from_bottom else x_norm
+    mean, inv_std = mean.astype(dy.dtype), inv_std.astype(dy.dtype)
+    _over_channels(
+        lambda c0, c1: _bn_backward(dy, src, from_bottom, mean, inv_std, dx, c0, c1), dy)
+
+
+def affine_forward(x: Any, y: Any, scale: Any = None, bias: Any = None,
+                   kept: Any = None) -> None:
+    """``y = x·scale + bias`` over ``x`` ``(outer, dim, inner)``, ``scale`` and ``bias``
+    ``(dim,)`` (either may be None; ``y`` may be ``x``); ``x`` is first copied into ``kept``
+    when given."""
+    none1 = np.empty(0, x.dtype)
+    scale = none1 if scale is None else scale.reshape(-1)
+    bias = none1 if bias is None else bias.reshape(-1)
+    kept = _none3(x.dtype) if kept is None else kept
+    _over_channels(lambda c0, c1: _affine_forward(x, scale, bias, y, kept, c0, c1), x)
+
+
+def affine_backward(dy: Any, x: Any = None, scale: Any = None, dx: Any = None,
+                    want_dscale: bool = False, want_dbias: bool = False) -> tuple[Any, Any]:
+    """The gradients of ``y = x·scale + bias`` over ``(outer, dim, inner)`` arrays:
+
+    dscale = Σ dy·x and dbias = Σ dy over outer and inner (float64 ``(dim,)``, or None when not
+    wanted; dscale needs ``x``), and dx = dy·scale (dy without a scale) written into ``dx``
+    when given (it may be ``dy``)."""
+    none1, dim = np.empty(0, dy.dtype), dy.shape[1]
+    scale = none1 if scale is None else scale.reshape(-1)
+    dscale = np.zeros(dim) if want_dscale else np.empty(0)
+    dbias = np.zeros(dim) if want_dbias else np.empty(0)
+    x = _none3(dy.dtype) if x is None else x
+    dx = _none3(dy.dtype) if dx is None else dx
+    _over_channels(lambda c0, c1: _affine_backward(dy, x, scale, dx, dscale, dbias, c0, c1), dy)
+    return (dscale if want_dscale else None), (dbias if want_dbias else None)
+
+
+def equal(a: Any, b: Any) -> bool:
+    """Whether the C-contiguous arrays ``a`` and ``b`` hold the same values (same shape and
+    dtype), checked in lanes."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    fa, fb = a.reshape(-1), b.reshape(-1)
+    return all(threads.run(lambda lane, lo, hi: _equal(fa, fb, lo, hi), fa.size,
+                           grain=MIN_LANE_ELEMENTS))
