@@ -8,6 +8,12 @@ is held at one thread, so every core runs one single-threaded product on its own
 own cache-sized scratch (NumPy's copies, ufuncs and matmul, and the numba kernels, all release
 the GIL). CIFAR10-Quick, batch 100, 2 cores: one thread 105 ms a step, two BLAS threads 73 ms.
 
+BLAS stays at one thread for the whole process once a split call has run with ``T > 1`` (and
+goes back to its own count with :func:`set_count(1) <set_count>`): matrix products outside a
+split call run on one core. NOTE: switching it back to ``T`` threads between split calls woke
+OpenBLAS's worker threads, which then spin-wait for work on the other core while the next
+layer's lanes want it: the CIFAR10-Quick step went from 72 to 100-113 ms that way.
+
 ``T`` is the BLAS thread count this process was given (``OPENBLAS_NUM_THREADS`` /
 ``OMP_NUM_THREADS``, or all cores; under ``mpiexec`` cores / ranks, see ``_threads``), so a
 rank never runs more threads than its share of the cores; :func:`set_count` overrides it.
@@ -34,6 +40,8 @@ _lock = threading.Lock()
 _count: int | None = None
 _pool: ThreadPoolExecutor | None = None
 _blas: Any = None  # threadpoolctl's OpenBLAS/BLAS controllers, found once
+_blas_own: list[int] = []  # their thread counts before we held them at one
+_blas_held = False
 
 
 def _blas_controllers() -> list[Any]:
@@ -43,7 +51,18 @@ def _blas_controllers() -> list[Any]:
 
         _blas = [c for c in threadpoolctl.ThreadpoolController().lib_controllers
                  if c.user_api == "blas"]
+        _blas_own[:] = [c.num_threads for c in _blas]
     return _blas
+
+
+def _hold_blas(hold: bool) -> None:
+    """BLAS at one thread (``hold``) or back at its own count."""
+    global _blas_held
+    if hold == _blas_held:
+        return
+    for c, own in zip(_blas_controllers(), _blas_own):
+        c.set_num_threads(1 if hold else own)
+    _blas_held = hold
 
 
 def _default_count() -> int:
@@ -73,6 +92,8 @@ def set_count(n: int | None) -> None:
             _pool.shutdown(wait=True)
             _pool = None
         _count = n
+        if _blas_held and count() == 1:
+            _hold_blas(False)
 
 
 def _reset_after_fork() -> None:  # a forked child has none of the parent's threads
@@ -110,38 +131,31 @@ def run(fn: Callable[[int, int, int], R], n: int, grain: int = 1,
     ``fn`` must touch only its own items (and scratch of its own ``lane``); what it returns
     comes back in lane order. The first exception raised by any part is raised here once every
     part has ended. Called from inside a part, or with one lane, it runs the parts in turn on
-    the calling thread.
+    the calling thread. The first call with ``T > 1`` holds BLAS at one thread (module doc).
     """
     ranges = split(n, parts, grain)
     if len(ranges) == 1 or lanes_busy():
         return [fn(i, lo, hi) for i, (lo, hi) in enumerate(ranges)]
     pool = _get_pool()
-    blas = _blas_controllers()
-    saved = [c.num_threads for c in blas]
-    for c in blas:
-        c.set_num_threads(1)
+    _hold_blas(True)
+    futures: list[Future] = [pool.submit(_part, fn, i, lo, hi)
+                             for i, (lo, hi) in enumerate(ranges[1:], start=1)]
+    first: BaseException | None = None
+    results: list[Any] = []
     try:
-        futures: list[Future] = [pool.submit(_part, fn, i, lo, hi)
-                                 for i, (lo, hi) in enumerate(ranges[1:], start=1)]
-        first: BaseException | None = None
-        results: list[Any] = []
+        results.append(_part(fn, 0, *ranges[0]))
+    except BaseException as e:  # re-raised below, after the others end
+        first = e
+        results.append(None)
+    for f in futures:
         try:
-            results.append(_part(fn, 0, *ranges[0]))
-        except BaseException as e:  # re-raised below, after the others end
-            first = e
+            results.append(f.result())
+        except BaseException as e:
+            first = first or e
             results.append(None)
-        for f in futures:
-            try:
-                results.append(f.result())
-            except BaseException as e:
-                first = first or e
-                results.append(None)
-        if first is not None:
-            raise first
-        return results
-    finally:
-        for c, t in zip(blas, saved):
-            c.set_num_threads(t)
+    if first is not None:
+        raise first
+    return results
 
 
 def _part(fn: Callable[[int, int, int], R], lane: int, lo: int, hi: int) -> R:

@@ -1,7 +1,7 @@
 """Convolution family: Convolution, Deconvolution, Im2col (Caffe's conv, deconv, im2col layers).
 
 All three read their geometry from ``convolution_param`` the same way (:func:`conv_geometry`)
-and run on one :class:`pycaffe_mpi.kernels.im2col.ConvPlan`: Deconvolution is the plan read
+and run on one :class:`pycaffe_mpi.kernels.conv_plan.ConvPlan`: Deconvolution is the plan read
 backwards (its forward is the convolution's input gradient and vice versa), Im2col is the plan's
 unfold on its own.
 """
@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from pycaffe_mpi.blob import Blob
+from pycaffe_mpi.kernels import conv_plan, scratch
 from pycaffe_mpi.kernels import im2col as im2col_k
 from pycaffe_mpi.layer import Layer, canonical_axis
 from pycaffe_mpi.registry import register_layer
@@ -107,7 +108,7 @@ class _BaseConvolution(Layer):
         conv_in, conv_out = ((self.num_output, self.channels) if self.reverse
                              else (self.channels, self.num_output))
         g = self.geom
-        self.plan = im2col_k.ConvPlan(self.xp, self.dtype, conv_in, conv_out, self.group,
+        self.plan = conv_plan.ConvPlan(self.xp, self.dtype, conv_in, conv_out, self.group,
                                       g.kernel, g.stride, g.pad, g.dilation)
         wshape = (conv_out, conv_in // self.group, *g.kernel)
         n_blobs = 1 + self.bias_term
@@ -164,6 +165,18 @@ class Convolution(_BaseConvolution):
     with the flipped kernels (:meth:`ConvPlan.backward`).
     """
 
+    def setup(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
+        super().setup(bottom, top)
+        # NOTE: on the host a 2-D depthwise convolution (group == channels) runs its own loops
+        # instead of the plan's im2col GEMMs (kernels/depthwise.py has the measured gain).
+        self.depthwise = None
+        if (not self.backend.is_gpu and len(self.geom.kernel) == 2
+                and self.group == self.channels):
+            from pycaffe_mpi.kernels import depthwise  # imports numba: only when needed
+
+            g = self.geom
+            self.depthwise = depthwise.Depthwise(g.kernel, g.stride, g.pad, g.dilation)
+
     def reshape(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
         shape = self._check_bottoms(bottom)
         g = self.geom
@@ -172,22 +185,39 @@ class Convolution(_BaseConvolution):
         self.require(all(o > 0 for o in self.out), "convolution_param",
                      f"input spatial size {self.spatial} is smaller than the dilated kernel "
                      f"(kernel {g.kernel}, dilation {g.dilation}, pad {g.pad})")
-        self.plan.reshape(self.num, self.spatial)
+        if self.depthwise is None:
+            self.plan.reshape(self.num, self.spatial)
         for t in top:
             t.reshape((*shape[: self.axis], self.num_output, *self.out))
+
+    def _planes(self, a: Any, channels: int, spatial: Sequence[int]) -> Any:
+        """``a`` as ``(N, channels, H, W)`` for the depthwise kernels."""
+        return a.reshape(self.num, channels, *spatial)
 
     def forward(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
         bias = self.blobs[1].data if self.bias_term else None
         for b, t in zip(bottom, top):
-            self.plan.forward(b.data, self.blobs[0].data, t.data, bias)
+            if self.depthwise is not None:
+                self.depthwise.forward(self._planes(b.data, self.channels, self.spatial),
+                                       self.blobs[0].data, bias,
+                                       self._planes(t.data, self.num_output, self.out))
+            else:
+                self.plan.forward(b.data, self.blobs[0].data, t.data, bias)
 
     def backward(self, top: Sequence[Blob], propagate_down: Sequence[bool],
                  bottom: Sequence[Blob]) -> None:
         for i, (t, b) in enumerate(zip(top, bottom)):
+            dx = b.diff if propagate_down[i] else None
+            if self.depthwise is not None:
+                self.depthwise.backward(
+                    self._planes(b.data, self.channels, self.spatial), self.blobs[0].data,
+                    self._planes(t.diff, self.num_output, self.out), self.blobs[0].diff,
+                    self.blobs[1].diff if self.bias_term else None,
+                    None if dx is None else self._planes(dx, self.channels, self.spatial))
+                continue
             if self.bias_term:
                 self._add_bias_diff(t.diff)
-            self.plan.backward(t.diff, b.data, self.blobs[0].data, self.blobs[0].diff,
-                               b.diff if propagate_down[i] else None)
+            self.plan.backward(t.diff, b.data, self.blobs[0].data, self.blobs[0].diff, dx)
 
 
 @register_layer("Deconvolution")
@@ -278,7 +308,7 @@ class Im2col(Layer):
         self.axis = _channel_axis(self, p, shape)
         self.num_axes = len(shape)
         self.geom = ConvGeometry(self, p, len(shape) - self.axis - 1)
-        self._bufs = im2col_k.Buffers(self.xp, self.dtype)
+        self._bufs = scratch.Buffers(self.xp, self.dtype)
 
     def reshape(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
         shape = tuple(bottom[0].shape)

@@ -17,8 +17,8 @@ import numpy as np
 from pycaffe_mpi import errors
 from pycaffe_mpi.blob import Blob
 from pycaffe_mpi.kernels import cuda as cuda_k
-from pycaffe_mpi.kernels import im2col as im2col_k
 from pycaffe_mpi.kernels import pooling as pool_k
+from pycaffe_mpi.kernels import scratch
 from pycaffe_mpi.kernels import stochastic_pool as sto_k
 from pycaffe_mpi.layer import TRAIN, Layer, canonical_axis
 from pycaffe_mpi.proto import caffe_pb2
@@ -127,7 +127,7 @@ class PoolingLayer(Layer):
         for t in top:
             t.reshape(n, c, *self.out)
         if not hasattr(self, "_bufs"):
-            self._bufs = im2col_k.Buffers(self.xp, self.dtype)
+            self._bufs = scratch.Buffers(self.xp, self.dtype)
         if self.pool == _POOL.STOCHASTIC:
             self.geom = sto_k.geometry(shape, self.kernel, self.stride, self.out)
             return
@@ -246,7 +246,7 @@ class LRNLayer(Layer):
                      f"input must have 4 axes (num, channels, height, width), got {shape}")
         top[0].reshape(shape)
         if not hasattr(self, "_bufs"):
-            self._bufs = im2col_k.Buffers(self.xp, self.dtype)
+            self._bufs = scratch.Buffers(self.xp, self.dtype)
 
     def _summand(self, shape: Sequence[int]) -> Any:
         """Where to write the array whose local window sums :meth:`_local_sum` computes."""

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from pycaffe_mpi import errors
-from pycaffe_mpi.kernels import im2col as im2col_kernels
+from pycaffe_mpi.kernels import conv_plan as im2col_kernels
 from pycaffe_mpi.kernels import pooling as pooling_kernels
 from pycaffe_mpi.testing.cases import conv as conv_cases
 from pycaffe_mpi.testing.cases import vision as vision_cases

@@ -1,0 +1,429 @@
+"""The convolution plan: one N-D grouped convolution's layout, chunking, scratch and GEMMs.
+
+Built on :mod:`~pycaffe_mpi.kernels.im2col` (the layouts and the unfold/fold copies, see its
+module doc), :mod:`~pycaffe_mpi.kernels.scratch` (buffers) and, on the host,
+:mod:`~pycaffe_mpi.kernels.threads` (the images split between the cores). The Convolution and
+Deconvolution layers both run on it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from pycaffe_mpi.kernels import cuda as cuda_k
+from pycaffe_mpi.kernels import threads
+from pycaffe_mpi.kernels.im2col import (
+    Unfold,
+    col2im,
+    cols_shape,
+    conv_output_shape,
+    from_blob,
+    padded_shape,
+    to_blob,
+)
+from pycaffe_mpi.kernels.scratch import Buffers, Workspace
+
+CHUNK_BYTES = 6 << 20  # see ConvPlan.reshape
+
+
+class _Lane:
+    """One lane's state in a plan: private buffers (zero-bordered pads, weight-gradient partial
+    sums) and the im2col views built on its buffers."""
+
+    def __init__(self, xp: Any, dtype: Any) -> None:
+        self.bufs = Buffers(xp, dtype)
+        self.views: dict[tuple[str, int], Any] = {}
+        self.generation = -1
+
+
+class ConvPlan:
+    """One N-D grouped convolution ``y = conv(x, W)``: its geometry, the layout and chunking chosen
+    for it, its scratch buffers, and the products built on them.
+
+    ``x`` is ``(N, C, *S)``, ``W`` ``(O, C/G, *K)``, ``y`` ``(N, O, *Out)`` (any arrays of those
+    sizes, C-contiguous). Convolution runs :meth:`forward` and :meth:`backward`; Deconvolution is
+    the same plan read backwards (its bottom is ``y``, its top ``x``): its forward is
+    :meth:`backward`'s input gradient and its input gradient is :meth:`forward`.
+
+    On the host the images are split between the lanes of :mod:`~pycaffe_mpi.kernels.threads`
+    (each lane its chunks, its scratch and its own weight-gradient sum, added in lane order).
+    NOTE: CIFAR10-Quick, batch 100, 2 cores: the step's im2col/col2im copies and transposes ran
+    on one core while BLAS used two (one thread 105 ms, two BLAS threads 73 ms).
+    """
+
+    def __init__(self, xp: Any, dtype: Any, channels: int, num_output: int, group: int,
+                 kernel: Sequence[int], stride: Sequence[int], pad: Sequence[int],
+                 dilation: Sequence[int]) -> None:
+        self.xp, self.dtype = xp, np.dtype(dtype)
+        self.channels, self.num_output, self.group = channels, num_output, group
+        self.kernel, self.stride = tuple(kernel), tuple(stride)
+        self.pad, self.dilation = tuple(pad), tuple(dilation)
+        self.is_1x1 = all(k == 1 and s == 1 and q == 0
+                          for k, s, q in zip(self.kernel, self.stride, self.pad))
+        self._lanes: list[_Lane] = []
+        self._key: Any = None
+
+    def reshape(self, num: int, spatial: Sequence[int]) -> None:
+        """Plan for ``num`` images of ``spatial`` size (the caller checked ``Out > 0``)."""
+        self.num, self.spatial = int(num), tuple(int(s) for s in spatial)
+        self.out = conv_output_shape(self.spatial, self.kernel, self.stride, self.pad,
+                                     self.dilation)
+        # NOTE: for stride 1, dx is itself a convolution of dy; its im2col copy is cheaper than
+        # col2im's strided adds, even with twice as many channels to copy (CIFAR10-quick conv3,
+        # 32 → 64 channels: 7.3 → 5.8 ms backward).
+        self.full_conv = (all(st == 1 for st in self.stride)
+                          and self.num_output <= 2 * self.channels
+                          and all(d * (k - 1) >= p for k, d, p in
+                                  zip(self.kernel, self.dilation, self.pad)))
+        # NOTE: the layout whose im2col copies the longer contiguous runs (see im2col's module
+        # doc): channels-last for 32 channels, channels-first for CIFAR10-quick's 3-channel conv1.
+        cg = self.channels // self.group
+        self.channels_last = (cg * (self.kernel[-1] if self.dilation[-1] == 1 else 1)
+                              >= (self.out[-1] if self.stride[-1] == 1 else 1))
+        # NOTE: on a GPU 2-D im2col/col2im are CUDA kernels over the channels-first layout
+        # (kernels/cuda.py), and the whole batch is one chunk: no cache to fit.
+        self.on_host = self.xp is np and not cuda_k.enabled(self.xp)
+        if not self.on_host and len(self.kernel) == 2:
+            self.channels_last = False
+        # NOTE: channels-first on the host goes image by image: the products then read and
+        # write the blobs in place, where the batch-wide matrix needs a transposed copy of the
+        # top (forward) and of its diff (weight gradient). CIFAR10-Quick conv1, batch 100,
+        # one thread: those two copies were 5.3 of its 34 ms.
+        self.per_image = not self.channels_last and self.on_host
+        # NOTE: im2col writes ~Πk times the input, which the GEMM then reads back: over the whole
+        # batch that streams through DRAM (82 MB for CIFAR10-quick conv2). In chunks of images
+        # whose cols fit in the CPU cache the copy measured 3.5x faster and the GEMMs read cached
+        # operands (conv2's forward: 11.2 → 5.8 ms). So the plan runs chunk by chunk, and
+        # backward recomputes each chunk's cols instead of keeping them.
+        image_bytes = self.dtype.itemsize * math.prod(self.kernel) * max(
+            self.channels * math.prod(self.out),  # cols (and col2im's)
+            self.num_output * math.prod(self.spatial) if self.full_conv else 0)
+        self.chunk = (max(1, min(self.num, CHUNK_BYTES // image_bytes)) if self.on_host
+                      else self.num)
+        key = (self.num, self.spatial, self.chunk)
+        if self._key != key:
+            self._key = key
+            for lane in self._lanes:
+                lane.views = {}  # im2col views of the buffers
+
+    # -- lanes, shapes as 2-D / 3-D matrices ---------------------------------------------------
+    def _run(self, fn: Any) -> list[Any]:
+        """``fn(lane, lo, hi)`` over the images, split between the lanes on the host."""
+        if self.on_host:
+            return threads.run(fn, self.num)
+        return [fn(0, 0, self.num)]
+
+    def _lane(self, i: int) -> _Lane:
+        while len(self._lanes) <= i:
+            self._lanes.append(_Lane(self.xp, self.dtype))
+        lane = self._lanes[i]
+        if lane.generation != Workspace.generation:  # views of buffers since replaced
+            lane.views, lane.generation = {}, Workspace.generation
+        return lane
+
+    def _scratch(self, lane: int, name: str, shape: Sequence[int]) -> Any:
+        return Workspace.get(self.xp, lane, name, shape, self.dtype)
+
+    def _dims(self) -> tuple[int, int, int, int, int, int]:
+        """``(N, G, ΠK·Cg, Og, ΠOut, ΠS)``."""
+        g = self.group
+        ckg = self.channels // g * math.prod(self.kernel)
+        return self.num, g, ckg, self.num_output // g, math.prod(self.out), math.prod(self.spatial)
+
+    def _chunks(self, lo: int, hi: int) -> list[tuple[int, int]]:
+        """``(lo, hi)`` image ranges of ``lo..hi`` processed together (see :meth:`reshape`)."""
+        return [(a, min(a + self.chunk, hi)) for a in range(lo, hi, self.chunk)]
+
+    def _mat(self, lane: int, name: str, m: int, rows: int, positions: int) -> Any:
+        """Scratch ``name`` for the product of ``m`` images: ``(G, m·positions, rows)``
+        channels-last, ``(G, rows, m·positions)`` channels-first."""
+        g = self.group
+        return self._scratch(lane, name, (g, m * positions, rows) if self.channels_last
+                             else (g, rows, m * positions))
+
+    def _w_cols(self, w: Any, flip: bool = False) -> Any:
+        """The weights as ``(G, Og, ΠK·Cg)`` in the order of a ``cols`` row (flipped kernels as
+        ``(G, Og·ΠK, Cg)`` for the full convolution)."""
+        _, g, ckg, og, _, _ = self._dims()
+        nsp, cg, xp = len(self.kernel), self.channels // g, self.xp
+        w = w.reshape(g, og, cg, *self.kernel)
+        if flip:  # rot180 of every kernel, rows (k, o) or (o, k) as dy's cols
+            w = w[(Ellipsis, *[slice(None, None, -1)] * nsp)]
+            w = w.transpose(0, *range(3, 3 + nsp), 1, 2) if self.channels_last else \
+                w.transpose(0, 1, *range(3, 3 + nsp), 2)
+            return xp.ascontiguousarray(w).reshape(g, og * (ckg // cg), cg)
+        if self.channels_last:
+            w = xp.ascontiguousarray(xp.moveaxis(w, 2, -1))
+        return w.reshape(g, og, ckg)
+
+    def _cols(self, lane: int, x: Any, channels: int, spatial: Sequence[int],
+              out: Sequence[int], pad: Sequence[int], stride: Sequence[int], tag: str,
+              per_image: bool = False) -> Any:
+        """The ``cols`` matrices ``(G, m·ΠOut, ΠK·Cg)`` (or transposed, channels-first; or
+        ``(m, G, ΠK·Cg, ΠOut)`` ``per_image``) of the ``m`` images ``x`` ``(m, channels,
+        *spatial)``, in ``lane``'s buffers named after ``tag``."""
+        m, g, cl = x.shape[0], self.group, self.channels_last
+        state = self._lane(lane)
+        view = state.views.get((tag, m))
+        if view is None:  # the buffers' views for chunks of m images, made once
+            cols = self._scratch(lane, tag, cols_shape(m, channels, out, self.kernel, g, cl,
+                                                       per_image))
+            xpad = state.bufs.get(tag + "_pad", padded_shape(
+                (self.chunk, channels, *spatial), pad, cl, per_image), fill=0.0)
+            xpad = xpad[:m] if cl or per_image else xpad[:, :m]
+            unfold = Unfold(self.xp, cols, xpad, x.shape, self.kernel, stride, pad,
+                            self.dilation, g, cl, per_image)
+            rows, positions = channels // g * math.prod(self.kernel), m * math.prod(out)
+            shape = ((m, g, rows, positions // m) if per_image
+                     else (g, positions, rows) if cl else (g, rows, positions))
+            view = (unfold, cols.reshape(shape))
+            state.views[(tag, m)] = view
+        view[0](x)
+        return view[1]
+
+    def _x_cols(self, lane: int, x: Any) -> Any:
+        """The ``cols`` of a chunk ``x`` of the input (see :meth:`_cols`)."""
+        return self._cols(lane, x, self.channels, self.spatial, self.out, self.pad, self.stride,
+                          "cols", self.per_image)
+
+    # -- the products -----------------------------------------------------------------------------
+    def forward(self, x: Any, w: Any, y: Any, bias: Any = None, dy: Any = None,
+                dw: Any = None) -> None:
+        """``y = conv(x, W) + bias`` (``bias`` ``(O,)`` or None), overwriting ``y``; with ``dy``
+        and ``dw`` also ``dW += ∂E/∂W`` for that ``dy = ∂E/∂y``, from the same cols
+        (Deconvolution's backward: one im2col of its top diff for both of its gradients).
+
+        Per group g: ``y_g = cols_g @ W_gᵀ`` over chunks of images (channels-first: ``W_g @
+        cols_g``); a 1×1 kernel with stride 1 and pad 0 skips im2col: ``y[n]_g = W_g @ x[n]_g``.
+        """
+        n, g, ckg, og, p, s = self._dims()
+        xp = self.xp
+        bias = None if bias is None else bias.reshape(g, og, 1)
+        if self.is_1x1:
+            if dw is not None:
+                self._backward_1x1(dy.reshape(n, g, og, p), x, w, dw, None)
+            wg, xv, yv = w.reshape(g, og, ckg), x.reshape(n, g, ckg, s), y.reshape(n, g, og, p)
+
+            def part_1x1(lane: int, lo: int, hi: int) -> None:
+                # NOTE: one GEMM per image (broadcast over N), written straight into the top.
+                xp.matmul(wg, xv[lo:hi], out=yv[lo:hi])
+                if bias is not None:
+                    yv[lo:hi] += bias
+
+            self._run(part_1x1)
+            return
+        wc = self._w_cols(w)
+        x, y = x.reshape(n, self.channels, *self.spatial), y.reshape(n, g, og, p)
+        if dw is not None:
+            dy = dy.reshape(n, g, og, p)
+
+        def part(lane: int, lo: int, hi: int) -> Any:
+            dwm = self._dw_sum(lane) if dw is not None else None
+            for a, b in self._chunks(lo, hi):
+                self._forward_chunk(lane, a, b, x, wc, y, bias, dy, dwm)
+            return dwm
+
+        sums = self._run(part)
+        if dw is not None:
+            self._dw_finish(sums, dw)
+
+    def _forward_chunk(self, lane: int, lo: int, hi: int, x: Any, wc: Any, y: Any, bias: Any,
+                       dy: Any, dwm: Any) -> None:
+        """:meth:`forward` of images ``lo..hi`` (and their weight-gradient terms into ``dwm``)."""
+        _, _, _, og, p, _ = self._dims()
+        xp, cl = self.xp, self.channels_last
+        cols = self._x_cols(lane, x[lo:hi])
+        if self.per_image:  # cols (m, G, ΠK·Cg, P), products straight into the top
+            if dwm is not None:
+                self._dw_add_per_image(dwm, cols, dy[lo:hi])
+            xp.matmul(wc, cols, out=y[lo:hi])
+            if bias is not None:
+                y[lo:hi] += bias
+            return
+        out = self._mat(lane, "out", hi - lo, og, p)
+        if dwm is not None:
+            self._dw_add(dwm, cols, from_blob(dy[lo:hi], self._mat(lane, "dy", hi - lo, og, p),
+                                              cl))
+        if cl:
+            xp.matmul(cols, wc.transpose(0, 2, 1), out=out)  # (G, m·P, Og)
+        else:
+            xp.matmul(wc, cols, out=out)  # (G, Og, m·P)
+        to_blob(xp, out, y[lo:hi], bias, cl)
+
+    def backward(self, dy: Any, x: Any, w: Any, dw: Any = None, dx: Any = None) -> None:
+        """``dW += ∂E/∂W`` when ``dw`` is given (then ``x`` is needed) and ``dx = ∂E/∂x``
+        (overwritten) when ``dx`` is given, from ``dy = ∂E/∂y``.
+
+        ``dW_g += dy_gᵀ @ cols_g`` (cols recomputed per chunk) and ``dx = col2im(dy_g @ W_g)``
+        (overlapping windows add up); or, for stride 1 when ``O ≤ 2·C``, the equal and faster
+        "full" convolution: with ``dycols = im2col(dy, pad = dil·(k−1) − pad)``,
+        ``dx_g = dycols_g @ rot180(W_g)`` and ``rot180(dW_g) += dycols_gᵀ @ x_g``.
+        """
+        n, g, _, og, p, _ = self._dims()
+        dy = dy.reshape(n, g, og, p)
+        if self.is_1x1:
+            self._backward_1x1(dy, x, w, dw, dx)
+        elif dx is not None and self.full_conv:
+            self._backward_full_conv(dy, x, w, dw, dx)
+        else:
+            self._backward_x_cols(dy, x, w, dw, dx)
+
+    def _backward_x_cols(self, dy: Any, x: Any, w: Any, dw: Any, dx: Any) -> None:
+        """``dW_g += dy_gᵀ @ cols_g`` (cols recomputed per chunk: cheaper than keeping them, see
+        :meth:`reshape`) and ``dx = col2im(dy_g @ W_g)``, each if asked."""
+        n, _, _, og, p, _ = self._dims()
+        cl = self.channels_last
+        wc = self._w_cols(w) if dx is not None else None
+        if dw is not None:
+            x = x.reshape(n, self.channels, *self.spatial)
+        if dx is not None:
+            dx = dx.reshape(n, self.channels, *self.spatial)
+
+        def part(lane: int, lo: int, hi: int) -> Any:
+            dwm = self._dw_sum(lane) if dw is not None else None
+            for a, b in self._chunks(lo, hi):
+                if dwm is not None and self.per_image:
+                    self._dw_add_per_image(dwm, self._x_cols(lane, x[a:b]), dy[a:b])
+                if dx is None and self.per_image:
+                    continue
+                dym = from_blob(dy[a:b], self._mat(lane, "out", b - a, og, p), cl)
+                if dwm is not None and not self.per_image:
+                    self._dw_add(dwm, self._x_cols(lane, x[a:b]), dym)
+                if dx is not None:
+                    self._col2im(lane, wc, dym, dx[a:b])
+            return dwm
+
+        sums = self._run(part)
+        if dw is not None:
+            self._dw_finish(sums, dw)
+
+    def _dw_sum(self, lane: int) -> Any:
+        """``lane``'s zeroed ``(G, ΠK·Cg, Og)`` sum of ``cols_g · dy_g`` over its chunks."""
+        _, g, ckg, og, _, _ = self._dims()
+        dwm = self._lane(lane).bufs.get("dw", (g, ckg, og))
+        dwm[...] = 0
+        return dwm
+
+    def _dw_add(self, dwm: Any, cols: Any, dym: Any) -> None:
+        """``dwm += cols_g · dy_g`` for one chunk (both in the product layout)."""
+        if self.channels_last:
+            dwm += self.xp.matmul(cols.transpose(0, 2, 1), dym)
+        else:
+            dwm += self.xp.matmul(cols, dym.transpose(0, 2, 1))
+
+    def _dw_add_per_image(self, dwm: Any, cols: Any, dy: Any) -> None:
+        """``dwm += Σ_n cols[n]_g · dy[n]_gᵀ`` for one chunk (``cols`` ``(m, G, ΠK·Cg, P)``,
+        ``dy`` ``(m, G, Og, P)`` as the blob holds it)."""
+        dwm += self.xp.matmul(cols, dy.transpose(0, 1, 3, 2)).sum(axis=0)
+
+    def _dw_finish(self, sums: Sequence[Any], dw: Any) -> None:
+        """``dw (O, Cg, *K) += Σ_lanes dwm`` (in lane order) reordered."""
+        _, g, _, og, _, _ = self._dims()
+        cg, cl = self.channels // g, self.channels_last
+        dwm = _lane_sum(sums)
+        # rows of dwm: (*K, Cg) channels-last, (Cg, *K) channels-first → (G, Og, Cg, *K)
+        dwm = dwm.reshape(g, *self.kernel, cg, og) if cl else \
+            dwm.reshape(g, cg, *self.kernel, og)
+        dw.reshape(g, og, cg, *self.kernel)[...] += \
+            self.xp.moveaxis(dwm, (-1, -2), (1, 2)) if cl else self.xp.moveaxis(dwm, -1, 1)
+
+    def _backward_1x1(self, dy: Any, x: Any, w: Any, dw: Any, dx: Any) -> None:
+        """1×1 kernel, stride 1, pad 0: ``dW_g += Σ_n dy[n]_g @ x[n]_gᵀ``,
+        ``dx[n]_g = W_gᵀ @ dy[n]_g``."""
+        n, g, ckg, og, _, s = self._dims()
+        xp = self.xp
+        xv = x.reshape(n, g, ckg, s) if dw is not None else None
+        wt = w.reshape(g, og, ckg).transpose(0, 2, 1) if dx is not None else None
+        dxv = dx.reshape(n, g, ckg, s) if dx is not None else None
+
+        def part(lane: int, lo: int, hi: int) -> Any:
+            if dxv is not None:
+                xp.matmul(wt, dy[lo:hi], out=dxv[lo:hi])
+            if xv is None:
+                return None
+            part_dw = self._lane(lane).bufs.get("dw1", (g, og, ckg))
+            for j in range(g):
+                part_dw[j] = xp.tensordot(dy[lo:hi, j], xv[lo:hi, j], axes=((0, 2), (0, 2)))
+            return part_dw
+
+        sums = self._run(part)
+        if dw is not None:
+            dw.reshape(g, og, ckg)[...] += _lane_sum(sums)
+
+    def _col2im(self, lane: int, wc: Any, dym: Any, dx: Any) -> None:
+        """``dx = col2im(dy_g @ W_g)`` for one chunk (``dym``: dy in the product layout, ``wc``:
+        :meth:`_w_cols`)."""
+        m, (_, g, ckg, _, p, _) = dx.shape[0], self._dims()
+        cl, xp = self.channels_last, self.xp
+        dcols = self._mat(lane, "dcols", m, ckg, p)
+        if cl:
+            xp.matmul(dym, wc, out=dcols)  # (G, m·P, ΠK·Cg)
+        else:
+            xp.matmul(wc.transpose(0, 2, 1), dym, out=dcols)  # (G, Cg·ΠK, m·P)
+        dxpad = self._scratch(lane, "dxpad", padded_shape((m, *dx.shape[1:]), self.pad, cl))
+        shape = cols_shape(m, self.channels, self.out, self.kernel, g, cl)
+        col2im(xp, dcols.reshape(shape), dx, dxpad, self.kernel, self.stride, self.pad,
+               self.dilation, g, cl)
+
+    def _backward_full_conv(self, dy: Any, x: Any, w: Any, dw: Any, dx: Any) -> None:
+        """Stride 1: dx is the "full" convolution of dy with the flipped kernel, and the weight
+        gradient a product with the same cols of dy, so x needs no im2col:
+
+        ``dycols = im2col(dy, pad = dil·(k−1) − pad)``, ``dx_g = dycols_g @ rot180(W_g)``,
+        ``rot180(dW_g) += dycols_gᵀ @ x_g`` (per chunk; ``x_g`` as an ``(m·ΠS, Cg)`` matrix).
+        """
+        n, g, _, og, _, s = self._dims()
+        xp, cl, cg, nsp = self.xp, self.channels_last, self.channels // g, len(self.kernel)
+        q = tuple(d * (k - 1) - p for k, d, p in zip(self.kernel, self.dilation, self.pad))
+        wr = self._w_cols(w, flip=True)  # (G, Og·ΠK, Cg), rows ordered like dycols'
+        if dw is not None:
+            x = x.reshape(n, g, cg, s)
+        dx = dx.reshape(n, g, cg, s)
+        dy = dy.reshape(n, self.num_output, *self.out)
+
+        def part(lane: int, lo: int, hi: int) -> Any:
+            dwr = None
+            if dw is not None:  # Σ over the lane's chunks of dycols_gᵀ @ x_g
+                dwr = self._lane(lane).bufs.get("dwr", wr.shape)
+                dwr[...] = 0
+            for a, b in self._chunks(lo, hi):
+                m = b - a
+                cols = self._cols(lane, dy[a:b], self.num_output, self.out, self.spatial, q,
+                                  (1,) * nsp, "dycols")
+                out = self._mat(lane, "dx_mat", m, cg, s)
+                if dwr is not None:
+                    xm = from_blob(x[a:b], self._mat(lane, "x_mat", m, cg, s), cl)
+                    # cols (G, m·S, ΠK·Og) and xm (G, m·S, Cg), or both transposed
+                    dwr += (xp.matmul(cols.transpose(0, 2, 1), xm) if cl
+                            else xp.matmul(cols, xm.transpose(0, 2, 1)))
+                if cl:
+                    xp.matmul(cols, wr, out=out)
+                else:
+                    xp.matmul(wr.transpose(0, 2, 1), cols, out=out)
+                to_blob(xp, out, dx[a:b], None, cl)
+            return dwr
+
+        sums = self._run(part)
+        if dw is None:
+            return
+        dwr = _lane_sum(sums)
+        # rows of dwr: (*K, Og) channels-last, (Og, *K) channels-first, kernels flipped
+        flip = (Ellipsis, *[slice(None, None, -1)] * nsp)
+        if cl:
+            dwr = dwr.reshape(g, *self.kernel, og, cg)[(*flip, slice(None), slice(None))]
+        else:
+            dwr = dwr.reshape(g, og, *self.kernel, cg)[(*flip, slice(None))]
+        dw.reshape(g, og, cg, *self.kernel)[...] += \
+            xp.moveaxis(dwr, (-2, -1), (1, 2)) if cl else xp.moveaxis(dwr, -1, 2)
+
+
+def _lane_sum(sums: Sequence[Any]) -> Any:
+    """The lanes' partial sums added in lane order (into the first)."""
+    total = sums[0]
+    for other in sums[1:]:
+        total += other
+    return total
