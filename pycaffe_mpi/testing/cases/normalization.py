@@ -60,6 +60,26 @@ add_case(LayerCase(type="BatchNorm", id="test_batch_stats",
                    proto="batch_norm_param { use_global_stats: false }",
                    bottoms=[SHAPE], phase=TEST, reference=_bn_ref(1e-5, False), in_place=True))
 
+# Host-kernel shapes (pycaffe_mpi/kernels/norm_cpu.py): several images of odd sizes, a spatial
+# size of 1 (after global pooling), and global statistics that are not all zero.
+add_case(LayerCase(type="BatchNorm", id="train_odd_sizes", bottoms=[(5, 3, 7, 3)],
+                   reference=_bn_ref(1e-5, False), in_place=True))
+add_case(LayerCase(type="BatchNorm", id="train_spatial_1", bottoms=[(6, 4, 1, 1)],
+                   reference=_bn_ref(1e-5, False), in_place=True))
+
+
+def _set_stats(layer):
+    layer.blobs[0].data[...] = [0.6, -0.4, 1.0]
+    layer.blobs[1].data[...] = [3.0, 0.8, 4.0]
+    layer.blobs[2].data[...] = 2.0
+
+
+# NOTE: no gradient check: the statistics get no gradient by definition, but nonzero ones do
+# change the output (tests/unit/test_normalization_layers.py checks the bottom's gradient)
+add_case(LayerCase(type="BatchNorm", id="global_stats_nonzero", bottoms=[(3, 3, 5, 2)],
+                   phase=TEST, reference=_bn_ref(1e-5, True), prepare=_set_stats,
+                   in_place=True, grad=False))
+
 
 # -- MVN ---------------------------------------------------------------------------------------
 def _mvn_ref(normalize_variance: bool, across_channels: bool, eps: float):
@@ -136,6 +156,7 @@ _BIAS_CASES = (  # id, proto inside bias_param, axis, bottoms, reshape
     ("two_bottoms", "", 1, [SHAPE, (3, 4)], [(3, 3, 4, 5), (3, 4)]),
     ("two_bottoms_axis2", "axis: 2", 2, [SHAPE, (4, 5)], [(1, 2, 4, 5), (4, 5)]),
     ("two_bottoms_scalar", "axis: 3", 3, [SHAPE, ()], None),
+    ("odd_sizes", _GAUSS, 1, [(5, 3, 7, 3)], None),
 )
 for _id, _p, _axis, _bottoms, _reshape in _BIAS_CASES:
     _two = len(_bottoms) == 2
@@ -157,6 +178,8 @@ _SCALE_CASES = (  # id, proto inside scale_param, axis, bottoms, reshape, bias_t
     ("two_bottoms", "", 1, [SHAPE, (3, 4)], [(3, 3, 4, 5), (3, 4)], False),
     ("two_bottoms_bias", _BG, 1, [SHAPE, (3, 4)], [(3, 3, 4, 5), (3, 4)], True),
     ("two_bottoms_scalar", "axis: 3", 3, [SHAPE, ()], None, False),
+    ("odd_sizes_bias", f"{_GAUSS} {_BG}", 1, [(5, 3, 7, 3)], None, True),
+    ("spatial_1_bias", f"{_GAUSS} {_BG}", 1, [(6, 4, 1, 1)], None, True),
 )
 for _id, _p, _axis, _bottoms, _reshape, _bias in _SCALE_CASES:
     _two = len(_bottoms) == 2
