@@ -99,6 +99,24 @@ _conv_case("3d", (1, 2, 3, 4, 4), "num_output: 2 kernel_size: 2 pad: 0 pad: 1 pa
            (1, 1, 1), (0, 1, 0), (1, 1, 1))
 _conv_case("two_bottoms", (1, 2, 4, 4), "num_output: 2 kernel_size: 3 pad: 1",
            (1, 1), (1, 1), (1, 1), nbottom=2)
+# depthwise (group == channels): on the host these run kernels/depthwise.py, not im2col
+_conv_case("dw_pad1", (2, 3, 5, 6), "num_output: 3 kernel_size: 3 pad: 1 group: 3",
+           (1, 1), (1, 1), (1, 1), group=3)
+_conv_case("dw_mult2_stride2", (2, 2, 7, 5),
+           "num_output: 4 kernel_size: 3 stride: 2 pad: 1 group: 2", (2, 2), (1, 1), (1, 1),
+           group=2)
+_conv_case("dw_dilation2", (2, 3, 7, 8), "num_output: 3 kernel_size: 3 dilation: 2 pad: 2 group: 3",
+           (1, 1), (2, 2), (2, 2), group=3)
+_conv_case("dw_rect_stride3_no_bias", (3, 2, 8, 7),
+           "num_output: 2 kernel_h: 2 kernel_w: 3 stride_h: 3 stride_w: 2 pad_h: 0 pad_w: 1 "
+           "group: 2 bias_term: false", (3, 2), (0, 1), (1, 1), group=2, bias=False)
+_conv_case("dw_mult3_dil2_stride2", (2, 2, 9, 6),
+           "num_output: 6 kernel_size: 2 stride: 2 dilation: 2 pad: 1 group: 2",
+           (2, 2), (1, 1), (2, 2), group=2)
+_conv_case("dw_two_bottoms", (2, 2, 4, 5), "num_output: 2 kernel_size: 3 pad: 1 group: 2",
+           (1, 1), (1, 1), (1, 1), group=2, nbottom=2)
+_conv_case("dw_3d", (1, 2, 3, 4, 4), "num_output: 2 kernel_size: 2 pad: 1 group: 2",
+           (1, 1, 1), (1, 1, 1), (1, 1, 1), group=2)
 
 
 # -- Deconvolution --------------------------------------------------------------------------------
