@@ -208,19 +208,23 @@ def _affine_forward(x: Any, scale: Any, bias: Any, y: Any, kept: Any, c0: int,
 
 
 @_jit
-def _affine_backward(dy: Any, x: Any, scale: Any, dx: Any, dscale: Any, dbias: Any, c0: int,
-                     c1: int) -> None:
+def _affine_backward(dy: Any, x: Any, mean: Any, inv_std: Any, scale: Any, dx: Any,
+                     dscale: Any, dbias: Any, c0: int, c1: int) -> None:
     """Per channel: ``dscale[c] = Σ dy·x`` and ``dbias[c] = Σ dy`` (float64, each when not
     empty, zeroed by the caller), and ``dx = dy·scale[c]`` (``dy`` without a scale; ``dx`` may
     be ``dy``; skipped when ``dx`` is empty). A row's sums read ``dy`` before ``dx`` is
-    written."""
+    written. With a ``mean`` (not empty), ``x`` is a BatchNorm's bottom and its
+    ``(x − mean)·inv_std`` stands for x."""
     want_ds, want_db, want_dx = dscale.size > 0, dbias.size > 0, dx.size > 0
-    has_scale = scale.size > 0
+    has_scale, centred = scale.size > 0, mean.size > 0
     for o in range(dy.shape[0]):
         for c in range(c0, c1):
             dr = dy[o, c]
             if want_ds:
-                ds, dp = _sum_and_dot(dr, x[o, c])
+                if centred:
+                    ds, dp = _sum_and_dot_centred(dr, x[o, c], mean[c], inv_std[c])
+                else:
+                    ds, dp = _sum_and_dot(dr, x[o, c])
                 dscale[c] += dp
                 if want_db:
                     dbias[c] += ds
@@ -235,6 +239,22 @@ def _affine_backward(dy: Any, x: Any, scale: Any, dx: Any, dscale: Any, dbias: A
                 else:
                     for i in range(dr.shape[0]):
                         xr[i] = dr[i]
+
+
+@_jit
+def _equal_normalized(y: Any, x: Any, mean: Any, inv_std: Any, c0: int, c1: int) -> bool:
+    """Whether ``y == (x − mean)·inv_std`` on channels ``c0:c1``, computed as
+    :func:`_bn_normalize` computes it, stopping after the first row that differs."""
+    for o in range(x.shape[0]):
+        for c in range(c0, c1):
+            mu, inv = mean[c], inv_std[c]
+            xr, yr = x[o, c], y[o, c]
+            differ = False
+            for i in range(xr.shape[0]):
+                differ |= (xr[i] - mu) * inv != yr[i]
+            if differ:
+                return False
+    return True
 
 
 @_jit
@@ -316,20 +336,36 @@ def affine_forward(x: Any, y: Any, scale: Any = None, bias: Any = None,
 
 
 def affine_backward(dy: Any, x: Any = None, scale: Any = None, dx: Any = None,
-                    want_dscale: bool = False, want_dbias: bool = False) -> tuple[Any, Any]:
+                    want_dscale: bool = False, want_dbias: bool = False, mean: Any = None,
+                    inv_std: Any = None) -> tuple[Any, Any]:
     """The gradients of ``y = x·scale + bias`` over ``(outer, dim, inner)`` arrays:
 
     dscale = Σ dy·x and dbias = Σ dy over outer and inner (float64 ``(dim,)``, or None when not
     wanted; dscale needs ``x``), and dx = dy·scale (dy without a scale) written into ``dx``
-    when given (it may be ``dy``)."""
+    when given (it may be ``dy``). With ``mean`` and ``inv_std`` ``(dim,)``, x is
+    ``(x − mean)·inv_std``: a BatchNorm's output recomputed from its bottom ``x``."""
     none1, dim = np.empty(0, dy.dtype), dy.shape[1]
     scale = none1 if scale is None else scale.reshape(-1)
+    mean = none1 if mean is None else mean.astype(dy.dtype)
+    inv_std = none1 if inv_std is None else inv_std.astype(dy.dtype)
     dscale = np.zeros(dim) if want_dscale else np.empty(0)
     dbias = np.zeros(dim) if want_dbias else np.empty(0)
     x = _none3(dy.dtype) if x is None else x
     dx = _none3(dy.dtype) if dx is None else dx
-    _over_channels(lambda c0, c1: _affine_backward(dy, x, scale, dx, dscale, dbias, c0, c1), dy)
+    _over_channels(lambda c0, c1: _affine_backward(dy, x, mean, inv_std, scale, dx, dscale,
+                                                   dbias, c0, c1), dy)
     return (dscale if want_dscale else None), (dbias if want_dbias else None)
+
+
+def equal_normalized(y: Any, x: Any, mean: Any, inv_std: Any) -> bool:
+    """Whether ``y`` is :func:`normalize`'s ``(x − mean)·inv_std`` of ``x``, value for value
+    (``y``, ``x`` of one shape ``(N, C, S)``), checked in lanes."""
+    if y.shape != x.shape or y.dtype != x.dtype:
+        return False
+    mean, inv_std = mean.astype(x.dtype), inv_std.astype(x.dtype)
+    return all(threads.run(lambda lane, lo, hi: _equal_normalized(y, x, mean, inv_std, lo, hi),
+                           x.shape[1], grain=max(1, MIN_LANE_ELEMENTS
+                                                 // max(1, x.shape[0] * x.shape[2]))))
 
 
 def equal(a: Any, b: Any) -> bool:

@@ -2,13 +2,21 @@
 
 BatchNorm keeps only the statistics; the learned per-channel scale and shift of the paper are a
 ``Scale`` layer with ``bias_term: true`` after it, as in Caffe's ResNet prototxts. All four run
-in place (``top: "x"`` = ``bottom: "x"``): whatever backward needs from the forward is kept aside
-(BatchNorm's and MVN's normalized output, Scale's input), so a later in-place layer that
-overwrites the top cannot corrupt the gradient.
+in place (``top: "x"`` = ``bottom: "x"``): whatever backward needs from the forward and cannot
+read from the bottom is kept aside (BatchNorm's and MVN's normalized output, Scale's input), so
+a later in-place layer that overwrites the top cannot corrupt the gradient.
+
+On the host BatchNorm, Scale and Bias run the numba kernels of
+:mod:`pycaffe_mpi.kernels.norm_cpu`. There BatchNorm keeps per-channel μ and 1/sqrt(σ² + ε) and
+recomputes x̂ from its bottom; only in place does it keep x̂ (one full-size copy), and an
+in-place Scale after it reads x̂ from the BatchNorm (copy or bottom) instead of keeping a copy of
+its own: one copy for a BatchNorm + Scale pair in place (ResNet), none when BatchNorm has a top
+of its own (MobileNet). On a GPU the NumPy/CuPy code keeps both copies.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import weakref
 from collections.abc import Sequence
 from typing import Any
@@ -21,11 +29,30 @@ from pycaffe_mpi.registry import register_layer
 _count = layer_mod.count_of
 _canonical_axis = layer_mod.canonical_axis
 
-# NOTE: blob → a host array that held the blob's data when its layer's forward ended (kept by
-# an in-place BatchNorm for its backward). An in-place Scale right after it needs a copy of the
-# same values: it takes this one once a compare pass finds it still equal (a layer in between
-# may have written the blob), which saves a full-size copy per BatchNorm + Scale pair.
-_KEPT: weakref.WeakKeyDictionary[Blob, Any] = weakref.WeakKeyDictionary()
+@dataclasses.dataclass(frozen=True)
+class _XHat:
+    """Where a host BatchNorm's output x̂ (or a Scale's input) can be read back in backward:
+    ``kept`` (a copy), or ``(bottom − mean)·inv_std`` recomputed from the BatchNorm's bottom
+    ``(N, C, S)``."""
+
+    kept: Any = None
+    bottom: Any = None
+    mean: Any = None
+    inv_std: Any = None
+
+    def holds(self, x: Any) -> bool:
+        """Whether ``x`` (a blob's data, viewed like x̂) still has x̂'s values."""
+        norm_cpu = _norm_cpu()
+        if self.kept is not None:
+            return self.kept.size == x.size and norm_cpu.equal(self.kept.reshape(x.shape), x)
+        return (self.bottom.shape == x.shape
+                and norm_cpu.equal_normalized(x, self.bottom, self.mean, self.inv_std))
+
+
+# NOTE: blob → the _XHat of the BatchNorm whose forward last wrote it. An in-place Scale right
+# after it needs x̂ in its backward: it reads x̂ from there once a compare pass finds the blob
+# unchanged (a layer in between may have written it), instead of keeping a full-size copy.
+_XHATS: weakref.WeakKeyDictionary[Blob, _XHat] = weakref.WeakKeyDictionary()
 
 
 def _norm_cpu() -> Any:
@@ -154,12 +181,14 @@ class BatchNorm(Layer):
             self._update_running_sums(mean, var, x.shape[0] * x.shape[2])
         self._mean, self._inv_std = mean, 1.0 / self.xp.sqrt(var + self.eps)
         # NOTE: backward recomputes x̂ = (x − μ)·inv_std from the bottom; in place the bottom
-        # is gone (and later in-place layers overwrite the top), so x̂ is kept, once, and
-        # offered to the next in-place layer (Scale) that would keep a copy of the same values
+        # is gone (and later in-place layers overwrite the top), so x̂ is kept, once. Either
+        # way x̂ is offered to an in-place Scale after this layer, which needs it too.
         self._x_norm = None
-        if top[0] is bottom[0] and not self.use_global_stats:
+        if top[0] is not bottom[0]:
+            _XHATS[top[0]] = _XHat(bottom=x, mean=self._mean, inv_std=self._inv_std)
+        elif not self.use_global_stats:
             self._x_norm = self._kept = _reuse(self.xp, self._kept, y)
-            _KEPT[top[0]] = self._x_norm
+            _XHATS[top[0]] = _XHat(kept=self._x_norm)
         norm_cpu.normalize(x, self._mean, self._inv_std, y, self._x_norm)
 
     def _global_stats(self) -> tuple[Any, Any]:
@@ -407,8 +436,9 @@ class Scale(Layer):
         self._bias = None
         if p.bias_term:
             self._setup_bias(bottom, top, p)
-        self._x = None  # the input of the last in-place forward
-        self._kept = None  # the host buffer that holds it, when not shared
+        self._x = None  # the input of the last in-place forward (GPU)
+        self._xhat = None  # where it is on the host (_XHat)
+        self._kept = None  # the host buffer that holds a copy of it, when none is shared
 
     def _setup_bias(self, bottom: Sequence[Blob], top: Sequence[Blob], p: Any) -> None:
         """Caffe's ScaleLayer runs an internal Bias layer on its top; so does this one."""
@@ -451,17 +481,14 @@ class Scale(Layer):
             return
         x, y = self._view(bottom[0].data), self._view(top[0].data)
         bias = self._bias.blobs[0].data if self._bias is not None else None
-        # NOTE: in place the input is gone after the multiply, and dE/ds needs it: take the
-        # copy an in-place BatchNorm before this layer kept of the same values, else keep one
-        self._x, kept = None, None
+        # NOTE: in place the input is gone after the multiply, and dE/ds needs it: read it
+        # where the BatchNorm that wrote it can give it back, else keep a copy
+        self._xhat, kept = None, None
         if top[0] is bottom[0]:
-            shared = _KEPT.get(bottom[0])
-            if shared is not None and shared.size == x.size:
-                shared = shared.reshape(x.shape)
-            if shared is not None and _norm_cpu().equal(shared, x):
-                self._x = shared
-            else:
-                self._x = kept = self._kept = _reuse(self.xp, self._kept, x)
+            self._xhat = _XHATS.get(bottom[0])
+            if self._xhat is None or not self._xhat.holds(x):
+                kept = self._kept = _reuse(self.xp, self._kept, x)
+                self._xhat = _XHat(kept=kept)
         _norm_cpu().affine_forward(x, y, self._operand(bottom).data, bias, kept)
 
     def _forward_xp(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
@@ -481,11 +508,14 @@ class Scale(Layer):
             return
         scale = self._operand(bottom)
         want_ds = len(bottom) == 1 or propagate_down[1]
-        x = self._x if self._x is not None else self._view(bottom[0].data)
+        src = self._xhat if self._xhat is not None else _XHat(kept=bottom[0].data)
+        x, mean, inv_std = src.bottom, src.mean, src.inv_std
+        if src.kept is not None:
+            x = self._view(src.kept)
         dx = self._view(bottom[0].diff) if propagate_down[0] else None
         ds, db = _norm_cpu().affine_backward(
             self._view(top[0].diff), x if want_ds else None, scale.data, dx,
-            want_dscale=want_ds, want_dbias=self._bias is not None)
+            want_dscale=want_ds, want_dbias=self._bias is not None, mean=mean, inv_std=inv_std)
         if db is not None:
             self._bias.blobs[0].diff[...] += db.reshape(self._bias.blobs[0].shape)
         if len(bottom) == 1:

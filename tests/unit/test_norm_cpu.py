@@ -170,6 +170,23 @@ def test_equal_finds_one_changed_bit(lanes, dtype):
     assert not norm_cpu.equal(a, b)  # bits, not values: a copy is kept, never a wrong one
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_equal_normalized(lanes, dtype):
+    lanes(3)
+    x = _data((3, 5, 301), dtype)
+    mean, var = norm_cpu.batch_stats(x)
+    inv = 1 / np.sqrt(var + 1e-5)
+    y = np.empty_like(x)
+    norm_cpu.normalize(x, mean, inv, y)
+    assert norm_cpu.equal_normalized(y, x, mean, inv)
+    assert not norm_cpu.equal_normalized(y.reshape(5, 3, 301), x.reshape(5, 3, 301), mean,
+                                         inv)
+    for i in (0, 300, 301, y.size - 1):
+        z = y.copy()
+        z.reshape(-1)[i] = np.nextafter(z.reshape(-1)[i], np.inf)
+        assert not norm_cpu.equal_normalized(z, x, mean, inv), i
+
+
 # -- the layers: one kept copy, shared; lanes ------------------------------------------------
 NET = """
 force_backward: true
@@ -189,12 +206,13 @@ BETWEEN = """layer { name: 'mid' type: 'Power' bottom: '%s' top: '%s'
                    power_param { scale: 2 shift: 0.5 } }"""
 
 
-def _net(in_place: bool, between: bool = False) -> Net:
-    a, b, c, d = ("c", "c", "c", "c") if in_place else ("a", "b", "s", "r")
-    mid = BETWEEN % (a, b) if between else ""
-    if not between:
-        b = a
-    text = NET % (a, mid, b, c, c, d)
+def _net(names: str, between: bool = False) -> Net:
+    """The net with BatchNorm's top, (Power's top,) Scale's top and ReLU's top named by
+    ``names``: "cccc" runs all in place on the convolution's output, "bbbb" all but BatchNorm
+    (MobileNet's prototxt), "wxyz" a blob per layer."""
+    bn, mid, sc, relu = names
+    text = NET % (bn, BETWEEN % (bn, mid) if between else "", mid if between else bn, sc, sc,
+                  relu)
     return Net(text_format.Merge(text, caffe_pb2.NetParameter()), TRAIN, dtype=np.float64,
                seed=5)
 
@@ -210,27 +228,32 @@ def _step(net: Net, out: str):
 
 
 @pytest.mark.parametrize("between", [False, True])
-def test_in_place_chain_keeps_one_copy(between):
-    """conv → BatchNorm → (Power) → Scale → ReLU all in place match the chain with a blob per
-    layer; Scale takes BatchNorm's copy of x̂ unless a layer in between changed the blob."""
-    inp, sep = _net(True, between), _net(False, between)
-    got, want = _step(inp, "c"), _step(sep, "r")
+@pytest.mark.parametrize("names", ["cccc", "bbbb"])
+def test_in_place_chain_keeps_one_copy(names, between):
+    """conv → BatchNorm → (Power) → Scale → ReLU, in place, match the chain with a blob per
+    layer. Scale reads x̂ where BatchNorm keeps it: its copy in place, its bottom otherwise;
+    it keeps a copy of its own only when a layer in between changed the blob."""
+    inp, sep = _net(names, between), _net("wxyz", between)
+    got, want = _step(inp, names[-1]), _step(sep, "z")
     np.testing.assert_allclose(got[0], want[0], rtol=1e-12)
     np.testing.assert_allclose(got[1], want[1], rtol=1e-10, atol=1e-12)
     for a, b in zip(got[2], want[2]):
         np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
     bn, sc = inp.layer_dict["bn"], inp.layer_dict["sc"]
-    assert bn._x_norm is not None
-    assert np.shares_memory(sc._x, bn._x_norm) != between
+    assert (bn._x_norm is not None) == (names == "cccc")
+    assert (sc._kept is not None) == between
+    if not between:
+        assert sc._xhat.kept is bn._x_norm
+        assert (sc._xhat.bottom is not None) == (names == "bbbb")
     # apart, BatchNorm keeps nothing (it recomputes x̂ from its bottom), nor does Scale
-    assert sep.layer_dict["bn"]._x_norm is None and sep.layer_dict["sc"]._x is None
+    assert sep.layer_dict["bn"]._x_norm is None and sep.layer_dict["sc"]._xhat is None
 
 
 def test_in_place_chain_lanes_agree(lanes):
     lanes(1)
-    one = _step(_net(True), "c")
+    one = _step(_net("cccc"), "c")
     lanes(3)
-    three = _step(_net(True), "c")
+    three = _step(_net("cccc"), "c")
     np.testing.assert_array_equal(one[0], three[0])
     np.testing.assert_array_equal(one[1], three[1])
     for a, b in zip(one[2], three[2]):
