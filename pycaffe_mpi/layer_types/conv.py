@@ -163,6 +163,10 @@ class Convolution(_BaseConvolution):
     Backward: ``db += Σ_{n, positions} dy``; ``dW_g += dy_gᵀ @ cols_g``; ``dx = col2im(dy_g @
     W_g)`` (overlapping windows add up) or, for stride 1, the equal "full" convolution of ``dy``
     with the flipped kernels (:meth:`ConvPlan.backward`).
+
+    On the host a 2-D depthwise convolution (``group == C``, ``O = m·C``) computes the same
+    formulas without im2col (:class:`pycaffe_mpi.kernels.depthwise.Depthwise`, where the
+    measured gain is noted).
     """
 
     def setup(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
