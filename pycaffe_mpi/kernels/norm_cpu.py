@@ -9,10 +9,10 @@ argument types on first use); per-channel sums are accumulated in float64.
 
 NumPy ran BatchNorm's training forward as five whole-array passes (mean, centre, square, mean,
 divide) with two full-size temporaries, and kept a full-size copy of its output for the
-backward. Here the statistics are one read of each channel, the normalization one read and one
-write, the backward two reads of each channel (the second from the cache), and what the backward
-needs is the per-channel mean and 1/sqrt(σ² + ε) alone: x̂ = (x − μ)·inv_std is recomputed from
-the bottom, or read from the one copy an in-place layer keeps.
+backward. Here the forward reads each block of channels twice, the second time from the L2
+cache, and writes it once; the backward likewise; and what the backward needs is the
+per-channel mean and 1/sqrt(σ² + ε) alone: x̂ = (x − μ)·inv_std is recomputed from the bottom,
+or read from the one copy an in-place layer keeps.
 
 NOTE: numba is imported here, and this module is imported on first use by
 :mod:`pycaffe_mpi.layer_types.normalization`, so ``import pycaffe_mpi`` does not pay for it.
@@ -88,66 +88,79 @@ def _sum_and_dot_centred(a: Any, x: Any, mu: Any, inv: Any) -> tuple[float, floa
 # NOTE: the loops run image by image over the lane's channels, i.e. through memory in order: one
 # channel at a time over the images jumps C·inner values every inner values and measured 1.8x
 # slower for the (8, 256, 56·56) passes here. Per-channel sums still add the images in order.
-@_jit
-def _bn_stats(x: Any, mean: Any, var: Any, c0: int, c1: int) -> None:
-    """``mean[c]``, ``var[c]`` (biased) over ``x[:, c, :]`` for ``c0 ≤ c < c1``.
+# NOTE: a kernel that reads each channel twice (the sums, then the pass that uses them) runs
+# over blocks of channels of about this many values, so that the second pass finds its inputs
+# in the (1 MB per core) L2 cache instead of memory.
+BLOCK = 1 << 16
 
-    One pass of shifted sums, d = x − k with k = the channel's first value: var = Σd²/m −
-    (Σd/m)². NOTE: the shift keeps the cancellation to the size of (mean − k)² / σ², i.e. none
-    for data near its mean, where the unshifted formula loses digits as mean² / σ² grows."""
+
+@_jit
+def _bn_train_forward(x: Any, y: Any, kept: Any, eps: float, mean: Any, var: Any,
+                      inv_std: Any, block_values: int, c0: int, c1: int) -> None:
+    """Batch statistics and ``y = (x − μ)·inv_std`` (also into ``kept`` when not empty) for
+    channels ``c0:c1``; ``mean``, ``var`` (biased), ``inv_std`` = 1/sqrt(var + eps), float64.
+
+    The sums are shifted, d = x − k with k = the channel's first value: var = Σd²/m − (Σd/m)².
+    NOTE: the shift keeps the cancellation to the size of (mean − k)² / σ², i.e. none for data
+    near its mean, where the unshifted formula loses digits as mean² / σ² grows."""
     outer, inner = x.shape[0], x.shape[2]
     m = outer * inner
     if m == 0:
         return
-    for c in range(c0, c1):
-        mean[c] = x[0, c, 0]  # the shift k, until the sums are in
-        var[c] = 0.0
-    s = np.zeros(c1 - c0)
-    for o in range(outer):
-        for c in range(c0, c1):
-            ds, dq = _shifted_sums(x[o, c], mean[c])
-            s[c - c0] += ds
-            var[c] += dq
-    for c in range(c0, c1):
-        mu = s[c - c0] / m
-        mean[c] += mu
-        var[c] = max(var[c] / m - mu * mu, 0.0)
+    block = max(1, block_values // m)
+    s = np.empty(block)
+    cast = np.empty((2, block), x.dtype)  # μ and inv_std in the arrays' dtype
+    keep = kept.size > 0
+    for b0 in range(c0, c1, block):
+        b1 = min(b0 + block, c1)
+        for c in range(b0, b1):
+            mean[c] = x[0, c, 0]  # the shift k, until the sums are in
+            var[c], s[c - b0] = 0.0, 0.0
+        for o in range(outer):
+            for c in range(b0, b1):
+                ds, dq = _shifted_sums(x[o, c], mean[c])
+                s[c - b0] += ds
+                var[c] += dq
+        for c in range(b0, b1):
+            mu = s[c - b0] / m
+            mean[c] += mu
+            var[c] = max(var[c] / m - mu * mu, 0.0)
+            inv_std[c] = 1.0 / np.sqrt(var[c] + eps)
+            cast[0, c - b0], cast[1, c - b0] = mean[c], inv_std[c]
+        for o in range(outer):
+            for c in range(b0, b1):
+                mu, inv = cast[0, c - b0], cast[1, c - b0]
+                xr, yr = x[o, c], y[o, c]
+                if keep:
+                    kr = kept[o, c]
+                    for i in range(inner):
+                        v = (xr[i] - mu) * inv
+                        yr[i] = v
+                        kr[i] = v
+                else:
+                    for i in range(inner):
+                        yr[i] = (xr[i] - mu) * inv
 
 
 @_jit
-def _bn_normalize(x: Any, mean: Any, inv_std: Any, y: Any, kept: Any, c0: int,
-                  c1: int) -> None:
-    """``y = (x − mean)·inv_std`` per channel (``y`` may be ``x``); also into ``kept`` when
-    it is not empty."""
-    keep = kept.size > 0
+def _bn_normalize(x: Any, mean: Any, inv_std: Any, y: Any, c0: int, c1: int) -> None:
+    """``y = (x − mean)·inv_std`` per channel (``y`` may be ``x``)."""
     for o in range(x.shape[0]):
         for c in range(c0, c1):
             mu, inv = mean[c], inv_std[c]
             xr, yr = x[o, c], y[o, c]
-            if keep:
-                kr = kept[o, c]
-                for i in range(xr.shape[0]):
-                    v = (xr[i] - mu) * inv
-                    yr[i] = v
-                    kr[i] = v
-            else:
-                for i in range(xr.shape[0]):
-                    yr[i] = (xr[i] - mu) * inv
-
-
-# NOTE: the backward reads each channel twice (sums, then dx); it runs over blocks of channels
-# of about this many values, so that the second pass finds dy and x̂ in the (1 MB) L2 cache.
-BACKWARD_BLOCK = 1 << 16
+            for i in range(xr.shape[0]):
+                yr[i] = (xr[i] - mu) * inv
 
 
 @_jit
 def _bn_backward(dy: Any, src: Any, from_bottom: bool, mean: Any, inv_std: Any, dx: Any,
-                 c0: int, c1: int) -> None:
+                 block_values: int, c0: int, c1: int) -> None:
     """``dx = (dy − mean(dy) − x̂·mean(dy·x̂))·inv_std`` per channel (``dx`` may be ``dy``);
     x̂ is ``src`` itself, or ``(src − mean)·inv_std`` when ``from_bottom``."""
     outer, inner = dy.shape[0], dy.shape[2]
     m = outer * inner
-    block = max(1, BACKWARD_BLOCK // max(1, m))
+    block = max(1, block_values // max(1, m))
     sums = np.empty((2, block))
     means = np.empty((2, block), dy.dtype)  # in the arrays' dtype: the pass does not widen
     for b0 in range(c0, c1, block):
@@ -178,33 +191,68 @@ def _bn_backward(dy: Any, src: Any, from_bottom: bool, mean: Any, inv_std: Any, 
 
 # -- Scale and Bias ----------------------------------------------------------------------------
 @_jit
+def _affine_row(xr: Any, yr: Any, s: Any, b: Any, has_scale: bool, has_bias: bool) -> None:
+    """``yr = xr·s + b`` over one row (``s`` or ``b`` left out when absent)."""
+    if has_scale and has_bias:
+        for i in range(xr.shape[0]):
+            yr[i] = xr[i] * s + b
+    elif has_scale:
+        for i in range(xr.shape[0]):
+            yr[i] = xr[i] * s
+    else:
+        for i in range(xr.shape[0]):
+            yr[i] = xr[i] + b
+
+
+@_jit
 def _affine_forward(x: Any, scale: Any, bias: Any, y: Any, kept: Any, c0: int,
                     c1: int) -> None:
     """``y = x·scale[c] + bias[c]`` (an empty ``scale`` or ``bias`` is left out; ``y`` may be
     ``x``); ``x`` is also copied into ``kept`` when that is not empty."""
     has_scale, has_bias, keep = scale.size > 0, bias.size > 0, kept.size > 0
-    one = np.ones(1, x.dtype)[0]  # 1 and 0 in the arrays' dtype: the pass does not widen
-    zero = one - one
+    zero = np.zeros(1, x.dtype)[0]  # stands for an absent scale or bias, in the arrays' dtype
     for o in range(x.shape[0]):
         for c in range(c0, c1):
-            s = scale[c] if has_scale else one
+            s = scale[c] if has_scale else zero
             b = bias[c] if has_bias else zero
             xr, yr = x[o, c], y[o, c]
             if keep:
-                kr = kept[o, c]
-                for i in range(xr.shape[0]):
-                    v = xr[i]
-                    kr[i] = v
-                    yr[i] = v * s + b
-            elif has_scale and has_bias:
-                for i in range(xr.shape[0]):
-                    yr[i] = xr[i] * s + b
-            elif has_scale:
-                for i in range(xr.shape[0]):
-                    yr[i] = xr[i] * s
-            else:
-                for i in range(xr.shape[0]):
-                    yr[i] = xr[i] + b
+                kept[o, c][:] = xr
+            _affine_row(xr, yr, s, b, has_scale, has_bias)
+
+
+@_jit
+def _affine_in_place_checked(x: Any, scale: Any, bias: Any, kept: Any, bottom: Any, mean: Any,
+                             inv_std: Any, block_values: int, c0: int, c1: int) -> int:
+    """``x = x·scale[c] + bias[c]`` in place on channels ``c0:c1``, each block of channels
+    only once its values are found to be x̂: ``kept``'s (when not empty), else
+    ``(bottom − mean)·inv_std`` as BatchNorm's forward computes it. Returns the first channel
+    left as it was: ``c1``, or the start of the first block that differs."""
+    outer, inner = x.shape[0], x.shape[2]
+    block = max(1, block_values // max(1, outer * inner))
+    has_scale, has_bias, from_kept = scale.size > 0, bias.size > 0, kept.size > 0
+    zero = np.zeros(1, x.dtype)[0]
+    for b0 in range(c0, c1, block):
+        b1 = min(b0 + block, c1)
+        for o in range(outer):
+            for c in range(b0, b1):
+                xr, differ = x[o, c], False
+                if from_kept:
+                    kr = kept[o, c]
+                    for i in range(inner):
+                        differ |= xr[i] != kr[i]
+                else:
+                    br, mu, inv = bottom[o, c], mean[c], inv_std[c]
+                    for i in range(inner):
+                        differ |= (br[i] - mu) * inv != xr[i]
+                if differ:
+                    return b0
+        for o in range(outer):
+            for c in range(b0, b1):
+                s = scale[c] if has_scale else zero
+                b = bias[c] if has_bias else zero
+                _affine_row(x[o, c], x[o, c], s, b, has_scale, has_bias)
+    return c1
 
 
 @_jit
@@ -241,37 +289,6 @@ def _affine_backward(dy: Any, x: Any, mean: Any, inv_std: Any, scale: Any, dx: A
                         xr[i] = dr[i]
 
 
-@_jit
-def _equal_normalized(y: Any, x: Any, mean: Any, inv_std: Any, c0: int, c1: int) -> bool:
-    """Whether ``y == (x − mean)·inv_std`` on channels ``c0:c1``, computed as
-    :func:`_bn_normalize` computes it, stopping after the first row that differs."""
-    for o in range(x.shape[0]):
-        for c in range(c0, c1):
-            mu, inv = mean[c], inv_std[c]
-            xr, yr = x[o, c], y[o, c]
-            differ = False
-            for i in range(xr.shape[0]):
-                differ |= (xr[i] - mu) * inv != yr[i]
-            if differ:
-                return False
-    return True
-
-
-@_jit
-def _equal(a: Any, b: Any, lo: int, hi: int) -> bool:
-    """Whether ``a[lo:hi]`` and ``b[lo:hi]`` (flat, unsigned integers) hold the same bits,
-    stopping after the first block that differs."""
-    # NOTE: an OR of XORs over a block vectorizes; a compare and a branch per value ran 5x slower
-    for start in range(lo, hi, 4096):
-        ra, rb = a[start:min(start + 4096, hi)], b[start:min(start + 4096, hi)]
-        differ = ra[0] ^ rb[0]
-        for i in range(1, ra.shape[0]):  # from 0: no negative-index check per value
-            differ |= ra[i] ^ rb[i]
-        if differ:
-            return False
-    return True
-
-
 # -- host entry points: the lanes --------------------------------------------------------------
 _EMPTY3: dict[Any, Any] = {}
 
@@ -291,21 +308,24 @@ def _over_channels(fn: Any, x: Any) -> None:
                 grain=max(1, MIN_LANE_ELEMENTS // per_channel))
 
 
-def batch_stats(x: Any) -> tuple[Any, Any]:
-    """Per-channel mean μ and biased variance σ² of ``x`` ``(N, C, S)``: float64 ``(C,)``.
+def batch_norm_forward(x: Any, y: Any, eps: float, kept: Any = None) -> tuple[Any, Any, Any]:
+    """BatchNorm's forward with batch statistics over ``x`` ``(N, C, S)``, per channel:
 
-    μ = Σ x / m, σ² = Σ (x − μ)² / m over the m = N·S values of a channel."""
-    mean, var = np.zeros(x.shape[1]), np.zeros(x.shape[1])
-    _over_channels(lambda c0, c1: _bn_stats(x, mean, var, c0, c1), x)
-    return mean, var
-
-
-def normalize(x: Any, mean: Any, inv_std: Any, y: Any, kept: Any = None) -> None:
-    """``y = (x − μ)·inv_std`` per channel of ``x`` ``(N, C, S)`` (``y`` may be ``x``), also
-    written into ``kept`` (same shape) when given; ``mean``, ``inv_std`` ``(C,)``."""
-    mean, inv_std = mean.astype(x.dtype), inv_std.astype(x.dtype)
+    μ = Σ x / m, σ² = Σ (x − μ)² / m over the m = N·S values, y = (x − μ)·inv_std with
+    inv_std = 1/sqrt(σ² + eps), written into ``y`` (it may be ``x``) and ``kept`` when given.
+    Returns (μ, σ², inv_std), float64 ``(C,)``."""
+    mean, var, inv_std = (np.zeros(x.shape[1]) for _ in range(3))
     kept = _none3(x.dtype) if kept is None else kept
-    _over_channels(lambda c0, c1: _bn_normalize(x, mean, inv_std, y, kept, c0, c1), x)
+    _over_channels(lambda c0, c1: _bn_train_forward(x, y, kept, eps, mean, var, inv_std, BLOCK,
+                                                    c0, c1), x)
+    return mean, var, inv_std
+
+
+def normalize(x: Any, mean: Any, inv_std: Any, y: Any) -> None:
+    """``y = (x − μ)·inv_std`` per channel of ``x`` ``(N, C, S)`` (``y`` may be ``x``), with
+    given ``mean`` and ``inv_std`` ``(C,)`` (BatchNorm's global statistics)."""
+    mean, inv_std = mean.astype(x.dtype), inv_std.astype(x.dtype)
+    _over_channels(lambda c0, c1: _bn_normalize(x, mean, inv_std, y, c0, c1), x)
 
 
 def batch_norm_backward(dy: Any, mean: Any, inv_std: Any, dx: Any, x_norm: Any = None,
@@ -320,7 +340,7 @@ def batch_norm_backward(dy: Any, mean: Any, inv_std: Any, dx: Any, x_norm: Any =
     src = x if from_bottom else x_norm
     mean, inv_std = mean.astype(dy.dtype), inv_std.astype(dy.dtype)
     _over_channels(
-        lambda c0, c1: _bn_backward(dy, src, from_bottom, mean, inv_std, dx, c0, c1), dy)
+        lambda c0, c1: _bn_backward(dy, src, from_bottom, mean, inv_std, dx, BLOCK, c0, c1), dy)
 
 
 def affine_forward(x: Any, y: Any, scale: Any = None, bias: Any = None,
@@ -357,23 +377,33 @@ def affine_backward(dy: Any, x: Any = None, scale: Any = None, dx: Any = None,
     return (dscale if want_dscale else None), (dbias if want_dbias else None)
 
 
-def equal_normalized(y: Any, x: Any, mean: Any, inv_std: Any) -> bool:
-    """Whether ``y`` is :func:`normalize`'s ``(x − mean)·inv_std`` of ``x``, value for value
-    (``y``, ``x`` of one shape ``(N, C, S)``), checked in lanes."""
-    if y.shape != x.shape or y.dtype != x.dtype:
-        return False
-    mean, inv_std = mean.astype(x.dtype), inv_std.astype(x.dtype)
-    return all(threads.run(lambda lane, lo, hi: _equal_normalized(y, x, mean, inv_std, lo, hi),
-                           x.shape[1], grain=max(1, MIN_LANE_ELEMENTS
-                                                 // max(1, x.shape[0] * x.shape[2]))))
+def affine_in_place_checked(x: Any, scale: Any = None, bias: Any = None, kept: Any = None,
+                            bottom: Any = None, mean: Any = None, inv_std: Any = None) -> bool:
+    """``x = x·scale + bias`` in place over ``x`` ``(outer, dim, inner)`` if ``x`` holds x̂:
+    the values of ``kept`` (same shape), or else BatchNorm's ``(bottom − mean)·inv_std`` of
+    ``bottom`` (same shape; ``mean``, ``inv_std`` float64 ``(dim,)``). Returns whether it did;
+    if not, ``x`` is left with its values (those compared equal may come back from x̂).
 
-
-def equal(a: Any, b: Any) -> bool:
-    """Whether the C-contiguous arrays ``a`` and ``b`` have the same shape, dtype and bits,
-    checked in lanes."""
-    if a.shape != b.shape or a.dtype != b.dtype:
-        return False
-    bits = f"u{a.dtype.itemsize}"
-    fa, fb = a.reshape(-1).view(bits), b.reshape(-1).view(bits)
-    return all(threads.run(lambda lane, lo, hi: _equal(fa, fb, lo, hi), fa.size,
-                           grain=MIN_LANE_ELEMENTS))
+    NOTE: one pass through memory: a block of channels is compared, then rewritten from the
+    cache; the compare alone before an ordinary forward cost a whole read of both arrays more."""
+    none1 = np.empty(0, x.dtype)
+    scale = none1 if scale is None else scale.reshape(-1)
+    bias = none1 if bias is None else bias.reshape(-1)
+    from_kept = kept is not None
+    kept = kept if from_kept else _none3(x.dtype)
+    bottom = _none3(x.dtype) if bottom is None else bottom
+    mean = none1 if mean is None else mean.astype(x.dtype)
+    inv_std = none1 if inv_std is None else inv_std.astype(x.dtype)
+    per_channel = max(1, x.shape[0] * x.shape[2])
+    parts = threads.run(
+        lambda lane, lo, hi: (lo, hi, _affine_in_place_checked(
+            x, scale, bias, kept, bottom, mean, inv_std, BLOCK, lo, hi)),
+        x.shape[1], grain=max(1, MIN_LANE_ELEMENTS // per_channel))
+    if all(stop == hi for _, hi, stop in parts):
+        return True
+    for lo, _, stop in parts:  # put x̂ back where it was rewritten
+        if from_kept:
+            x[:, lo:stop] = kept[:, lo:stop]
+        else:
+            _bn_normalize(bottom, mean, inv_std, x, lo, stop)
+    return False

@@ -40,17 +40,21 @@ class _XHat:
     mean: Any = None
     inv_std: Any = None
 
-    def holds(self, x: Any) -> bool:
-        """Whether ``x`` (a blob's data, viewed like x̂) still has x̂'s values."""
+    def scale_in_place(self, x: Any, scale: Any, bias: Any) -> bool:
+        """``x = x·scale + bias`` in place (``x``: a blob's data ``(outer, dim, inner)``) if
+        ``x`` still holds x̂, value for value; whether it did."""
         norm_cpu = _norm_cpu()
         if self.kept is not None:
-            return self.kept.size == x.size and norm_cpu.equal(self.kept.reshape(x.shape), x)
-        return (self.bottom.shape == x.shape
-                and norm_cpu.equal_normalized(x, self.bottom, self.mean, self.inv_std))
+            return (self.kept.size == x.size and self.kept.dtype == x.dtype
+                    and norm_cpu.affine_in_place_checked(x, scale, bias,
+                                                         kept=self.kept.reshape(x.shape)))
+        return (self.bottom.shape == x.shape and self.bottom.dtype == x.dtype
+                and norm_cpu.affine_in_place_checked(x, scale, bias, bottom=self.bottom,
+                                                     mean=self.mean, inv_std=self.inv_std))
 
 
 # NOTE: blob → the _XHat of the BatchNorm whose forward last wrote it. An in-place Scale right
-# after it needs x̂ in its backward: it reads x̂ from there once a compare pass finds the blob
+# after it needs x̂ in its backward: it reads x̂ from there if its forward finds the blob
 # unchanged (a layer in between may have written it), instead of keeping a full-size copy.
 _XHATS: weakref.WeakKeyDictionary[Blob, _XHat] = weakref.WeakKeyDictionary()
 
@@ -174,22 +178,24 @@ class BatchNorm(Layer):
             return
         norm_cpu = _norm_cpu()
         x, y = self._view(bottom[0].data), self._view(top[0].data)
-        if self.use_global_stats:
-            mean, var = self._global_stats()
-        else:
-            mean, var = norm_cpu.batch_stats(x)  # float64 (C,)
-            self._update_running_sums(mean, var, x.shape[0] * x.shape[2])
-        self._mean, self._inv_std = mean, 1.0 / self.xp.sqrt(var + self.eps)
         # NOTE: backward recomputes x̂ = (x − μ)·inv_std from the bottom; in place the bottom
         # is gone (and later in-place layers overwrite the top), so x̂ is kept, once. Either
         # way x̂ is offered to an in-place Scale after this layer, which needs it too.
         self._x_norm = None
+        if self.use_global_stats:
+            mean, var = self._global_stats()
+            inv_std = 1.0 / self.xp.sqrt(var + self.eps)
+            norm_cpu.normalize(x, mean, inv_std, y)
+        else:
+            if top[0] is bottom[0]:
+                self._x_norm = self._kept = _reuse(self.xp, self._kept, y)
+            mean, var, inv_std = norm_cpu.batch_norm_forward(x, y, self.eps, self._x_norm)
+            self._update_running_sums(mean, var, x.shape[0] * x.shape[2])
+        self._mean, self._inv_std = mean, inv_std  # float64 (C,)
         if top[0] is not bottom[0]:
-            _XHATS[top[0]] = _XHat(bottom=x, mean=self._mean, inv_std=self._inv_std)
-        elif not self.use_global_stats:
-            self._x_norm = self._kept = _reuse(self.xp, self._kept, y)
+            _XHATS[top[0]] = _XHat(bottom=x, mean=mean, inv_std=inv_std)
+        elif self._x_norm is not None:
             _XHATS[top[0]] = _XHat(kept=self._x_norm)
-        norm_cpu.normalize(x, self._mean, self._inv_std, y, self._x_norm)
 
     def _global_stats(self) -> tuple[Any, Any]:
         """μ = mean/s and σ² = var/s from the running sums (both 0 when s = 0), float64."""
@@ -483,13 +489,14 @@ class Scale(Layer):
         bias = self._bias.blobs[0].data if self._bias is not None else None
         # NOTE: in place the input is gone after the multiply, and dE/ds needs it: read it
         # where the BatchNorm that wrote it can give it back, else keep a copy
-        self._xhat, kept = None, None
+        scale, self._xhat, kept = self._operand(bottom).data, None, None
         if top[0] is bottom[0]:
             self._xhat = _XHATS.get(bottom[0])
-            if self._xhat is None or not self._xhat.holds(x):
-                kept = self._kept = _reuse(self.xp, self._kept, x)
-                self._xhat = _XHat(kept=kept)
-        _norm_cpu().affine_forward(x, y, self._operand(bottom).data, bias, kept)
+            if self._xhat is not None and self._xhat.scale_in_place(x, scale, bias):
+                return
+            kept = self._kept = _reuse(self.xp, self._kept, x)
+            self._xhat = _XHat(kept=kept)
+        _norm_cpu().affine_forward(x, y, scale, bias, kept)
 
     def _forward_xp(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
         x = self._view(bottom[0].data)

@@ -47,17 +47,16 @@ def _bn_reference(x, dy):
 
 def _all_kernels(x, dy, s, b):
     """Every entry point's outputs, in a list."""
-    mean, var = norm_cpu.batch_stats(x)
-    inv = 1 / np.sqrt(var + 1e-5)
-    y, kept = np.empty_like(x), np.empty_like(x)
-    norm_cpu.normalize(x, mean, inv, y, kept)
+    y, kept, g = np.empty_like(x), np.empty_like(x), np.empty_like(x)
+    mean, var, inv = norm_cpu.batch_norm_forward(x, y, 1e-5, kept)
+    norm_cpu.normalize(x, mean, inv, g)
     dx_kept, dx_bottom = np.empty_like(x), np.empty_like(x)
     norm_cpu.batch_norm_backward(dy, mean, inv, dx_kept, x_norm=kept)
     norm_cpu.batch_norm_backward(dy, mean, inv, dx_bottom, x=x)
     z, zk, dz = np.empty_like(x), np.empty_like(x), np.empty_like(x)
     norm_cpu.affine_forward(x, z, s, b, kept=zk)
     ds, db = norm_cpu.affine_backward(dy, x, s, dz, want_dscale=True, want_dbias=True)
-    return [mean, var, y, kept, dx_kept, dx_bottom, z, zk, dz, ds, db]
+    return [mean, var, y, kept, dx_kept, dx_bottom, z, zk, dz, ds, db, inv, g]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -65,12 +64,15 @@ def _all_kernels(x, dy, s, b):
 def test_kernels_match_numpy(shape, dtype):
     x, dy = _data(shape, dtype), _data(shape, dtype, seed=1, offset=0.0)
     s, b = _data(shape[1], dtype, seed=2, offset=0.0), _data(shape[1], dtype, seed=3)
-    mean, var, y, kept, dx_kept, dx_bottom, z, zk, dz, ds, db = _all_kernels(x, dy, s, b)
-    rmean, rvar, _, rxh, rdx = _bn_reference(x, dy)
+    mean, var, y, kept, dx_kept, dx_bottom, z, zk, dz, ds, db, inv, g = _all_kernels(x, dy, s,
+                                                                                      b)
+    rmean, rvar, rinv, rxh, rdx = _bn_reference(x, dy)
     np.testing.assert_allclose(mean, rmean, **_tol(dtype))
     np.testing.assert_allclose(var, rvar, **_tol(dtype))
+    np.testing.assert_allclose(inv, rinv, **_tol(dtype))
     np.testing.assert_allclose(y, rxh, **_tol(dtype))
     np.testing.assert_array_equal(kept, y)
+    np.testing.assert_array_equal(g, y)  # the same arithmetic with given statistics
     np.testing.assert_allclose(dx_kept, rdx, **_tol(dtype))
     np.testing.assert_allclose(dx_bottom, rdx, **_tol(dtype))
     x64, dy64 = x.astype(np.float64), dy.astype(np.float64)
@@ -84,7 +86,7 @@ def test_kernels_match_numpy(shape, dtype):
 def test_variance_of_data_far_from_zero():
     """The shifted sums keep the variance of data with a large mean (float32 input)."""
     x = _data((4, 2, 100), np.float32, offset=1e4) * np.float32(1e-2) + np.float32(1e4)
-    _, var = norm_cpu.batch_stats(x)
+    _, var, _ = norm_cpu.batch_norm_forward(x, np.empty_like(x), 1e-5)
     np.testing.assert_allclose(var, x.astype(np.float64).var(axis=(0, 2)), rtol=1e-6)
 
 
@@ -95,8 +97,9 @@ def test_in_place_kernels(dtype):
     x, dy = _data(shape, dtype), _data(shape, dtype, seed=1)
     s, b = _data(4, dtype, seed=2), _data(4, dtype, seed=3)
     want = _all_kernels(x, dy, s, b)
-    mean, var = norm_cpu.batch_stats(x)
-    inv = 1 / np.sqrt(var + 1e-5)
+    y = x.copy()
+    mean, _, inv = norm_cpu.batch_norm_forward(y, y, 1e-5)
+    np.testing.assert_array_equal(y, want[2])
     y = x.copy()
     norm_cpu.normalize(y, mean, inv, y)
     np.testing.assert_array_equal(y, want[2])
@@ -127,15 +130,15 @@ def test_lanes_give_the_same_bits(lanes, dtype):
         np.testing.assert_array_equal(a, c, err_msg=f"output {i}")
 
 
-def test_backward_channel_blocks(monkeypatch):
+def test_channel_blocks(monkeypatch):
     """Blocks of one or two channels give the one-block result."""
     shape = (3, 5, 11)
     x, dy = _data(shape, np.float64), _data(shape, np.float64, seed=1)
-    want = _all_kernels(x, dy, None, None)[4:6]
-    monkeypatch.setattr(norm_cpu, "BACKWARD_BLOCK", 40)  # 40 // 33 values: 1 channel
-    np.testing.assert_array_equal(_all_kernels(x, dy, None, None)[4:6], want)
-    monkeypatch.setattr(norm_cpu, "BACKWARD_BLOCK", 70)  # 2 channels, the last alone
-    np.testing.assert_array_equal(_all_kernels(x, dy, None, None)[4:6], want)
+    want = _all_kernels(x, dy, None, None)
+    for block in (40, 70):  # 40 // 33 values: 1 channel; 70: 2 channels, the last alone
+        monkeypatch.setattr(norm_cpu, "BLOCK", block)
+        for i, (a, w) in enumerate(zip(_all_kernels(x, dy, None, None), want)):
+            np.testing.assert_array_equal(a, w, err_msg=f"block {block}, output {i}")
 
 
 def test_affine_without_scale_or_bias():
@@ -153,38 +156,30 @@ def test_affine_without_scale_or_bias():
     np.testing.assert_allclose(db, dy.astype(np.float64).sum(axis=(0, 2)), rtol=1e-6)
 
 
+@pytest.mark.parametrize("from_kept", [True, False])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_equal_finds_one_changed_bit(lanes, dtype):
+def test_affine_in_place_checked(lanes, monkeypatch, dtype, from_kept):
+    """Scale in place over x̂: done only where x holds x̂ (BatchNorm's copy, or its output
+    recomputed from its bottom); a value changed anywhere leaves x as it was."""
     lanes(3)
-    a = _data((3, 5, 7001), dtype)
-    assert norm_cpu.equal(a, a.copy())
-    assert not norm_cpu.equal(a, a.reshape(5, 3, 7001))
-    assert not norm_cpu.equal(a, a.astype(np.float32 if dtype == np.float64 else np.float64))
-    for i in (0, 4095, 4096, 52_000, a.size - 1):
-        b = a.copy()
-        b.reshape(-1)[i] = np.nextafter(b.reshape(-1)[i], np.inf)
-        assert not norm_cpu.equal(a, b), i
-    b = a.copy()
-    b.reshape(-1)[7] = -0.0
-    a.reshape(-1)[7] = 0.0
-    assert not norm_cpu.equal(a, b)  # bits, not values: a copy is kept, never a wrong one
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_equal_normalized(lanes, dtype):
-    lanes(3)
-    x = _data((3, 5, 301), dtype)
-    mean, var = norm_cpu.batch_stats(x)
-    inv = 1 / np.sqrt(var + 1e-5)
-    y = np.empty_like(x)
-    norm_cpu.normalize(x, mean, inv, y)
-    assert norm_cpu.equal_normalized(y, x, mean, inv)
-    assert not norm_cpu.equal_normalized(y.reshape(5, 3, 301), x.reshape(5, 3, 301), mean,
-                                         inv)
-    for i in (0, 300, 301, y.size - 1):
-        z = y.copy()
-        z.reshape(-1)[i] = np.nextafter(z.reshape(-1)[i], np.inf)
-        assert not norm_cpu.equal_normalized(z, x, mean, inv), i
+    monkeypatch.setattr(norm_cpu, "BLOCK", 2 * 3 * 101)  # blocks of 2 channels
+    bottom = _data((3, 7, 101), dtype)
+    xhat = np.empty_like(bottom)
+    mean, _, inv = norm_cpu.batch_norm_forward(bottom, xhat, 1e-5)
+    s, b = _data(7, dtype, seed=2), _data(7, dtype, seed=3)
+    source = ({"kept": xhat.copy()} if from_kept
+              else {"bottom": bottom, "mean": mean, "inv_std": inv})
+    want = np.empty_like(xhat)
+    norm_cpu.affine_forward(xhat, want, s, b)
+    x = xhat.copy()
+    assert norm_cpu.affine_in_place_checked(x, s, b, **source)
+    np.testing.assert_array_equal(x, want)
+    for i in (0, 100, 101, 6 * 101 + 5, 1000, xhat.size - 1):  # lanes of 3, 2, 2 channels
+        x = xhat.copy()
+        x.reshape(-1)[i] = np.nextafter(x.reshape(-1)[i], np.inf)
+        before = x.copy()
+        assert not norm_cpu.affine_in_place_checked(x, s, b, **source), i
+        np.testing.assert_array_equal(x, before, err_msg=str(i))
 
 
 # -- the layers: one kept copy, shared; lanes ------------------------------------------------
