@@ -69,18 +69,10 @@ _CHUNK = 1024
 
 
 @_jit
-def _columns(g: Any, clo: Any, chi: Any, b: int) -> tuple[int, int, int, int]:
-    """Phase ``b``'s columns outside the range ``[g[_LO], g[_HI])`` that every phase has:
-    ``[lo1, hi1)`` before it and ``[lo2, hi2)`` after it."""
-    lo, hi = g[_LO], g[_HI]
-    return clo[b], min(lo, chi[b]), max(hi, clo[b]), chi[b]
-
-
-@_jit
-def _split(xf: Any, base: int, xph: Any, height: int, width: int, g: Any, clo: Any,
-           chi: Any) -> None:
+def _split(xf: Any, base: int, xph: Any, height: int, width: int, g: Any, edge: Any) -> None:
     """The image plane at ``xf[base:]`` into its stride phases ``xph`` (cells outside the image
-    are left as they are: zero)."""
+    are left as they are: zero): columns ``[g[_LO], g[_HI])`` of every phase, then the
+    ``(phase, column)`` pairs ``edge`` that only some phases have."""
     sh, sw, ph, pw, th, tw, plane = g[_SH], g[_SW], g[_PH], g[_PW], g[_TH], g[_TW], g[_PLANE]
     lo, n = g[_LO], _u(g[_HI] - g[_LO])
     step, one, two = _u(sw), _u(1), _u(2)
@@ -96,13 +88,9 @@ def _split(xf: Any, base: int, xph: Any, height: int, width: int, g: Any, clo: A
         if t >= th:
             continue
         d, s = _u(a * sw * plane + t * tw), _u(base + h * width - pw)
-        for b in range(sw):
-            lo1, hi1, lo2, hi2 = _columns(g, clo, chi, b)
-            db, sb = d + _u(b * plane), s + _u(b)
-            for u in range(_u(lo1), _u(hi1)):
-                xph[db + u] = xf[sb + u * step]
-            for u in range(_u(lo2), _u(hi2)):
-                xph[db + u] = xf[sb + u * step]
+        for e in range(edge.shape[0]):
+            b, u = edge[e, 0], edge[e, 1]
+            xph[d + _u(b * plane + u)] = xf[s + _u(b + u * sw)]
         # NOTE: the loops below start at 0 and use unsigned constants: only then does LLVM
         # vectorise them (for stride 2 with paired loads and shuffles: 0.44 → 0.06 ns a float)
         d, s = d + _u(lo), s + _u(lo * sw)
@@ -122,10 +110,11 @@ def _split(xf: Any, base: int, xph: Any, height: int, width: int, g: Any, clo: A
 
 
 @_jit
-def _merge(dxph: Any, dxf: Any, base: int, height: int, width: int, g: Any, clo: Any, chi: Any,
-           cend: Any) -> None:
-    """The image cells of the stride phases ``dxph`` into the plane at ``dxf[base:]``; cells no
-    window reads (beyond the last window) get zero."""
+def _merge(dxph: Any, dxf: Any, base: int, height: int, width: int, g: Any, edge: Any,
+           zero: Any) -> None:
+    """The image cells of the stride phases ``dxph`` into the plane at ``dxf[base:]`` (the
+    adjoint of :func:`_split`); the ``(phase, column)`` cells ``zero``, which no window reads
+    (beyond the last window), get zero."""
     sh, sw, ph, pw, th, tw, plane = g[_SH], g[_SW], g[_PH], g[_PW], g[_TH], g[_TW], g[_PLANE]
     lo, n = g[_LO], _u(g[_HI] - g[_LO])
     step, one, two = _u(sw), _u(1), _u(2)
@@ -140,15 +129,11 @@ def _merge(dxph: Any, dxf: Any, base: int, height: int, width: int, g: Any, clo:
             dxf[row:row + width] = 0
             continue
         s, d = _u(a * sw * plane + t * tw), _u(row - pw)
-        for b in range(sw):
-            lo1, hi1, lo2, hi2 = _columns(g, clo, chi, b)
-            sb, db = s + _u(b * plane), d + _u(b)
-            for u in range(_u(lo1), _u(hi1)):
-                dxf[db + u * step] = dxph[sb + u]
-            for u in range(_u(lo2), _u(hi2)):
-                dxf[db + u * step] = dxph[sb + u]
-            for u in range(_u(chi[b]), _u(cend[b])):
-                dxf[db + u * step] = 0
+        for e in range(edge.shape[0]):
+            b, u = edge[e, 0], edge[e, 1]
+            dxf[d + _u(b + u * sw)] = dxph[s + _u(b * plane + u)]
+        for e in range(zero.shape[0]):
+            dxf[d + _u(zero[e, 0] + zero[e, 1] * sw)] = 0
         s, d = s + _u(lo), d + _u(lo * sw)
         if sw == 1:
             for q in range(n):
@@ -238,8 +223,8 @@ def _taps(acc: Any, n: int, src: Any, at: Any, w: Any, k0: int, k1: int, sign: i
 
 
 @_jit
-def _forward(x: Any, w: Any, bias: Any, y: Any, p0: int, p1: int, g: Any, shift: Any, clo: Any,
-             chi: Any) -> None:
+def _forward(x: Any, w: Any, bias: Any, y: Any, p0: int, p1: int, g: Any, shift: Any,
+             edge: Any) -> None:
     """``y`` for the planes ``p0 ≤ n·C + c < p1`` (all ``m`` outputs of each); ``shift[k]``: where
     kernel offset ``k = i·kw + j`` starts in the phases."""
     _, chans, height, width = x.shape
@@ -251,7 +236,7 @@ def _forward(x: Any, w: Any, bias: Any, y: Any, p0: int, p1: int, g: Any, shift:
     acc = np.empty(rows * tw, y.dtype)
     for p in range(p0, p1):
         n, c = p // chans, p % chans
-        _split(xf, p * height * width, xph, height, width, g, clo, chi)
+        _split(xf, p * height * width, xph, height, width, g, edge)
         for o in range(c * m, c * m + m):
             wo = wf[o * taps:(o + 1) * taps]
             for r0 in range(0, oh_n, rows):
@@ -266,8 +251,8 @@ def _forward(x: Any, w: Any, bias: Any, y: Any, p0: int, p1: int, g: Any, shift:
 
 @_jit
 def _backward(x: Any, w: Any, dy: Any, dx: Any, dwp: Any, dbp: Any, p0: int, p1: int,
-              want_dx: bool, g: Any, shift: Any, clo: Any, chi: Any, cend: Any, order: Any,
-              off: Any, first: Any) -> None:
+              want_dx: bool, g: Any, shift: Any, edge: Any, zero: Any, order: Any, off: Any,
+              first: Any) -> None:
     """For the planes ``p0 ≤ n·C + c < p1``: ``dwp`` ``(O, kh·kw)`` and ``dbp`` ``(O,)`` += their
     share of the weight and bias gradients, and (``want_dx``) their planes of ``dx``.
 
@@ -288,7 +273,7 @@ def _backward(x: Any, w: Any, dy: Any, dx: Any, dwp: Any, dbp: Any, p0: int, p1:
     wsorted = np.empty(m * taps, w.dtype)  # w[o, order]
     for p in range(p0, p1):
         n, c = p // chans, p % chans
-        _split(xf, p * height * width, xph, height, width, g, clo, chi)
+        _split(xf, p * height * width, xph, height, width, g, edge)
         for e in range(m):
             o = c * m + e
             for r in range(oh_n):
@@ -312,7 +297,7 @@ def _backward(x: Any, w: Any, dy: Any, dx: Any, dwp: Any, dbp: Any, p0: int, p1:
                 for e in range(m):
                     _taps(acc, size, dyg, off, wsorted[e * taps:(e + 1) * taps], first[ph_i],
                           first[ph_i + 1], -1, e * lead + front + f0)
-        _merge(dxph, dxf, p * height * width, height, width, g, clo, chi, cend)
+        _merge(dxph, dxf, p * height * width, height, width, g, edge, zero)
 
 
 class Depthwise:
@@ -325,7 +310,7 @@ class Depthwise:
         self._key: Any = None
 
     def _geometry(self, size: Sequence[int], out: Sequence[int]) -> tuple[Any, ...]:
-        """``(g, shift, clo, chi, cend, order, off, first)`` for an ``H × W`` input and an
+        """``(g, shift, edge, zero, order, off, first)`` for an ``H × W`` input and an
         ``OH × OW`` output.
 
         The phases are ``TH = OH + (kh − 1)·dh // sh`` by ``TW = OW + (kw − 1)·dw // sw``, each
@@ -334,7 +319,9 @@ class Depthwise:
         ``off = (i·dh // sh)·TW + j·dw // sw``; ``shift[k] = P·plane + off``; ``order`` lists the
         offsets by phase, phase ``P``'s being ``order[first[P]:first[P + 1]]`` (``off`` in that
         order). Image column ``v = u·sw + b − pw`` lies in phase ``b`` at
-        ``clo[b] ≤ u < cend[b]``, of which ``u < chi[b] = min(cend[b], TW)`` are read.
+        ``clo[b] ≤ u < cend[b]``, of which ``u < chi[b] = min(cend[b], TW)`` are read: those
+        in ``[LO, HI)`` in every phase, the others listed in ``edge`` as ``(b, u)``; ``zero``
+        lists the unread ones.
         """
         key = (tuple(size), tuple(out))
         if self._key == key:
@@ -357,16 +344,20 @@ class Depthwise:
         hi = max(lo, int(chi.min()))
         g = np.array([sh, sw, ph, pw, th, tw, plane, rows, lo, hi, max(offs)], np.int64)
         self._key = key
-        self._geom = (g, shift, clo, chi, cend, order, np.array(offs, np.int64)[order], first)
+        edge = [(b, u) for b in range(sw) for u in range(clo[b], chi[b]) if not lo <= u < hi]
+        zero = [(b, u) for b in range(sw) for u in range(chi[b], cend[b])]
+        self._geom = (g, shift, np.array(edge, np.int64).reshape(-1, 2),
+                      np.array(zero, np.int64).reshape(-1, 2), order,
+                      np.array(offs, np.int64)[order], first)
         return self._geom
 
     def forward(self, x: Any, w: Any, bias: Any | None, y: Any) -> None:
         """``y = w ⋆ x + b`` (``bias`` ``None``: no bias); shapes as in the module docstring."""
-        g, shift, clo, chi = self._geometry(x.shape[2:], y.shape[2:])[:4]
+        g, shift, edge = self._geometry(x.shape[2:], y.shape[2:])[:3]
         b = bias if bias is not None else np.zeros(y.shape[1], y.dtype)
 
         def part(lane: int, lo: int, hi: int) -> None:
-            _forward(x, w, b, y, lo, hi, g, shift, clo, chi)
+            _forward(x, w, b, y, lo, hi, g, shift, edge)
 
         threads.run(part, x.shape[0] * x.shape[1])
 
