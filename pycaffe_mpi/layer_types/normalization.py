@@ -29,6 +29,7 @@ from pycaffe_mpi.registry import register_layer
 _count = layer_mod.count_of
 _canonical_axis = layer_mod.canonical_axis
 
+
 @dataclasses.dataclass(frozen=True)
 class _XHat:
     """Where a host BatchNorm's output x̂ (or a Scale's input) can be read back in backward:
