@@ -207,7 +207,8 @@ def _sum(a: Any, i: int, n: int) -> Any:
 @_jit_fast
 def _taps(acc: Any, n: int, src: Any, at: Any, w: Any, k0: int, k1: int, sign: int,
           f0: int) -> None:
-    """``acc[:n] += Σ_{k0≤k<k1} w[k]·src[f0 + sign·at[k] + l]``, three offsets per pass.
+    """``acc[:n] += Σ_{k0≤k<k1} w[k]·src[f0 + sign·at[k] + l]``, three offsets per pass (the
+    last one or two together).
 
     NOTE: three offsets per pass store the accumulator a third as often as one: 0.059 → 0.043 ns
     per output and offset (3x3, 912-output passes in L1, one thread)."""
@@ -219,11 +220,17 @@ def _taps(acc: Any, n: int, src: Any, at: Any, w: Any, k0: int, k1: int, sign: i
         for q in range(size):
             acc[q] += wa * src[sa + q] + wb * src[sb + q] + wc * src[sc + q]
         k += 3
-    while k < k1:
+    # NOTE: stride 2 splits a 3x3 kernel into phases of 4, 2, 2 and 1 offsets; the two of a
+    # pair in one pass: 0.177 → 0.123 ns per output and offset (8x8 phases, one thread)
+    if k + 2 == k1:
+        wa, wb = w[k], w[k + 1]
+        sa, sb = _u(f0 + sign * at[k]), _u(f0 + sign * at[k + 1])
+        for q in range(size):
+            acc[q] += wa * src[sa + q] + wb * src[sb + q]
+    elif k + 1 == k1:
         wa, sa = w[k], _u(f0 + sign * at[k])
         for q in range(size):
             acc[q] += wa * src[sa + q]
-        k += 1
 
 
 @_jit
