@@ -10,8 +10,8 @@ On the host BatchNorm, Scale and Bias run the numba kernels of
 :mod:`pycaffe_mpi.kernels.norm_cpu`. There BatchNorm keeps per-channel μ and 1/sqrt(σ² + ε) and
 recomputes x̂ from its bottom; only in place does it keep x̂ (one full-size copy), and an
 in-place Scale after it reads x̂ from the BatchNorm (copy or bottom) instead of keeping a copy of
-its own: one copy for a BatchNorm + Scale pair in place (ResNet), none when BatchNorm has a top
-of its own (MobileNet). On a GPU the NumPy/CuPy code keeps both copies.
+its own: one copy for a BatchNorm + Scale pair in place (ResNet-50, MobileNet), none when
+BatchNorm has a top of its own (DenseNet). On a GPU the NumPy/CuPy code keeps both copies.
 """
 
 from __future__ import annotations

@@ -204,7 +204,7 @@ BETWEEN = """layer { name: 'mid' type: 'Power' bottom: '%s' top: '%s'
 def _net(names: str, between: bool = False) -> Net:
     """The net with BatchNorm's top, (Power's top,) Scale's top and ReLU's top named by
     ``names``: "cccc" runs all in place on the convolution's output, "bbbb" all but BatchNorm
-    (MobileNet's prototxt), "wxyz" a blob per layer."""
+    (DenseNet's prototxt), "wxyz" a blob per layer."""
     bn, mid, sc, relu = names
     text = NET % (bn, BETWEEN % (bn, mid) if between else "", mid if between else bn, sc, sc,
                   relu)
