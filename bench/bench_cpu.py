@@ -55,6 +55,7 @@ import _nets  # noqa: E402
 import bench_cifar10_quick as quick  # noqa: E402
 
 from pycaffe_mpi import solvers  # noqa: E402
+from pycaffe_mpi.kernels import threads  # noqa: E402
 from pycaffe_mpi.proto import caffe_pb2  # noqa: E402
 from pycaffe_mpi.testing import zoo  # noqa: E402
 
@@ -188,6 +189,9 @@ def worker_ours(spec: Spec, batch: int, args: argparse.Namespace) -> dict[str, A
 
     step, n = timed_rounds(lambda: solver.step(1), args, layer_pass, layer_repeats)
     peak = rss_mib("VmHWM")
+    # the floor is whole-batch GEMMs on BLAS's own threads (our step held BLAS at one thread
+    # while its layers split their work between the cores)
+    threads.set_count(1)
     shapes = quick.gemm_shapes(net)
     floor = quick.time_gemms(shapes, args.gemm_repeats)
     out = {"step": step, "steps": n, "peak": peak, "base": base, "floor": floor,

@@ -44,6 +44,8 @@ class Blob:
         self.dtype = np.dtype(dtype)
         self._capacity = -1
         self._shape: tuple[int, ...] = ()
+        self._slot: DiffSlot | None = None  # a gradient buffer shared with other blobs
+        self._slot_generation = -1
         self.reshape(*shape) if len(shape) else self.reshape()
 
     # -- shape -------------------------------------------------------------------------------
@@ -59,7 +61,11 @@ class Blob:
             self._allocate(count, shape)
         self._shape = shape
         self._data = self._data_buf[:count].reshape(shape)
-        self._diff = self._diff_buf[:count].reshape(shape)
+        if self._slot is not None:
+            self._diff = self._slot.view(count, shape)
+            self._slot_generation = self._slot.generation
+        else:
+            self._diff = self._diff_buf[:count].reshape(shape)
 
     def _what(self) -> str:
         return f'blob "{self.name}"' if self.name else "blob"
@@ -68,7 +74,7 @@ class Blob:
         xp = self.backend.xp
         try:
             data = xp.zeros(count, dtype=self.dtype)
-            diff = xp.zeros(count, dtype=self.dtype)
+            diff = None if self._slot is not None else xp.zeros(count, dtype=self.dtype)
         except MemoryError as e:  # numpy's _ArrayMemoryError and CuPy's OutOfMemoryError too
             nbytes = count * self.dtype.itemsize
             raise BlobAllocationError(
@@ -112,11 +118,15 @@ class Blob:
 
     @property
     def diff(self) -> Any:
+        slot = self._slot
+        if slot is not None and self._slot_generation != slot.generation:  # the slot grew
+            self._diff = slot.view(self.count, self._shape)
+            self._slot_generation = slot.generation
         return self._diff
 
     @diff.setter
     def diff(self, value: Any) -> None:
-        self._diff[...] = value
+        self.diff[...] = value
 
     def share_data(self, other: Blob) -> None:
         """Make this blob's data the very memory of ``other``'s (same count required)."""
@@ -132,11 +142,48 @@ class Blob:
         self._capacity, self._shape = other._capacity, other._shape
         self._data, self._diff = other._data, other._diff
 
+    def use_diff_slot(self, slot: DiffSlot) -> None:
+        """Keep this blob's diff in ``slot``, a buffer shared with blobs whose gradients are
+        never alive at the same time (:mod:`pycaffe_mpi.diff_sharing`); its own diff memory is
+        released. The diff's contents are undefined until a backward pass writes them."""
+        self._slot, self._diff_buf = slot, None
+        self._diff = slot.view(self.count, self._shape)
+        self._slot_generation = slot.generation
+
     def asum_data(self) -> float:
         return float(abs(self._data).sum())
 
     def asum_diff(self) -> float:
-        return float(abs(self._diff).sum())
+        return float(abs(self.diff).sum())
+
+
+class DiffSlot:
+    """One gradient buffer for several blobs (``Blob.use_diff_slot``), grown to the largest.
+
+    ``generation`` counts the times it grew: a blob holding a view of the older buffer takes a
+    new view on its next ``diff`` access.
+    """
+
+    def __init__(self, backend: backend_mod.Backend, dtype: Any) -> None:
+        self.backend, self.dtype = backend, np.dtype(dtype)
+        self.buf: Any = None
+        self.generation = 0
+
+    @property
+    def capacity(self) -> int:
+        return 0 if self.buf is None else int(self.buf.size)
+
+    def view(self, count: int, shape: tuple[int, ...]) -> Any:
+        """The first ``count`` elements as ``shape``."""
+        if count > self.capacity:
+            try:
+                self.buf = self.backend.xp.zeros(count, dtype=self.dtype)
+            except MemoryError as e:
+                raise BlobAllocationError(
+                    f"cannot allocate a shared diff buffer of {count} elements "
+                    f"({self.dtype.name}, {count * self.dtype.itemsize} bytes): {e}") from e
+            self.generation += 1
+        return self.buf[:count].reshape(shape)
 
     def __repr__(self) -> str:
         return f"Blob(shape={self._shape}, dtype={self.dtype.name})"

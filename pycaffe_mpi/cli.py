@@ -69,6 +69,10 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nonfinite", default="stop", choices=("stop", "continue"),
                    help="when the loss becomes NaN or Inf: stop, naming the iteration and the "
                         "first non-finite layer (default), or continue as Caffe does")
+    p.add_argument("--share_diffs", default="true", choices=("true", "false"),
+                   help="keep the training net's blob gradients in buffers shared by blobs "
+                        "whose gradients are never alive at once (default true; false: one "
+                        "diff per blob, as Caffe, e.g. to read intermediate gradients)")
     _add_timeout_flag(p)
     p.add_argument("--replicas", type=int, default=None, metavar="R",
                    help="data parallelism: the MPI ranks run R replicas of the net (each on "
@@ -291,7 +295,8 @@ def cmd_train(args: argparse.Namespace, comm: Any) -> int:
     solver = solvers.Solver(param, backend=backend, comm=comm,
                             same_seed_all_ranks=args.same_seed, nonfinite=args.nonfinite,
                             source_path=args.solver, replicas=replicas,
-                            bucket_mb=args.bucket_mb)
+                            bucket_mb=args.bucket_mb,
+                            share_diffs=args.share_diffs == "true")
     _install_signal_actions(solver, args.sigint_effect, args.sighup_effect)
     if args.weights:
         for w in args.weights.split(","):

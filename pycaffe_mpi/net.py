@@ -100,6 +100,7 @@ class Net(NetApi):
         ctx: Any = None,
         source_path: str | None = None,
         locations: Sequence[str] | None = None,
+        share_diffs: bool = False,
     ) -> None:
         if isinstance(phase, str):  # pycaffe legacy: Net(prototxt, caffemodel, phase)
             weights, phase = phase, (TEST if legacy_phase is None else legacy_phase)
@@ -142,6 +143,11 @@ class Net(NetApi):
         self.name = prepared.param.name
         self.debug_info = prepared.param.debug_info
         self._build(prepared, seed)
+        self.shares_diffs = bool(share_diffs and self.phase == TRAIN)
+        if self.shares_diffs:  # see diff_sharing's module doc
+            from pycaffe_mpi import diff_sharing
+
+            log.debug("Blob gradients in %d shared buffers", diff_sharing.share(self))
         if weights:
             for w in str(weights).split(","):
                 self.copy_trained_layers_from(w)

@@ -28,6 +28,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from pycaffe_mpi.kernels import cuda as cuda_k
+from pycaffe_mpi.kernels import threads
 
 
 def pooled_size(size: int, kernel: int, stride: int, pad: int, ceil_mode: bool = True) -> int:
@@ -98,12 +99,19 @@ def _as_planes(a: Any, hw: Sequence[int]) -> Any:
     return a.reshape(-1, *hw)
 
 
-def _phase_buffers(g: Geometry, bufs: Any, fill: float) -> tuple[Any, Any]:
-    """The stride-phase planes of a chunk, ``(s_h, s_w, n + slack)``, filled with the padding
-    value ``fill`` where no image cell lands, and an ``(n,)`` accumulator."""
+def _phase_buffers(g: Geometry, bufs: Any, fill: float, lane: int) -> tuple[Any, Any]:
+    """``lane``'s stride-phase planes of a chunk, ``(s_h, s_w, n + slack)``, filled with the
+    padding value ``fill`` where no image cell lands, and an ``(n,)`` accumulator."""
     per = g.length[0] * g.length[1]
     n = per * max(1, min(g.planes, MAX_CHUNK_ELEMENTS // per))
-    return bufs.get("xph", (*g.stride, n + g.slack), fill=fill), bufs.get("acc", (n,))
+    return (bufs.get(f"xph{lane}", (*g.stride, n + g.slack), fill=fill),
+            bufs.get(f"acc{lane}", (n,)))
+
+
+def _split(g: Geometry, fn: Any) -> None:
+    """``fn(lane, lo, hi)`` over the planes, split between the cores (kernels/threads.py) in
+    parts of at least a chunk of cells."""
+    threads.run(fn, g.planes, grain=-(-MAX_CHUNK_ELEMENTS // (g.size[0] * g.size[1])))
 
 
 def max_forward(xp: Any, x: Any, top: Any, g: Geometry, bufs: Any) -> None:
@@ -116,10 +124,15 @@ def max_forward(xp: Any, x: Any, top: Any, g: Geometry, bufs: Any) -> None:
         cuda_k.max_pool_forward(x, top, g, bufs)
         return
     arg = bufs.get("arg", (g.planes, *g.out), dtype=g.arg_dtype)
-    xph, best = _phase_buffers(g, bufs, -np.inf)
-    at = bufs.get("at", best.shape, dtype=g.arg_dtype)
-    _jit().max_pool_forward(_as_planes(x, g.size), _as_planes(top, g.out), arg, xph, best, at,
-                            *g.kernel, *g.length, *g.pad)
+    xs, ys, jit = _as_planes(x, g.size), _as_planes(top, g.out), _jit()
+
+    def part(lane: int, lo: int, hi: int) -> None:
+        xph, best = _phase_buffers(g, bufs, -np.inf, lane)
+        at = bufs.get(f"at{lane}", best.shape, dtype=g.arg_dtype)
+        jit.max_pool_forward(xs[lo:hi], ys[lo:hi], arg[lo:hi], xph, best, at, *g.kernel,
+                             *g.length, *g.pad)
+
+    _split(g, part)
 
 
 def max_argk(xp: Any, g: Geometry, bufs: Any) -> Any:
@@ -137,7 +150,9 @@ def max_backward(xp: Any, dy: Any, dx: Any, g: Geometry, bufs: Any) -> None:
         cuda_k.max_pool_backward(dy, dx, g, bufs)
         return
     arg = bufs.get("arg", (g.planes, *g.out), dtype=g.arg_dtype)
-    _jit().max_pool_backward(_as_planes(dy, g.out), arg, _as_planes(dx, g.size), *g.args())
+    dys, dxs, jit = _as_planes(dy, g.out), _as_planes(dx, g.size), _jit()
+    _split(g, lambda lane, lo, hi: jit.max_pool_backward(dys[lo:hi], arg[lo:hi], dxs[lo:hi],
+                                                          *g.args()))
 
 
 def ave_divisor(size_hw: Sequence[int], kernel: Sequence[int], stride: Sequence[int],
@@ -158,9 +173,14 @@ def ave_forward(xp: Any, x: Any, top: Any, inv_area: Any, g: Geometry, bufs: Any
     if cuda_k.enabled(xp):
         cuda_k.ave_pool_forward(x, top, inv_area, g)
         return
-    xph, acc = _phase_buffers(g, bufs, 0.0)
-    _jit().ave_pool_forward(_as_planes(x, g.size), _as_planes(top, g.out), inv_area, xph, acc,
-                            *g.kernel, *g.length, *g.pad)
+    xs, ys, jit = _as_planes(x, g.size), _as_planes(top, g.out), _jit()
+
+    def part(lane: int, lo: int, hi: int) -> None:
+        xph, acc = _phase_buffers(g, bufs, 0.0, lane)
+        jit.ave_pool_forward(xs[lo:hi], ys[lo:hi], inv_area, xph, acc, *g.kernel, *g.length,
+                             *g.pad)
+
+    _split(g, part)
 
 
 def ave_backward(xp: Any, dy: Any, dx: Any, inv_area: Any, g: Geometry, bufs: Any) -> None:
@@ -168,9 +188,14 @@ def ave_backward(xp: Any, dy: Any, dx: Any, inv_area: Any, g: Geometry, bufs: An
     if cuda_k.enabled(xp):
         cuda_k.ave_pool_backward(dy, dx, inv_area, g)
         return
-    dxph, acc = _phase_buffers(g, bufs, 0.0)
-    _jit().ave_pool_backward(_as_planes(dy, g.out), inv_area, _as_planes(dx, g.size), dxph,
-                             acc, *g.kernel, *g.length, *g.pad)
+    dys, dxs, jit = _as_planes(dy, g.out), _as_planes(dx, g.size), _jit()
+
+    def part(lane: int, lo: int, hi: int) -> None:
+        dxph, acc = _phase_buffers(g, bufs, 0.0, lane)
+        jit.ave_pool_backward(dys[lo:hi], inv_area, dxs[lo:hi], dxph, acc, *g.kernel,
+                              *g.length, *g.pad)
+
+    _split(g, part)
 
 
 def centred_pad(size: int) -> int:

@@ -17,6 +17,7 @@ import numpy as np
 
 from pycaffe_mpi import errors, fillers
 from pycaffe_mpi.blob import Blob
+from pycaffe_mpi.kernels import threads
 from pycaffe_mpi.layer import TRAIN, Layer
 from pycaffe_mpi.proto import caffe_pb2
 from pycaffe_mpi.registry import register_layer
@@ -69,15 +70,15 @@ class ReLU(Neuron):
     def setup(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
         self.negative_slope = float(self.layer_param.relu_param.negative_slope)
         self._positive = None  # saved x > 0, only needed when the slope flips signs
-        self._scratch = None  # NumPy blocks: zeros, and the x > 0 mask
+        self._scratch: dict[int, Any] = {}  # per lane NumPy blocks: zeros, the x > 0 mask
 
-    def _blocks(self, n: int, dtype: Any) -> tuple[Any, Any]:
-        """Zeros and a bool mask of ``min(n, _BLOCK)`` elements (NumPy only)."""
+    def _blocks(self, lane: int, n: int, dtype: Any) -> tuple[Any, Any]:
+        """Zeros and a bool mask of ``min(n, _BLOCK)`` elements for ``lane`` (NumPy only)."""
         size = min(n, _BLOCK)
-        if self._scratch is None or self._scratch[0].size < size or \
-                self._scratch[0].dtype != dtype:
-            self._scratch = (np.zeros(size, dtype), np.empty(size, bool))
-        return self._scratch
+        have = self._scratch.get(lane)
+        if have is None or have[0].size < size or have[0].dtype != dtype:
+            have = self._scratch[lane] = (np.zeros(size, dtype), np.empty(size, bool))
+        return have
 
     def forward(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
         xp, x, y = self.xp, bottom[0].data, top[0].data
@@ -86,12 +87,17 @@ class ReLU(Neuron):
                 xp.maximum(x, 0, out=y)
                 return
             # NOTE: NumPy's maximum has a SIMD loop for two arrays only (3x faster than against
-            # the scalar 0), so go block by block against a small cached array of zeros.
+            # the scalar 0), so go block by block against a small cached array of zeros; the
+            # blocks are split between the cores (kernels/threads.py).
             xf, yf = x.reshape(-1), y.reshape(-1)
-            zeros, _ = self._blocks(xf.size, xf.dtype)
-            for lo in range(0, xf.size, _BLOCK):
-                hi = min(lo + _BLOCK, xf.size)
-                np.maximum(xf[lo:hi], zeros[:hi - lo], out=yf[lo:hi])
+
+            def part(lane: int, lo: int, hi: int) -> None:
+                zeros, _ = self._blocks(lane, hi - lo, xf.dtype)
+                for a in range(lo, hi, _BLOCK):
+                    b = min(a + _BLOCK, hi)
+                    np.maximum(xf[a:b], zeros[:b - a], out=yf[a:b])
+
+            threads.run(part, xf.size, grain=_BLOCK)
             return
         positive = x > 0
         if self.negative_slope < 0.0:
@@ -110,11 +116,15 @@ class ReLU(Neuron):
             # NOTE: y > 0 exactly where x > 0, and y survives in place; in blocks so that the
             # mask stays in the cache (no big temporary)
             yf, dyf, dxf = y.reshape(-1), dy.reshape(-1), dx.reshape(-1)
-            _, mask = self._blocks(yf.size, yf.dtype)
-            for lo in range(0, yf.size, _BLOCK):
-                hi = min(lo + _BLOCK, yf.size)
-                np.greater(yf[lo:hi], 0, out=mask[:hi - lo])
-                np.multiply(dyf[lo:hi], mask[:hi - lo], out=dxf[lo:hi])
+
+            def part(lane: int, lo: int, hi: int) -> None:
+                _, mask = self._blocks(lane, hi - lo, yf.dtype)
+                for a in range(lo, hi, _BLOCK):
+                    b = min(a + _BLOCK, hi)
+                    np.greater(yf[a:b], 0, out=mask[:b - a])
+                    np.multiply(dyf[a:b], mask[:b - a], out=dxf[a:b])
+
+            threads.run(part, yf.size, grain=_BLOCK)
             return
         # NOTE: for negative_slope >= 0, y > 0 exactly where x > 0, and y survives in place.
         positive = self._positive if self.negative_slope < 0.0 else y > 0

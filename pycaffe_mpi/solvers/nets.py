@@ -43,7 +43,8 @@ class NetsMixin:
         return {"dtype": self.dtype, "rank": self.rank, "ctx": self.ctx, "comm": self.comm,
                 "backend": self.backend}
 
-    def _make_net(self, source: Any, phase: int, override: Any, seed: int | None) -> Any:
+    def _make_net(self, source: Any, phase: int, override: Any, seed: int | None,
+                  share_diffs: bool = False) -> Any:
         """Build one net with Caffe's NetState merge: phase, then the net's own state, then
         ``override`` (train_state / test_state)."""
         from pycaffe_mpi import netparam
@@ -63,7 +64,7 @@ class NetsMixin:
         merged.CopyFrom(parsed.param)
         merged.state.CopyFrom(state)
         return Net(netparam.ParsedNet(merged, parsed.locations, parsed.path), state.phase,
-                   seed=seed, **self._net_kwargs())
+                   seed=seed, share_diffs=share_diffs, **self._net_kwargs())
 
     def _load_weights(self, net: Any) -> None:
         for entry in self.param.weights:
@@ -97,7 +98,8 @@ class NetsMixin:
             self.log.info("Creating training net from net file: %s", p.net)
             source = p.net
         override = p.train_state if p.HasField("train_state") else None
-        net = self._make_net(source, TRAIN, override, self.seed)
+        net = self._make_net(source, TRAIN, override, self.seed,
+                             share_diffs=getattr(self, "share_diffs", False))
         self._load_weights(net)
         return net
 

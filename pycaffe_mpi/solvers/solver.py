@@ -142,6 +142,10 @@ class Solver(NetsMixin, ReportingMixin, SnapshotMixin):
         nonfinite: "stop" (default: a NaN/Inf loss stops the run, naming the iteration and the
             first non-finite layer, :mod:`pycaffe_mpi.solvers.nonfinite`) or "continue"
             (Caffe's behaviour).
+        share_diffs: keep the training net's blob gradients in buffers shared by blobs whose
+            gradients are never alive at the same time (default; :mod:`pycaffe_mpi.diff_sharing`:
+            after a step, an intermediate blob's diff holds another blob's gradient); False
+            gives every blob a diff of its own, as Caffe.
         results: the results file (one JSON line per display and test pass,
             :mod:`pycaffe_mpi.reports.results`; every output by name, plus ``smoothed_loss``
             (the displayed loss) and, with test_compute_loss, ``test_loss``): None (default) writes
@@ -186,6 +190,7 @@ class Solver(NetsMixin, ReportingMixin, SnapshotMixin):
         source_path: str | None = None,
         replicas: int | None = None,
         bucket_mb: float | None = None,
+        share_diffs: bool = True,
     ) -> None:
         from pycaffe_mpi.pycaffe import settings
 
@@ -207,6 +212,7 @@ class Solver(NetsMixin, ReportingMixin, SnapshotMixin):
         if replicas > 1 or param.replicas:
             param.replicas = replicas  # ranks agree on what they run (agreement.py)
         self.nonfinite = nonfinite_mod.check_policy(nonfinite)
+        self.share_diffs = bool(share_diffs)
         # NOTE: before the replica split, whose groups ranks that disagree would wait for
         agreement.check_settings(comm, param, self.source_path, {"nonfinite": self.nonfinite})
         # with replicas the nets see this replica's model ranks; seeds differ per replica
