@@ -125,8 +125,10 @@ def scaled(n: int, scale: float) -> int:
 
 
 def write_base_solver(base_solver: str, out: Path, scale: float, seed: int,
-                      max_iter: int | None = None) -> Path:
-    """The base solver with its schedule scaled, one test pass at the end, and ``seed``."""
+                      max_iter: int | None = None, checkpoint: int = 0,
+                      test_interval: int = 0) -> Path:
+    """The base solver with its schedule scaled, ``seed``, a test pass at the end (and every
+    ``test_interval`` iterations) and a snapshot every ``checkpoint`` iterations (0: none)."""
     p = prototxt.read_solver(base_solver)
     full = p.max_iter
     p.max_iter = max_iter if max_iter is not None else scaled(full, scale)
@@ -135,9 +137,9 @@ def write_base_solver(base_solver: str, out: Path, scale: float, seed: int,
     p.stepvalue.extend(steps)
     if p.HasField("stepsize"):
         p.stepsize = scaled(p.stepsize, scale)
-    p.test_interval = scaled(full, scale)
+    p.test_interval = test_interval or scaled(full, scale)
     p.test_initialization = False
-    p.snapshot = 0
+    p.snapshot = checkpoint
     p.display = max(1, min(p.display, scaled(full, scale) // 5))
     p.random_seed = seed
     p.snapshot_prefix = str(out / "snap")
@@ -174,7 +176,8 @@ def prepare(exp: Experiment, trial: int, args: object, out: Path) -> list[Job]:
     d = out / f"{exp.key}_t{trial}"
     d.mkdir(parents=True, exist_ok=True)
     seed = 1000 + trial
-    base_solver = write_base_solver(a.solver, d, a.scale, seed)
+    base_solver = write_base_solver(a.solver, d, a.scale, seed, checkpoint=a.checkpoint,
+                                    test_interval=a.test_interval)
     train = [sys.executable, "-m", "pycaffe_mpi.cli", "train"]
     if exp.spec is None:
         rewrite_solver(base_solver, net=a.model)
@@ -221,6 +224,8 @@ def run_jobs(jobs: list[Job], n_parallel: int) -> list[str]:
     env = dict(os.environ, OPENBLAS_NUM_THREADS=threads, OMP_NUM_THREADS=threads,
                MKL_NUM_THREADS=threads, PYTHONPATH=str(REPO))
     pending = [j for j in jobs if not j.done_marker.exists()]
+    for j in pending:
+        _resume_from_checkpoint(j)
     done = {j.name for j in jobs if j.done_marker.exists()}
     failed: list[str] = []
     running: list[Job] = []
@@ -248,7 +253,7 @@ def run_jobs(jobs: list[Job], n_parallel: int) -> list[str]:
                 break
             if all(a in done for a in j.after):
                 pending.remove(j)
-                with open(j.log, "w") as fh:
+                with open(j.log, "a" if "--snapshot" in j.args else "w") as fh:
                     j.proc = subprocess.Popen(j.args, cwd=j.cwd, env=env, stdout=fh,
                                               stderr=subprocess.STDOUT)
                 j.started = time.monotonic()
@@ -256,6 +261,17 @@ def run_jobs(jobs: list[Job], n_parallel: int) -> list[str]:
                 print(f"start  {j.name}", flush=True)
         time.sleep(0.5)
     return failed
+
+
+def _resume_from_checkpoint(job: Job) -> None:
+    """A job stopped part-way (``--checkpoint``) goes on from its latest snapshot."""
+    if "--snapshot" in job.args:
+        return
+    states = sorted(job.log.parent.glob("snap_iter_*.solverstate"),
+                    key=lambda p: int(p.stem.rsplit("_", 1)[1]))
+    if states:
+        job.args += ["--snapshot", str(states[-1])]
+        print(f"resume {job.name} from {states[-1].name}", flush=True)
 
 
 # -- results --------------------------------------------------------------------------------------
@@ -363,6 +379,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", default="",
                     help="comma-separated experiment keys to keep, e.g. random_init,mcl_k1 "
                          "(default: every experiment of the chosen tables)")
+    ap.add_argument("--checkpoint", type=int, default=0, metavar="N",
+                    help="snapshot every N iterations; a repeated command resumes an unfinished "
+                         "run from its latest snapshot (default 0: no snapshots)")
+    ap.add_argument("--test-interval", type=int, default=0, metavar="N",
+                    help="also test every N iterations (default 0: once, at the end)")
     ap.add_argument("--out", default="runs/reproduce", help="output folder")
     ap.add_argument("--dry-run", action="store_true", help="write the files, run nothing")
     args = ap.parse_args(argv)
@@ -372,6 +393,8 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"unknown table {bad[0]!r}; choose from 1,3,4,5,ce,split")
     if args.scale <= 0 or args.trials < 1 or args.jobs < 1:
         ap.error("--scale must be > 0, --trials and --jobs >= 1")
+    if args.checkpoint < 0 or args.test_interval < 0:
+        ap.error("--checkpoint and --test-interval must be >= 0")
     only = {k.strip() for k in args.only.split(",") if k.strip()}
 
     def body() -> int:

@@ -224,3 +224,17 @@ def test_mcl_iter_size_equals_one_larger_batch(db: Path) -> None:
     for k in results[0]:
         for a, b in zip(results[0][k], results[1][k]):
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_reproduce_resumes_an_unfinished_run_from_its_latest_snapshot(tmp_path: Path) -> None:
+    rp = _tool("reproduce")
+    for it in (250, 1000, 500):
+        (tmp_path / f"snap_iter_{it}.solverstate").write_text("")
+    job = rp.Job("x", tmp_path, ["python", "-m", "pycaffe_mpi.cli", "train"],
+                 tmp_path / "train.log", [], tmp_path / "done")
+    rp._resume_from_checkpoint(job)
+    assert job.args[-2:] == ["--snapshot", str(tmp_path / "snap_iter_1000.solverstate")]
+    chained = rp.Job("y", tmp_path, ["train", "--snapshot", "a.solverstate"],
+                     tmp_path / "train.log", [], tmp_path / "done")
+    rp._resume_from_checkpoint(chained)
+    assert chained.args == ["train", "--snapshot", "a.solverstate"]
