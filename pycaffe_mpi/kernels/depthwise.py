@@ -29,8 +29,8 @@ NOTE: a first version looped over one output row per offset with clipped ranges;
 (14 and 7 columns) did not vectorise: ``conv5_1/dw`` forward+backward took 25.3 ms, the flat
 passes 7.9 ms (MobileNet v1, batch 16, one thread).
 NOTE: MobileNet v1, batch 16, AMD EPYC 2 cores, one quiet run, against the im2col plan: its 13
-depthwise layers forward+backward 379.8 → 98.1 ms, the train step 890 → 599 ms, peak RSS
-1452 → 1294 MiB.
+depthwise layers forward+backward 444.8 → 99.0 ms, the train step 990.8 → 648.1 ms, peak RSS
+1218 → 1059 MiB.
 
 Threads: the ``N·C`` planes (each with its ``m`` outputs) are split into contiguous parts with
 :func:`pycaffe_mpi.kernels.threads.run` (planes, not images, so that one image still fills the
