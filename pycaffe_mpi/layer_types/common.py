@@ -17,6 +17,7 @@ import numpy as np
 from pycaffe_mpi import layer as layer_mod
 from pycaffe_mpi.blob import Blob
 from pycaffe_mpi.kernels import softmax as softmax_kernel
+from pycaffe_mpi.kernels import threads
 from pycaffe_mpi.layer import Layer
 from pycaffe_mpi.proto import caffe_pb2
 from pycaffe_mpi.registry import register_layer
@@ -262,6 +263,9 @@ class Slice(Layer):
             bottom[0].diff[_along(self.axis, self.points[j], self.points[j + 1])] = t.diff
 
 
+_GRAIN = 1 << 16  # elements: smaller blobs are not split between the cores
+
+
 @register_layer("Split")
 class Split(Layer):
     """One bottom fed to several consumers (the Net inserts it for blobs used more than once).
@@ -303,9 +307,22 @@ class Split(Layer):
         if not propagate_down[0]:
             return
         dx = bottom[0].diff
-        dx[...] = top[0].diff
-        for t in top[1:]:
-            dx += t.diff
+        if self.xp is not np:
+            dx[...] = top[0].diff
+            for t in top[1:]:
+                dx += t.diff
+            return
+        dxf, dys = dx.reshape(-1), [t.diff.reshape(-1) for t in top]
+
+        def part(lane: int, lo: int, hi: int) -> None:  # split between the cores
+            if len(dys) == 1:
+                dxf[lo:hi] = dys[0][lo:hi]
+                return
+            np.add(dys[0][lo:hi], dys[1][lo:hi], out=dxf[lo:hi])
+            for dy in dys[2:]:
+                dxf[lo:hi] += dy[lo:hi]
+
+        threads.run(part, dxf.size, grain=_GRAIN)
 
 
 _OP = caffe_pb2.EltwiseParameter  # the EltwiseOp values: PROD, SUM, MAX
@@ -352,7 +369,16 @@ class Eltwise(Layer):
 
     def forward(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
         xp, y = self.xp, top[0].data
-        if self.op == _OP.SUM:
+        if self.op == _OP.SUM and xp is np:
+            yf, xs = y.reshape(-1), [b.data.reshape(-1) for b in bottom]
+
+            def part(lane: int, lo: int, hi: int) -> None:  # split between the cores
+                np.multiply(xs[0][lo:hi], self.coeff[0], out=yf[lo:hi])
+                for c, x in zip(self.coeff[1:], xs[1:]):
+                    yf[lo:hi] += x[lo:hi] if c == 1.0 else c * x[lo:hi]
+
+            threads.run(part, yf.size, grain=_GRAIN)
+        elif self.op == _OP.SUM:
             xp.multiply(bottom[0].data, self.coeff[0], out=y)
             for c, b in zip(self.coeff[1:], bottom[1:]):
                 y += b.data if c == 1.0 else c * b.data
@@ -375,7 +401,11 @@ class Eltwise(Layer):
         for i, b in enumerate(bottom):
             if not propagate_down[i]:
                 continue
-            if self.op == _OP.SUM:
+            if self.op == _OP.SUM and self.xp is np:
+                dyf, dxf, c = dy.reshape(-1), b.diff.reshape(-1), self.coeff[i]
+                threads.run(lambda lane, lo, hi, dyf=dyf, dxf=dxf, c=c: np.multiply(
+                    dyf[lo:hi], c, out=dxf[lo:hi]), dyf.size, grain=_GRAIN)
+            elif self.op == _OP.SUM:
                 self.xp.multiply(dy, self.coeff[i], out=b.diff)
             elif self.op == _OP.PROD:
                 others = [o.data for j, o in enumerate(bottom) if j != i]
