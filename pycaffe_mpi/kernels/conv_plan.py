@@ -8,6 +8,7 @@ Deconvolution layers both run on it.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -25,17 +26,18 @@ from pycaffe_mpi.kernels.im2col import (
     padded_shape,
     to_blob,
 )
-from pycaffe_mpi.kernels.scratch import Buffers, Workspace
+from pycaffe_mpi.kernels.scratch import Workspace
 
 CHUNK_BYTES = 6 << 20  # see ConvPlan.reshape
+_TOKENS = itertools.count()
 
 
 class _Lane:
-    """One lane's state in a plan: private buffers (zero-bordered pads, weight-gradient partial
-    sums) and the im2col views built on its buffers."""
+    """One lane's im2col views of its buffers (the buffers themselves, pads and weight-gradient
+    partial sums included, are the lane's shared :class:`~pycaffe_mpi.kernels.scratch.
+    Workspace`)."""
 
-    def __init__(self, xp: Any, dtype: Any) -> None:
-        self.bufs = Buffers(xp, dtype)
+    def __init__(self) -> None:
         self.views: dict[tuple[str, int], Any] = {}
         self.generation = -1
 
@@ -66,6 +68,7 @@ class ConvPlan:
                           for k, s, q in zip(self.kernel, self.stride, self.pad))
         self._lanes: list[_Lane] = []
         self._key: Any = None
+        self._token = next(_TOKENS)  # owns its pads in the shared workspace (see _cols)
 
     def reshape(self, num: int, spatial: Sequence[int]) -> None:
         """Plan for ``num`` images of ``spatial`` size (the caller checked ``Out > 0``)."""
@@ -119,7 +122,7 @@ class ConvPlan:
 
     def _lane(self, i: int) -> _Lane:
         while len(self._lanes) <= i:
-            self._lanes.append(_Lane(self.xp, self.dtype))
+            self._lanes.append(_Lane())
         lane = self._lanes[i]
         if lane.generation != Workspace.generation:  # views of buffers since replaced
             lane.views, lane.generation = {}, Workspace.generation
@@ -167,14 +170,18 @@ class ConvPlan:
         ``(m, G, ΠK·Cg, ΠOut)`` ``per_image``) of the ``m`` images ``x`` ``(m, channels,
         *spatial)``, in ``lane``'s buffers named after ``tag``."""
         m, g, cl = x.shape[0], self.group, self.channels_last
+        # NOTE: the padded input is shared scratch too; its zero border holds until another
+        # plan writes the buffer, so it is cleared only then (once per call, not per chunk)
+        xpad_all, fresh = Workspace.claim(self.xp, lane, tag + "_pad", padded_shape(
+            (self.chunk, channels, *spatial), pad, cl, per_image), self.dtype, (self._token, tag))
+        if fresh:
+            xpad_all[...] = 0
         state = self._lane(lane)
         view = state.views.get((tag, m))
         if view is None:  # the buffers' views for chunks of m images, made once
             cols = self._scratch(lane, tag, cols_shape(m, channels, out, self.kernel, g, cl,
                                                        per_image))
-            xpad = state.bufs.get(tag + "_pad", padded_shape(
-                (self.chunk, channels, *spatial), pad, cl, per_image), fill=0.0)
-            xpad = xpad[:m] if cl or per_image else xpad[:, :m]
+            xpad = xpad_all[:m] if cl or per_image else xpad_all[:, :m]
             unfold = Unfold(self.xp, cols, xpad, x.shape, self.kernel, stride, pad,
                             self.dilation, g, cl, per_image)
             rows, positions = channels // g * math.prod(self.kernel), m * math.prod(out)
@@ -304,7 +311,7 @@ class ConvPlan:
     def _dw_sum(self, lane: int) -> Any:
         """``lane``'s zeroed ``(G, ΠK·Cg, Og)`` sum of ``cols_g · dy_g`` over its chunks."""
         _, g, ckg, og, _, _ = self._dims()
-        dwm = self._lane(lane).bufs.get("dw", (g, ckg, og))
+        dwm = self._scratch(lane, "dw", (g, ckg, og))
         dwm[...] = 0
         return dwm
 
@@ -345,7 +352,7 @@ class ConvPlan:
                 xp.matmul(wt, dy[lo:hi], out=dxv[lo:hi])
             if xv is None:
                 return None
-            part_dw = self._lane(lane).bufs.get("dw1", (g, og, ckg))
+            part_dw = self._scratch(lane, "dw1", (g, og, ckg))
             for j in range(g):
                 part_dw[j] = xp.tensordot(dy[lo:hi, j], xv[lo:hi, j], axes=((0, 2), (0, 2)))
             return part_dw
@@ -388,7 +395,7 @@ class ConvPlan:
         def part(lane: int, lo: int, hi: int) -> Any:
             dwr = None
             if dw is not None:  # Σ over the lane's chunks of dycols_gᵀ @ x_g
-                dwr = self._lane(lane).bufs.get("dwr", wr.shape)
+                dwr = self._scratch(lane, "dwr", wr.shape)
                 dwr[...] = 0
             for a, b in self._chunks(lo, hi):
                 m = b - a

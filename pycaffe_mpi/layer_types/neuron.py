@@ -23,6 +23,7 @@ from pycaffe_mpi.proto import caffe_pb2
 from pycaffe_mpi.registry import register_layer
 
 _BLOCK = 1 << 16  # elements per NumPy pass of ReLU (a block and its mask stay in the cache)
+_LANE_BLOCKS: dict[tuple[int, Any], tuple[Any, Any]] = {}  # see ReLU._blocks
 
 
 class Neuron(Layer):
@@ -70,14 +71,16 @@ class ReLU(Neuron):
     def setup(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
         self.negative_slope = float(self.layer_param.relu_param.negative_slope)
         self._positive = None  # saved x > 0, only needed when the slope flips signs
-        self._scratch: dict[int, Any] = {}  # per lane NumPy blocks: zeros, the x > 0 mask
 
-    def _blocks(self, lane: int, n: int, dtype: Any) -> tuple[Any, Any]:
-        """Zeros and a bool mask of ``min(n, _BLOCK)`` elements for ``lane`` (NumPy only)."""
+    @staticmethod
+    def _blocks(lane: int, n: int, dtype: Any) -> tuple[Any, Any]:
+        """Zeros and a bool mask of ``min(n, _BLOCK)`` elements for ``lane`` (NumPy only), one
+        pair per lane and dtype for every ReLU (layers run one at a time)."""
         size = min(n, _BLOCK)
-        have = self._scratch.get(lane)
-        if have is None or have[0].size < size or have[0].dtype != dtype:
-            have = self._scratch[lane] = (np.zeros(size, dtype), np.empty(size, bool))
+        have = _LANE_BLOCKS.get((lane, np.dtype(dtype)))
+        if have is None or have[0].size < size:
+            have = _LANE_BLOCKS[(lane, np.dtype(dtype))] = (np.zeros(size, dtype),
+                                                            np.empty(size, bool))
         return have
 
     def forward(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
