@@ -102,9 +102,13 @@ class ConvPlan:
         # whose cols fit in the CPU cache the copy measured 3.5x faster and the GEMMs read cached
         # operands (conv2's forward: 11.2 → 5.8 ms). So the plan runs chunk by chunk, and
         # backward recomputes each chunk's cols instead of keeping them.
-        image_bytes = self.dtype.itemsize * math.prod(self.kernel) * max(
-            self.channels * math.prod(self.out),  # cols (and col2im's)
-            self.num_output * math.prod(self.spatial) if self.full_conv else 0)
+        # The padded input counts too: with stride 2 it is larger than the cols (ResNet-50's
+        # 1x1 stride-2 projections took 7 images a chunk, 21 MiB of pad per lane).
+        image_bytes = self.dtype.itemsize * max(
+            math.prod(self.kernel) * self.channels * math.prod(self.out),  # cols, col2im's
+            math.prod(self.kernel) * self.num_output * math.prod(self.spatial)
+            if self.full_conv else 0,
+            self.channels * math.prod(s + 2 * p for s, p in zip(self.spatial, self.pad)))
         self.chunk = (max(1, min(self.num, CHUNK_BYTES // image_bytes)) if self.on_host
                       else self.num)
         key = (self.num, self.spatial, self.chunk)
@@ -129,6 +133,11 @@ class ConvPlan:
         return lane
 
     def _scratch(self, lane: int, name: str, shape: Sequence[int]) -> Any:
+        """Workspace buffer ``name`` of ``lane``. NOTE: a few names serve every product, each
+        for what is alive at once in one chunk: "cols" (an input's or dy's windows, and then
+        col2im's), "cols_pad" (the padded image they are cut from), "out" and "dy" (products
+        and blobs in a product's layout), "dxpad", and the weight-gradient sums "dw", "dwr",
+        "dw1" (ResNet-50 b8: 13 names had 163 MiB of scratch)."""
         return Workspace.get(self.xp, lane, name, shape, self.dtype)
 
     def _dims(self) -> tuple[int, int, int, int, int, int]:
@@ -172,14 +181,14 @@ class ConvPlan:
         m, g, cl = x.shape[0], self.group, self.channels_last
         # NOTE: the padded input is shared scratch too; its zero border holds until another
         # plan writes the buffer, so it is cleared only then (once per call, not per chunk)
-        xpad_all, fresh = Workspace.claim(self.xp, lane, tag + "_pad", padded_shape(
+        xpad_all, fresh = Workspace.claim(self.xp, lane, "cols_pad", padded_shape(
             (self.chunk, channels, *spatial), pad, cl, per_image), self.dtype, (self._token, tag))
         if fresh:
             xpad_all[...] = 0
         state = self._lane(lane)
         view = state.views.get((tag, m))
         if view is None:  # the buffers' views for chunks of m images, made once
-            cols = self._scratch(lane, tag, cols_shape(m, channels, out, self.kernel, g, cl,
+            cols = self._scratch(lane, "cols", cols_shape(m, channels, out, self.kernel, g, cl,
                                                        per_image))
             xpad = xpad_all[:m] if cl or per_image else xpad_all[:, :m]
             unfold = Unfold(self.xp, cols, xpad, x.shape, self.kernel, stride, pad,
@@ -366,7 +375,7 @@ class ConvPlan:
         :meth:`_w_cols`)."""
         m, (_, g, ckg, _, p, _) = dx.shape[0], self._dims()
         cl, xp = self.channels_last, self.xp
-        dcols = self._mat(lane, "dcols", m, ckg, p)
+        dcols = self._mat(lane, "cols", m, ckg, p)  # the chunk's cols are used up by now
         if cl:
             xp.matmul(dym, wc, out=dcols)  # (G, m·P, ΠK·Cg)
         else:
@@ -401,9 +410,9 @@ class ConvPlan:
                 m = b - a
                 cols = self._cols(lane, dy[a:b], self.num_output, self.out, self.spatial, q,
                                   (1,) * nsp, "dycols")
-                out = self._mat(lane, "dx_mat", m, cg, s)
+                out = self._mat(lane, "out", m, cg, s)
                 if dwr is not None:
-                    xm = from_blob(x[a:b], self._mat(lane, "x_mat", m, cg, s), cl)
+                    xm = from_blob(x[a:b], self._mat(lane, "dy", m, cg, s), cl)
                     # cols (G, m·S, ΠK·Og) and xm (G, m·S, Cg), or both transposed
                     dwr += (xp.matmul(cols.transpose(0, 2, 1), xm) if cl
                             else xp.matmul(cols, xm.transpose(0, 2, 1)))
