@@ -1,4 +1,4 @@
-"""Gradient memory shared between blobs whose gradients are never alive at the same time.
+"""Blob memory shared: gradients of blobs never alive at the same time, and Split tops' data.
 
 Caffe gives every blob its own diff, so a training net holds as much gradient memory as
 activation memory (ResNet-50 at batch 8: 845 MiB of each). A blob's diff is alive only during
@@ -92,3 +92,16 @@ def share(net: Any) -> int:
         for blob in group:
             blob.use_diff_slot(slot)
     return len(groups)
+
+
+def share_split_data(net: Any) -> None:
+    """Let each Split's tops share its bottom's data (as Caffe) unless a later layer writes the
+    bottom or a top (an in-place consumer; see the Split layer). Every net does this."""
+    for i, (layer, bottom, top) in enumerate(zip(net.layers, net.bottom_vecs, net.top_vecs)):
+        if layer.type != "Split":
+            continue
+        mine = {id(b) for b in (*bottom, *top)}
+        if any(id(t) in mine for tops in net.top_vecs[i + 1:] for t in tops):
+            continue
+        layer.share_data = True
+        layer.reshape(bottom, top)

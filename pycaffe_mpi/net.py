@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from pycaffe_mpi import backend as backend_mod
-from pycaffe_mpi import errors, fillers, net_weights, netparam, registry, upgrade
+from pycaffe_mpi import diff_sharing, errors, fillers, net_weights, netparam, registry, upgrade
 from pycaffe_mpi.blob import Blob, name_layer
 from pycaffe_mpi.comm.plan import (
     COMM_TYPES,
@@ -145,8 +145,6 @@ class Net(NetApi):
         self._build(prepared, seed)
         self.shares_diffs = bool(share_diffs and self.phase == TRAIN)
         if self.shares_diffs:  # see diff_sharing's module doc
-            from pycaffe_mpi import diff_sharing
-
             log.debug("Blob gradients in %d shared buffers", diff_sharing.share(self))
         if weights:
             for w in str(weights).split(","):
@@ -246,20 +244,7 @@ class Net(NetApi):
         self.outputs = self.output_blob_names
         self.layer_dict = collections.OrderedDict(zip(self.layer_names, self.layers))
         self._work_out_backward(param)
-        self._share_split_data()
-
-    def _share_split_data(self) -> None:
-        """Let each Split's tops share its bottom's data unless a later layer writes the bottom
-        or a top (an in-place consumer; see the Split layer)."""
-        for i, (layer, bottom, top) in enumerate(zip(self.layers, self.bottom_vecs,
-                                                     self.top_vecs)):
-            if layer.type != "Split":
-                continue
-            mine = {id(b) for b in (*bottom, *top)}
-            if any(id(t) in mine for tops in self.top_vecs[i + 1:] for t in tops):
-                continue
-            layer.share_data = True
-            layer.reshape(bottom, top)
+        diff_sharing.share_split_data(self)
 
     def _describe_bottoms(self, lp: Any, bottoms: Sequence[Blob]) -> str:
         parts = [f'"{n}" {tuple(b.shape)} from layer "{self._producer.get(n, "?")}"'
