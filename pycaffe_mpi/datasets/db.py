@@ -465,12 +465,30 @@ class SharedDB:
 
     _open: ClassVar[dict[str, list[Any]]] = {}  # realpath -> [env, users]
     _lock = threading.Lock()
+    # NOTE: a garbage collection inside the locked section can run a finalizer (a Data layer's
+    # prefetcher being collected) that releases another database on the same thread: that
+    # release is deferred to the end of the section instead of waiting for the lock it holds
+    # (it deadlocked a test run once).
+    _inside = threading.local()
+    _deferred: ClassVar[list[Any]] = []
+
+    @classmethod
+    @contextlib.contextmanager
+    def _locked(cls) -> Iterator[None]:
+        with cls._lock:
+            cls._inside.value = True
+            try:
+                yield
+                while cls._deferred:
+                    cls._release_one(cls._deferred.pop())
+            finally:
+                cls._inside.value = False
 
     @classmethod
     def acquire(cls, path: str, backend: str | int | None = None) -> Any:
         """The database at ``path``, opened (and checked for damage) by its first user."""
         key = os.path.realpath(path)
-        with cls._lock:
+        with cls._locked():
             if key not in cls._open:
                 cls._open[key] = [open_db(key, backend), 0]
             cls._open[key][1] += 1
@@ -478,14 +496,21 @@ class SharedDB:
 
     @classmethod
     def release(cls, env: Any) -> None:
-        with cls._lock:
-            for key, entry in list(cls._open.items()):
-                if entry[0] is env:
-                    entry[1] -= 1
-                    if entry[1] == 0:
-                        del cls._open[key]
-                        env.close()
-                    return
+        if getattr(cls._inside, "value", False):  # re-entered from a finalizer: see above
+            cls._deferred.append(env)
+            return
+        with cls._locked():
+            cls._release_one(env)
+
+    @classmethod
+    def _release_one(cls, env: Any) -> None:
+        for key, entry in list(cls._open.items()):
+            if entry[0] is env:
+                entry[1] -= 1
+                if entry[1] == 0:
+                    del cls._open[key]
+                    env.close()
+                return
 
 
 def iter_records(path: str | os.PathLike, backend: str | int | None = None
