@@ -29,6 +29,7 @@ from pycaffe_mpi.kernels.im2col import (
 from pycaffe_mpi.kernels.scratch import Workspace
 
 CHUNK_BYTES = 6 << 20  # see ConvPlan.reshape
+LARGE_OUTPUT = 784  # output positions (28x28) from which the host plan is channels-first
 _TOKENS = itertools.count()
 
 
@@ -84,9 +85,16 @@ class ConvPlan:
                                   zip(self.kernel, self.dilation, self.pad)))
         # NOTE: the layout whose im2col copies the longer contiguous runs (see im2col's module
         # doc): channels-last for 32 channels, channels-first for CIFAR10-quick's 3-channel conv1.
+        # Large outputs and (strided) 1x1 kernels go channels-first whatever the runs: there
+        # the transposes into and out of the channels-last layout cost more than the short runs
+        # (forward + backward, 2 cores, channels-first / channels-last: ResNet-50 b8 conv1 0.81,
+        # 56x56 3x3 0.90, the 1x1 stride-2 projections to 28x28 0.72, to 14x14 0.83, to 7x7
+        # 0.99; 28x28 and 14x14 3x3 0.98-1.02; CIFAR10-quick conv2 16x16 1.17, conv3 8x8 1.32).
         cg = self.channels // self.group
         self.channels_last = (cg * (self.kernel[-1] if self.dilation[-1] == 1 else 1)
-                              >= (self.out[-1] if self.stride[-1] == 1 else 1))
+                              >= (self.out[-1] if self.stride[-1] == 1 else 1)
+                              and math.prod(self.out) < LARGE_OUTPUT
+                              and math.prod(self.kernel) > 1)
         # NOTE: on a GPU 2-D im2col/col2im are CUDA kernels over the channels-first layout
         # (kernels/cuda.py), and the whole batch is one chunk: no cache to fit.
         self.on_host = self.xp is np and not cuda_k.enabled(self.xp)
@@ -136,8 +144,8 @@ class ConvPlan:
         """Workspace buffer ``name`` of ``lane``. NOTE: a few names serve every product, each
         for what is alive at once in one chunk: "cols" (an input's or dy's windows, and then
         col2im's), "cols_pad" (the padded image they are cut from), "out" and "dy" (products
-        and blobs in a product's layout; a 1×1 kernel's per-image dW term), "dxpad", and the
-        weight-gradient sums "dw", "dwr", "dw1" (ResNet-50 b8: 13 names had 163 MiB of
+        and blobs in a product's layout), "dxpad", the weight-gradient sums "dw", "dwr", "dw1"
+        and a term on its way into one, "dw_term" (ResNet-50 b8: 13 names had 163 MiB of
         scratch)."""
         return Workspace.get(self.xp, lane, name, shape, self.dtype)
 
@@ -239,9 +247,9 @@ class ConvPlan:
             dy = dy.reshape(n, g, og, p)
 
         def part(lane: int, lo: int, hi: int) -> Any:
-            dwm = self._dw_sum(lane) if dw is not None else None
+            dwm = self._dw_sum(lane, lo, hi) if dw is not None else None
             for a, b in self._chunks(lo, hi):
-                self._forward_chunk(lane, a, b, x, wc, y, bias, dy, dwm)
+                self._forward_chunk(lane, a, b, x, wc, y, bias, dy, dwm, a == lo)
             return dwm
 
         sums = self._run(part)
@@ -249,22 +257,23 @@ class ConvPlan:
             self._dw_finish(sums, dw)
 
     def _forward_chunk(self, lane: int, lo: int, hi: int, x: Any, wc: Any, y: Any, bias: Any,
-                       dy: Any, dwm: Any) -> None:
-        """:meth:`forward` of images ``lo..hi`` (and their weight-gradient terms into ``dwm``)."""
+                       dy: Any, dwm: Any, first: bool) -> None:
+        """:meth:`forward` of images ``lo..hi`` (and their weight-gradient terms into ``dwm``,
+        which they start when ``first``)."""
         _, _, _, og, p, _ = self._dims()
         xp, cl = self.xp, self.channels_last
         cols = self._x_cols(lane, x[lo:hi])
         if self.per_image:  # cols (m, G, ΠK·Cg, P), products straight into the top
             if dwm is not None:
-                self._dw_add_per_image(dwm, cols, dy[lo:hi])
+                self._dw_add_per_image(lane, dwm, cols, dy[lo:hi], first)
             xp.matmul(wc, cols, out=y[lo:hi])
             if bias is not None:
                 y[lo:hi] += bias
             return
         out = self._mat(lane, "out", hi - lo, og, p)
         if dwm is not None:
-            self._dw_add(dwm, cols, from_blob(dy[lo:hi], self._mat(lane, "dy", hi - lo, og, p),
-                                              cl))
+            self._dw_add(lane, dwm, cols, from_blob(dy[lo:hi], self._mat(lane, "dy", hi - lo, og,
+                                                                     p), cl), first)
         if cl:
             xp.matmul(cols, wc.transpose(0, 2, 1), out=out)  # (G, m·P, Og)
         else:
@@ -301,15 +310,16 @@ class ConvPlan:
             dx = dx.reshape(n, self.channels, *self.spatial)
 
         def part(lane: int, lo: int, hi: int) -> Any:
-            dwm = self._dw_sum(lane) if dw is not None else None
+            dwm = self._dw_sum(lane, lo, hi) if dw is not None else None
             for a, b in self._chunks(lo, hi):
                 if dwm is not None and self.per_image:
-                    self._dw_add_per_image(dwm, self._x_cols(lane, x[a:b]), dy[a:b])
+                    self._dw_add_per_image(lane, dwm, self._x_cols(lane, x[a:b]), dy[a:b],
+                                           a == lo)
                 if dx is None and self.per_image:
                     continue
                 dym = from_blob(dy[a:b], self._mat(lane, "out", b - a, og, p), cl)
                 if dwm is not None and not self.per_image:
-                    self._dw_add(dwm, self._x_cols(lane, x[a:b]), dym)
+                    self._dw_add(lane, dwm, self._x_cols(lane, x[a:b]), dym, a == lo)
                 if dx is not None:
                     self._col2im(lane, wc, dym, dx[a:b])
             return dwm
@@ -318,35 +328,54 @@ class ConvPlan:
         if dw is not None:
             self._dw_finish(sums, dw)
 
-    def _dw_sum(self, lane: int) -> Any:
-        """``lane``'s zeroed ``(G, ΠK·Cg, Og)`` sum of ``cols_g · dy_g`` over its chunks."""
+    def _dw_sum(self, lane: int, lo: int, hi: int) -> Any:
+        """``lane``'s ``(G, Og, ΠK·Cg)`` sum of ``dy_g · cols_g`` over its chunks of images
+        ``lo..hi``: the first chunk's product starts it (zeroed only for no images).
+        NOTE: in the weights' own row order: summed as ``(G, ΠK·Cg, Og)`` it needed a transposed
+        add into ``dW`` (ResNet-50 b8, the 1x1 stride-2 2048x1024 projection: dW 21.2 -> 11.8 ms)."""
         _, g, ckg, og, _, _ = self._dims()
-        dwm = self._scratch(lane, "dw", (g, ckg, og))
-        dwm[...] = 0
+        dwm = self._scratch(lane, "dw", (g, og, ckg))
+        if lo == hi:
+            dwm[...] = 0
         return dwm
 
-    def _dw_add(self, dwm: Any, cols: Any, dym: Any) -> None:
-        """``dwm += cols_g · dy_g`` for one chunk (both in the product layout)."""
-        if self.channels_last:
-            dwm += self.xp.matmul(cols.transpose(0, 2, 1), dym)
-        else:
-            dwm += self.xp.matmul(cols, dym.transpose(0, 2, 1))
+    def _accumulate(self, lane: int, acc: Any, a: Any, b: Any, first: bool) -> None:
+        """``acc = a @ b`` when ``first``, else ``acc += a @ b`` through the lane's "dw_term"
+        scratch. NOTE: ``acc += a @ b`` allocated a weight-sized temporary each time (fresh
+        pages from the OS for large weights) and the sums were zeroed first: ResNet-50's
+        14x14 and 7x7 layers, whose lanes hold all their images in one chunk, now write their
+        weight gradient straight from the product."""
+        if first:
+            self.xp.matmul(a, b, out=acc)
+            return
+        term = self._scratch(lane, "dw_term", acc.shape)
+        self.xp.matmul(a, b, out=term)
+        acc += term
 
-    def _dw_add_per_image(self, dwm: Any, cols: Any, dy: Any) -> None:
-        """``dwm += Σ_n cols[n]_g · dy[n]_gᵀ`` for one chunk (``cols`` ``(m, G, ΠK·Cg, P)``,
-        ``dy`` ``(m, G, Og, P)`` as the blob holds it)."""
-        dwm += self.xp.matmul(cols, dy.transpose(0, 1, 3, 2)).sum(axis=0)
+    def _dw_add(self, lane: int, dwm: Any, cols: Any, dym: Any, first: bool) -> None:
+        """``dwm (+)= dy_g · cols_g`` for one chunk (both in the product layout)."""
+        if self.channels_last:  # dym (G, m·P, Og), cols (G, m·P, ΠK·Cg)
+            self._accumulate(lane, dwm, dym.transpose(0, 2, 1), cols, first)
+        else:  # dym (G, Og, m·P), cols (G, ΠK·Cg, m·P)
+            self._accumulate(lane, dwm, dym, cols.transpose(0, 2, 1), first)
+
+    def _dw_add_per_image(self, lane: int, dwm: Any, cols: Any, dy: Any, first: bool) -> None:
+        """``dwm (+)= Σ_n dy[n]_g · cols[n]_gᵀ`` for one chunk (``cols`` ``(m, G, ΠK·Cg, P)``,
+        ``dy`` ``(m, G, Og, P)`` as the blob holds it), image by image."""
+        for i in range(cols.shape[0]):
+            self._accumulate(lane, dwm, dy[i], cols[i].transpose(0, 2, 1), first and i == 0)
 
     def _dw_finish(self, sums: Sequence[Any], dw: Any) -> None:
-        """``dw (O, Cg, *K) += Σ_lanes dwm`` (in lane order) reordered."""
-        _, g, _, og, _, _ = self._dims()
-        cg, cl = self.channels // g, self.channels_last
+        """``dw (O, Cg, *K) += Σ_lanes dwm`` (in lane order), channels-last rows reordered."""
+        _, g, ckg, og, _, _ = self._dims()
         dwm = _lane_sum(sums)
-        # rows of dwm: (*K, Cg) channels-last, (Cg, *K) channels-first → (G, Og, Cg, *K)
-        dwm = dwm.reshape(g, *self.kernel, cg, og) if cl else \
-            dwm.reshape(g, cg, *self.kernel, og)
+        if not self.channels_last or math.prod(self.kernel) == 1:  # rows (Cg, *K) already
+            dw.reshape(g, og, ckg)[...] += dwm
+            return
+        # rows (*K, Cg) → (Cg, *K)
+        cg = self.channels // g
         dw.reshape(g, og, cg, *self.kernel)[...] += \
-            self.xp.moveaxis(dwm, (-1, -2), (1, 2)) if cl else self.xp.moveaxis(dwm, -1, 1)
+            self.xp.moveaxis(dwm.reshape(g, og, *self.kernel, cg), -1, 2)
 
     def _backward_1x1(self, dy: Any, x: Any, w: Any, dw: Any, dx: Any) -> None:
         """1×1 kernel, stride 1, pad 0: ``dW_g += Σ_n dy[n]_g @ x[n]_gᵀ``,
@@ -366,11 +395,10 @@ class ConvPlan:
             # both operands into (Og, N·P) temporaries (88 MiB a lane for NiN's cccp1 at batch
             # 128) and took 2.1x as long here.
             part_dw = self._scratch(lane, "dw1", (g, og, ckg))
-            term = self._scratch(lane, "out", (g, og, ckg))
-            part_dw[...] = 0
+            if lo == hi:
+                part_dw[...] = 0
             for i in range(lo, hi):
-                xp.matmul(dy[i], xv[i].transpose(0, 2, 1), out=term)
-                part_dw += term
+                self._accumulate(lane, part_dw, dy[i], xv[i].transpose(0, 2, 1), i == lo)
             return part_dw
 
         sums = self._run(part)
@@ -412,7 +440,8 @@ class ConvPlan:
             dwr = None
             if dw is not None:  # Σ over the lane's chunks of dycols_gᵀ @ x_g
                 dwr = self._scratch(lane, "dwr", wr.shape)
-                dwr[...] = 0
+                if lo == hi:
+                    dwr[...] = 0
             for a, b in self._chunks(lo, hi):
                 m = b - a
                 cols = self._cols(lane, dy[a:b], self.num_output, self.out, self.spatial, q,
@@ -421,8 +450,10 @@ class ConvPlan:
                 if dwr is not None:
                     xm = from_blob(x[a:b], self._mat(lane, "dy", m, cg, s), cl)
                     # cols (G, m·S, ΠK·Og) and xm (G, m·S, Cg), or both transposed
-                    dwr += (xp.matmul(cols.transpose(0, 2, 1), xm) if cl
-                            else xp.matmul(cols, xm.transpose(0, 2, 1)))
+                    if cl:
+                        self._accumulate(lane, dwr, cols.transpose(0, 2, 1), xm, a == lo)
+                    else:
+                        self._accumulate(lane, dwr, cols, xm.transpose(0, 2, 1), a == lo)
                 if cl:
                     xp.matmul(cols, wr, out=out)
                 else:
