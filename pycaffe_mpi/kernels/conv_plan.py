@@ -332,7 +332,8 @@ class ConvPlan:
         """``lane``'s ``(G, Og, ΠK·Cg)`` sum of ``dy_g · cols_g`` over its chunks of images
         ``lo..hi``: the first chunk's product starts it (zeroed only for no images).
         NOTE: in the weights' own row order: summed as ``(G, ΠK·Cg, Og)`` it needed a transposed
-        add into ``dW`` (ResNet-50 b8, the 1x1 stride-2 2048x1024 projection: dW 21.2 -> 11.8 ms)."""
+        add into ``dW`` (ResNet-50 b8, the 1x1 stride-2 2048x1024 projection: dW 21.2 -> 11.8
+        ms)."""
         _, g, ckg, og, _, _ = self._dims()
         dwm = self._scratch(lane, "dw", (g, og, ckg))
         if lo == hi:
