@@ -36,6 +36,8 @@ import math
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
+import numpy as np
+
 from pycaffe_mpi import backend, errors, upgrade
 
 LOG = logging.getLogger("pycaffe_mpi")
@@ -145,12 +147,23 @@ class UpdateRule:
             raise errors.SolverError(
                 f"update rule set up for {self._n} parameters, asked to update {len(params)}")
         self.clip(params)
+        stepped = [False] * len(params)
         for i, p in enumerate(params):
             self.normalize(p)
-            self.regularize(p, self.weight_decay * float(decay_mults[i]))
-            self.compute_update_value(i, p, rate * float(lr_mults[i]), it)
-        for p in params:
-            p.data[...] -= p.diff
+            local_decay = self.weight_decay * float(decay_mults[i])
+            local_rate = rate * float(lr_mults[i])
+            stepped[i] = self.fused_step(i, p, local_decay, local_rate)
+            if not stepped[i]:
+                self.regularize(p, local_decay)
+                self.compute_update_value(i, p, local_rate, it)
+        for p, done in zip(params, stepped):
+            if not done:
+                p.data[...] -= p.diff
+
+    def fused_step(self, i: int, p: Any, local_decay: float, local_rate: float) -> bool:
+        """Regularise, compute the step into ``p.diff`` and apply it to ``p.data`` in one pass,
+        with the same results, where a kernel does all three; False (nothing done) elsewhere."""
+        return False
 
     def clip(self, params: Sequence[Any]) -> float | None:
         """Scale all diffs so their global L2 norm is at most ``clip_gradients`` (if >= 0).
@@ -204,6 +217,18 @@ class UpdateRule:
 
 class SGDRule(UpdateRule):
     """Stochastic gradient descent with momentum (``type: "SGD"``)."""
+
+    def fused_step(self, i: int, p: Any, local_decay: float, local_rate: float) -> bool:
+        """On the host, with L2 decay (or none): :func:`pycaffe_mpi.kernels.update_cpu.sgd`."""
+        h = self.hist(0, i)
+        if (self.regularization_type != "L2" and local_decay) or _xp_of(h) is not np:
+            return False
+        from pycaffe_mpi.kernels import update_cpu  # imports numba: on first use
+
+        if not update_cpu.supports(p.data, p.diff, h):
+            return False
+        update_cpu.sgd(p.data, p.diff, h, local_decay, local_rate, self.momentum)
+        return True
 
 
 class NesterovRule(UpdateRule):

@@ -308,3 +308,40 @@ def test_apply_checks_param_count() -> None:
     rule.setup([_blob(np.zeros(2))])
     with pytest.raises(errors.SolverError):
         rule.apply([_blob(np.zeros(2)), _blob(np.zeros(2))], [1, 1], [1, 1], 0.1, 0)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("config", ["plain", "l2", "l1", "iter_size"])
+def test_sgd_one_pass_kernel_equals_the_numpy_passes_bit_for_bit(
+        dtype: type, config: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # SGDRule steps host arrays in one pass (kernels/update_cpu.py); the base class runs
+    # Caffe's passes. Large enough to be split between lanes; decay_mult 0 skips the decay.
+    from pycaffe_mpi.kernels import threads, update_cpu
+
+    calls = []
+    kernel = update_cpu.sgd
+    monkeypatch.setattr(update_cpu, "sgd", lambda *a: calls.append(a[0].size) or kernel(*a))
+    monkeypatch.setattr(update_cpu, "MIN_LANE_ELEMENTS", 1000)
+    threads.set_count(2)
+    p = _param("SGD", momentum=0.9, **CONFIGS[config])
+    rng = np.random.default_rng(3)
+    shapes = [(300, 700), (64,), (5, 3, 3)]
+    start = [rng.normal(size=s) for s in shapes]
+    grads = [[rng.normal(size=s).astype(dtype) for s in shapes] for _ in range(3)]
+    out = {}
+    try:
+        for cls in (rules.SGDRule, rules.UpdateRule):
+            blobs = [_blob(w, dtype) for w in start]
+            rule = cls(p)
+            rule.setup(blobs)
+            _run(rule, blobs, grads, [1.0, 2.0, 1.0], [1.0, 0.0, 0.5], 0.01)
+            out[cls] = [b.data for b in blobs] + [b.diff for b in blobs] + rule.history
+    finally:
+        threads.set_count(None)
+    l1 = config == "l1"  # L1 decay stays on the NumPy passes (but decay_mult 0 does not)
+    assert calls == ([64] if l1 else [300 * 700, 64, 45]) * 3
+    assert type(rules.make_rule(p)) is rules.SGDRule
+    for a, b in zip(out[rules.SGDRule], out[rules.UpdateRule]):
+        assert a.dtype == dtype
+        np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(out[rules.SGDRule][0], start[0].astype(dtype))  # it moved
