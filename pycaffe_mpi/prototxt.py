@@ -91,13 +91,51 @@ def read_text(path: str) -> str:
         raise errors.PrototxtError(f"cannot read {path!r}: {e}") from None
     try:
         text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = data.count(b"\n", 0, e.start) + 1
-        col = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
-        raise errors.PrototxtError(
-            f"{path}:{line}:{col}: byte 0x{data[e.start]:02x} is not UTF-8 text ({e.reason}); "
-            "a prototxt is UTF-8 (a binary .caffemodel is not a prototxt)") from None
+    except UnicodeDecodeError:
+        text = _decode_with_comments_lenient(data, path)
     return text.replace("\r\n", "\n").replace("\r", "\n")  # as text mode reads it
+
+
+def _decode_with_comments_lenient(data: bytes, path: str) -> str:
+    """``data`` as UTF-8, where bytes that are not UTF-8 may stand in comments (Caffe's parser
+    skips a comment's bytes unread: old files carry Latin-1 names there); they become U+FFFD.
+    Elsewhere (a name, a path) such a byte is a located PrototxtError."""
+    out, pos = [], 0
+    for raw in data.splitlines(keepends=True):
+        hash_at = _comment_start(raw)
+        code, comment = raw[:hash_at], raw[hash_at:]
+        try:
+            out.append(code.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            at = pos + e.start
+            line = data.count(b"\n", 0, at) + 1
+            col = at - (data.rfind(b"\n", 0, at) + 1) + 1
+            raise errors.PrototxtError(
+                f"{path}:{line}:{col}: byte 0x{data[at]:02x} is not UTF-8 text ({e.reason}); "
+                "a prototxt is UTF-8 outside its comments (a binary .caffemodel is not a "
+                "prototxt)") from None
+        out.append(comment.decode("utf-8", errors="replace"))
+        pos += len(raw)
+    return "".join(out)
+
+
+def _comment_start(line: bytes) -> int:
+    """Index of the ``#`` that starts ``line``'s comment (outside quotes), or its length."""
+    quote = None
+    i = 0
+    while i < len(line):
+        c = line[i:i + 1]
+        if quote:
+            if c == b"\\":
+                i += 1  # the escaped byte
+            elif c == quote:
+                quote = None
+        elif c in (b'"', b"'"):
+            quote = c
+        elif c == b"#":
+            return i
+        i += 1
+    return len(line)
 
 
 def read_net(path: str) -> tuple[Any, list[str]]:

@@ -34,9 +34,19 @@ def test_non_utf8_prototxt_is_a_located_prototxt_error(tmp_path: Path):
 
 
 def test_non_utf8_solver_is_a_located_prototxt_error(tmp_path: Path):
-    path = _write(tmp_path, b"base_lr: 0.1\n# caf\xe9\n", "solver.prototxt")
-    with pytest.raises(errors.PrototxtError, match=rf"{path}:2:6: byte 0xe9"):
+    path = _write(tmp_path, b'base_lr: 0.1\nnet: "caf\xe9.prototxt"\n', "solver.prototxt")
+    with pytest.raises(errors.PrototxtError, match=rf"{path}:2:10: byte 0xe9"):
         solvers.Solver(str(path))
+
+
+def test_non_utf8_bytes_in_comments_are_read_as_caffe_reads_them(tmp_path: Path):
+    # Caffe's parser skips a comment's bytes; a '#' inside quotes starts no comment
+    net = _write(tmp_path, b"# r\xe9seau de caf\xe9\n" + NET.encode().replace(
+        b'"tiny"', b'"tiny#1" # \xff\xfe "'))
+    solver = _write(tmp_path, f'net: "{net}" # caf\xe9\r\nbase_lr: 0.1 # \xe9'.encode(
+        "latin-1"), "solver.prototxt")
+    s = solvers.Solver(str(solver))
+    assert s.net.name == "tiny#1" and s.param.base_lr == pytest.approx(0.1)
 
 
 def test_singular_field_written_twice_is_refused(tmp_path: Path):
