@@ -64,6 +64,40 @@ def test_conv_in_small_chunks_equals_one_chunk_and_reference(monkeypatch, proto)
     np.testing.assert_allclose(whole[0][0], want, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("proto, shape", [
+    # 28x28 outputs with runs that would pick channels-last: channels-first by size
+    ("convolution_param { num_output: 4 kernel_size: 3 pad: 1 weight_filler { type: 'gaussian' }"
+     " bias_filler { type: 'gaussian' } }", (3, 10, 28, 28)),
+    # a strided 1x1 kernel: channels-first
+    ("convolution_param { num_output: 5 kernel_size: 1 stride: 2 weight_filler { type: "
+     "'gaussian' } }", (3, 6, 9, 7)),
+])
+def test_channels_first_by_size_and_kernel_equals_channels_last(monkeypatch, proto, shape):
+    x = np.random.default_rng(2).standard_normal(shape)
+    case = LayerCase("Convolution", "layout", proto, bottoms=[x.shape])
+    layer = build_layer(case, [x])[0]
+    assert not layer.plan.channels_last
+    first = _run(case, x)
+    real_reshape, forced = im2col_kernels.ConvPlan.reshape, []
+
+    def channels_last(self, num, spatial):
+        real_reshape(self, num, spatial)
+        self.channels_last, self.per_image = True, False
+        forced.append(num)
+
+    monkeypatch.setattr(im2col_kernels.ConvPlan, "reshape", channels_last)
+    last = _run(case, x)
+    assert forced
+    for a, b in zip(first[0] + [first[1]] + first[2], last[0] + [last[1]] + last[2]):
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
+    p = layer.layer_param.convolution_param
+    w, bias = first[3][0], (first[3][1] if len(first[3]) > 1 else None)
+    stride = [p.stride[0]] * 2 if len(p.stride) else [1, 1]
+    pad = [p.pad[0]] * 2 if len(p.pad) else [0, 0]
+    want = conv_cases.conv_reference(x, w, bias, stride, pad, [1, 1])
+    np.testing.assert_allclose(first[0][0], want, rtol=1e-10, atol=1e-10)
+
+
 def _naive_max_pool(x, k, s):
     n, c, h, w = x.shape
     oh, ow = -(-(h - k) // s) + 1, -(-(w - k) // s) + 1
