@@ -144,8 +144,8 @@ class ConvPlan:
         """Workspace buffer ``name`` of ``lane``. NOTE: a few names serve every product, each
         for what is alive at once in one chunk: "cols" (an input's or dy's windows, and then
         col2im's), "cols_pad" (the padded image they are cut from), "out" and "dy" (products
-        and blobs in a product's layout), "dxpad", the weight-gradient sums "dw", "dwr", "dw1"
-        and a term on its way into one, "dw_term" (ResNet-50 b8: 13 names had 163 MiB of
+        and blobs in a product's layout), "dxpad", the weight-gradient sums "dw" and "dwr" and
+        a term on its way into one, "dw_term" (ResNet-50 b8: 13 names had 163 MiB of
         scratch)."""
         return Workspace.get(self.xp, lane, name, shape, self.dtype)
 
@@ -392,23 +392,20 @@ class ConvPlan:
                 xp.matmul(wt, dy[lo:hi], out=dxv[lo:hi])
             if xv is None:
                 return None
-            part_dw = self._scratch(lane, "dw1", (g, og, ckg))
+            dwm = self._dw_sum(lane, lo, hi)
             if not self.on_host:  # a GPU: one product over the whole batch per group
                 for j in range(g):
-                    part_dw[j] = xp.tensordot(dy[lo:hi, j], xv[lo:hi, j], axes=((0, 2), (0, 2)))
-                return part_dw
-            # NOTE: on the host one GEMM per image added into the lane's sum: the tensordot
-            # copied both operands into (Og, N·P) temporaries (88 MiB a lane for NiN's cccp1 at
-            # batch 128) and took 2.1x as long.
-            if lo == hi:
-                part_dw[...] = 0
-            for i in range(lo, hi):
-                self._accumulate(lane, part_dw, dy[i], xv[i].transpose(0, 2, 1), i == lo)
-            return part_dw
+                    dwm[j] = xp.tensordot(dy[lo:hi, j], xv[lo:hi, j], axes=((0, 2), (0, 2)))
+                return dwm
+            # NOTE: on the host one GEMM per image added into the lane's sum (x is its own
+            # cols): the tensordot copied both operands into (Og, N·P) temporaries (88 MiB a
+            # lane for NiN's cccp1 at batch 128) and took 2.1x as long.
+            self._dw_add_per_image(lane, dwm, xv[lo:hi], dy[lo:hi], True)
+            return dwm
 
         sums = self._run(part)
         if dw is not None:
-            dw.reshape(g, og, ckg)[...] += _lane_sum(sums)
+            self._dw_finish(sums, dw)
 
     def _col2im(self, lane: int, wc: Any, dym: Any, dx: Any) -> None:
         """``dx = col2im(dy_g @ W_g)`` for one chunk (``dym``: dy in the product layout, ``wc``:
