@@ -15,7 +15,9 @@ from google.protobuf import descriptor_pool, text_format
 from pycaffe_mpi import errors
 from pycaffe_mpi.proto import caffe_pb2
 
-_TOKEN = re.compile(r"#[^\n]*|\"(?:[^\"\\\n]|\\.)*\"|'(?:[^'\\\n]|\\.)*'|[{}<>]|[A-Za-z_][\w.]*")
+_QUOTED = r"\"(?:[^\"\\\n]|\\.)*\"|'(?:[^'\\\n]|\\.)*'"
+_TOKEN = re.compile(r"#[^\n]*|" + _QUOTED + r"|[{}<>]|[A-Za-z_][\w.]*")
+_COMMENT_OR_QUOTED = re.compile((r"#[^\n]*|" + _QUOTED).encode())  # over a line's bytes
 _NO_FIELD = re.compile(r'Message type "([\w.]+)" has no field named "(\w+)"')
 _NO_ENUM = re.compile(r'Enum type "([\w.]+)" has no value named (\w+)')
 
@@ -121,20 +123,9 @@ def _decode_with_comments_lenient(data: bytes, path: str) -> str:
 
 def _comment_start(line: bytes) -> int:
     """Index of the ``#`` that starts ``line``'s comment (outside quotes), or its length."""
-    quote = None
-    i = 0
-    while i < len(line):
-        c = line[i:i + 1]
-        if quote:
-            if c == b"\\":
-                i += 1  # the escaped byte
-            elif c == quote:
-                quote = None
-        elif c in (b'"', b"'"):
-            quote = c
-        elif c == b"#":
-            return i
-        i += 1
+    for m in _COMMENT_OR_QUOTED.finditer(line):
+        if m.group(0).startswith(b"#"):
+            return m.start()
     return len(line)
 
 
