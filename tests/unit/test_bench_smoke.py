@@ -161,3 +161,13 @@ def test_workers_and_report_with_torch(capsys: pytest.CaptureFixture[str]) -> No
     out = capsys.readouterr().out
     assert "torch NCHW" in out and "torch ch_last" in out and "ours / torch" in out
     assert "parameters differ" not in out
+
+
+def test_bench_update_prints_both_updates_and_their_ratio() -> None:
+    script = ROOT / "bench" / "bench_update.py"
+    proc = subprocess.run([sys.executable, str(script), "--rounds", "1"], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "one pass (SGDRule)" in out and "NumPy passes (UpdateRule)" in out, out
+    assert "one pass / NumPy passes = " in out and "25.6 M float32" in out, out
