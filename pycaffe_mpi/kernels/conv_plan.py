@@ -30,6 +30,7 @@ from pycaffe_mpi.kernels.scratch import Workspace
 
 CHUNK_BYTES = 6 << 20  # see ConvPlan.reshape
 LARGE_OUTPUT = 784  # output positions (28x28) from which the host plan is channels-first
+WINOGRAD_MIN_CHANNELS = 16  # see ConvPlan._winograd_tile
 _TOKENS = itertools.count()
 
 
@@ -119,11 +120,38 @@ class ConvPlan:
             self.channels * math.prod(s + 2 * p for s, p in zip(self.spatial, self.pad)))
         self.chunk = (max(1, min(self.num, CHUNK_BYTES // image_bytes)) if self.on_host
                       else self.num)
+        self.winograd = self._winograd_tile()
         key = (self.num, self.spatial, self.chunk)
         if self._key != key:
             self._key = key
             for lane in self._lanes:
                 lane.views = {}  # im2col views of the buffers
+
+    def _winograd_tile(self) -> int:
+        """``m`` of the F(m×m, r×r) Winograd products (:mod:`~pycaffe_mpi.kernels.winograd`) this
+        plan runs, or 0 for im2col: on the host, 2-D, square 3x3 or 5x5 kernels, stride and
+        dilation 1, one group, at least 16 channels in and out, equal pads under ``r``.
+        NOTE: forward + backward, 2 cores, Winograd / im2col: ResNet-50 b8 3x3 layers 56x56
+        ..., 7x7 ...; CIFAR10-quick b100 conv2 ..., conv3 ...; its 3-channel conv1 stays
+        im2col (the products would have 3 rows)."""
+        r = self.kernel[0]
+        if not (self.on_host and len(self.kernel) == 2 and r in (3, 5) and self.kernel[1] == r
+                and self.stride == (1, 1) and self.dilation == (1, 1) and self.group == 1
+                and min(self.channels, self.num_output) >= WINOGRAD_MIN_CHANNELS
+                and self.pad[0] == self.pad[1] < r and self.dtype.kind == "f"):
+            return 0
+        from pycaffe_mpi.kernels import winograd  # numba on first use
+
+        m = winograd.tile_size(self.out)
+        if not m:
+            return 0
+        at, g, bt = winograd.matrices(m, r)
+        self._wg = winograd
+        self._wg_at, self._wg_bt = at.astype(self.dtype), bt.astype(self.dtype)
+        self._wg_a = np.ascontiguousarray(at.T, dtype=self.dtype)  # (α, m)
+        self._wg_gg = winograd.kron_g(g, self.dtype)
+        self._wg_zero = np.zeros(max(self.channels, self.num_output), self.dtype)
+        return m
 
     # -- lanes, shapes as 2-D / 3-D matrices ---------------------------------------------------
     def _run(self, fn: Any) -> list[Any]:
@@ -227,6 +255,11 @@ class ConvPlan:
         """
         n, g, ckg, og, p, s = self._dims()
         xp = self.xp
+        if self.winograd:
+            self._wg_forward(x, w, y, bias)
+            if dw is not None:
+                self._wg_weight_grad(dy, x, dw)
+            return
         bias = None if bias is None else bias.reshape(g, og, 1)
         if self.is_1x1:
             if dw is not None:
@@ -290,6 +323,9 @@ class ConvPlan:
         ``dx_g = dycols_g @ rot180(W_g)`` and ``rot180(dW_g) += dycols_gᵀ @ x_g``.
         """
         n, g, _, og, p, _ = self._dims()
+        if self.winograd:
+            self._wg_backward(dy, x, w, dw, dx)
+            return
         dy = dy.reshape(n, g, og, p)
         if self.is_1x1:
             self._backward_1x1(dy, x, w, dw, dx)
@@ -421,6 +457,86 @@ class ConvPlan:
         shape = cols_shape(m, self.channels, self.out, self.kernel, g, cl)
         col2im(xp, dcols.reshape(shape), dx, dxpad, self.kernel, self.stride, self.pad,
                self.dilation, g, cl)
+
+    # -- Winograd (see _winograd_tile and kernels/winograd.py) ----------------------------------
+    def _wg_forward(self, x: Any, w: Any, y: Any, bias: Any) -> None:
+        """``y = conv(x, W) + bias`` by F(m×m, r×r)."""
+        c, o = self.channels, self.num_output
+        u = self._wg.weights(w.reshape(o, c, *self.kernel), self._wg_gg,
+                             self._scratch(0, "wg_u", (self._wg_gg.shape[0], c, o)))
+        self._wg_conv(x.reshape(self.num, c, *self.spatial), u, y.reshape(self.num, o, *self.out),
+                      self._wg_zero[:o] if bias is None else bias, self.pad)
+
+    def _wg_backward(self, dy: Any, x: Any, w: Any, dw: Any, dx: Any) -> None:
+        """``dW += ∂E/∂W`` (``dw`` given) and ``dx`` (given, overwritten) by F(m×m, r×r): ``dx``
+        is the convolution of ``dy`` padded by ``r − 1 − pad`` with the flipped, transposed
+        kernels."""
+        c, o, r = self.channels, self.num_output, self.kernel[0]
+        if dx is not None:
+            u = self._wg.weights(w.reshape(o, c, r, r), self._wg_gg,
+                                 self._scratch(0, "wg_u", (self._wg_gg.shape[0], o, c)), flip=True)
+            self._wg_conv(dy.reshape(self.num, o, *self.out), u,
+                          dx.reshape(self.num, c, *self.spatial), self._wg_zero[:c],
+                          tuple(r - 1 - p for p in self.pad))
+        if dw is not None:
+            self._wg_weight_grad(dy, x, dw)
+
+    def _wg_tiles(self, out: Sequence[int], cin: int, cout: int) -> tuple[int, int, int]:
+        """``(th, tw, images a chunk)`` for an output ``out`` (the transformed tiles of a chunk's
+        input and products fit in ``CHUNK_BYTES``, as im2col's cols do)."""
+        m, alpha2 = self.winograd, self._wg_gg.shape[0]
+        th, tw = -(-out[0] // m), -(-out[1] // m)
+        per_image = alpha2 * th * tw * (cin + cout) * self.dtype.itemsize
+        return th, tw, max(1, CHUNK_BYTES // per_image)
+
+    def _wg_in(self, lane: int, name: str, x: Any, b: Any, pad: int, th: int, tw: int) -> Any:
+        """``tiles_in`` of ``x`` ``(m, C, H, W)`` with ``b`` into ``lane``'s ``name``:
+        ``(α², m·th·tw, C)``."""
+        alpha, s = b.shape
+        m = self.winograd
+        v = self._scratch(lane, name, (alpha * alpha, x.shape[0] * th * tw, x.shape[1]))
+        band = self._scratch(lane, "wg_band", (s, tw * m + s - m, x.shape[1]))
+        tmp = self._scratch(lane, "wg_tmp", (alpha, s, x.shape[1]))
+        self._wg.tiles_in(x, pad, m, th, tw, b, v, band, tmp)
+        return v
+
+    def _wg_conv(self, x: Any, u: Any, y: Any, bias: Any, pad: Sequence[int]) -> None:
+        """``y (N, O, Ho, Wo) = conv(x (N, C, H, W)) + bias`` for ``U`` ``(α², C, O)``."""
+        (cin, cout), m, alpha = u.shape[1:], self.winograd, self._wg_at.shape[1]
+        th, tw, chunk = self._wg_tiles(y.shape[2:], cin, cout)
+
+        def part(lane: int, lo: int, hi: int) -> None:
+            for a in range(lo, hi, chunk):
+                b = min(a + chunk, hi)
+                v = self._wg_in(lane, "cols", x[a:b], self._wg_bt, pad[0], th, tw)
+                mt = self._scratch(lane, "out", (alpha * alpha, v.shape[1], cout))
+                self.xp.matmul(v, u, out=mt)
+                self._wg.tiles_out(mt, self._wg_at, y[a:b], bias, th, tw,
+                                   self._scratch(lane, "wg_band", (m, tw * m, cout)),
+                                   self._scratch(lane, "wg_tmp", (m, alpha, cout)))
+
+        self._run(part)
+
+    def _wg_weight_grad(self, dy: Any, x: Any, dw: Any) -> None:
+        """``dW += Gᵀ (Σ_t V_tᵀ D_t) G`` (see kernels/winograd.py), summed per lane."""
+        c, o = self.channels, self.num_output
+        x = x.reshape(self.num, c, *self.spatial)
+        dy = dy.reshape(self.num, o, *self.out)
+        th, tw, chunk = self._wg_tiles(self.out, c, o)
+
+        def part(lane: int, lo: int, hi: int) -> Any:
+            du = self._scratch(lane, "dw", (self._wg_gg.shape[0], c, o))
+            if lo == hi:
+                du[...] = 0
+            for a in range(lo, hi, chunk):
+                b = min(a + chunk, hi)
+                v = self._wg_in(lane, "cols", x[a:b], self._wg_bt, self.pad[0], th, tw)
+                d = self._wg_in(lane, "dy", dy[a:b], self._wg_a, 0, th, tw)
+                self._accumulate(lane, du, v.transpose(0, 2, 1), d, a == lo)
+            return du
+
+        self._wg.add_weight_grad(_lane_sum(self._run(part)), self._wg_gg,
+                                 dw.reshape(o, c, *self.kernel))
 
     def _backward_full_conv(self, dy: Any, x: Any, w: Any, dw: Any, dx: Any) -> None:
         """Stride 1: dx is the "full" convolution of dy with the flipped kernel, and the weight

@@ -99,6 +99,16 @@ _conv_case("3d", (1, 2, 3, 4, 4), "num_output: 2 kernel_size: 2 pad: 0 pad: 1 pa
            (1, 1, 1), (0, 1, 0), (1, 1, 1))
 _conv_case("two_bottoms", (1, 2, 4, 4), "num_output: 2 kernel_size: 3 pad: 1",
            (1, 1), (1, 1), (1, 1), nbottom=2)
+# 16+ channels, 3x3 / 5x5, stride 1, outputs of 8+ a side: on the host these run Winograd's
+# F(4x4, r×r) (kernels/winograd.py), partial tiles at the right and bottom edges included
+_conv_case("winograd_3x3", (2, 16, 9, 10), "num_output: 16 kernel_size: 3 pad: 1",
+           (1, 1), (1, 1), (1, 1))
+_conv_case("winograd_3x3_pad0_no_bias", (1, 17, 10, 13),
+           "num_output: 16 kernel_size: 3 bias_term: false", (1, 1), (0, 0), (1, 1), bias=False)
+_conv_case("winograd_5x5_pad2", (1, 16, 8, 9), "num_output: 18 kernel_size: 5 pad: 2",
+           (1, 1), (2, 2), (1, 1))
+_conv_case("winograd_5x5_pad1", (1, 16, 11, 10), "num_output: 16 kernel_size: 5 pad: 1",
+           (1, 1), (1, 1), (1, 1))
 # depthwise (group == channels): on the host these run kernels/depthwise.py, not im2col
 _conv_case("dw_pad1", (2, 3, 5, 6), "num_output: 3 kernel_size: 3 pad: 1 group: 3",
            (1, 1), (1, 1), (1, 1), group=3)
@@ -194,6 +204,11 @@ _deconv_case("1x1_stride2", (1, 3, 3, 3), "num_output: 2 kernel_size: 1 stride: 
              (2, 2), (0, 0), (1, 1))
 _deconv_case("many_outputs", (1, 2, 3, 3), "num_output: 5 kernel_size: 3 pad: 1",
              (1, 1), (1, 1), (1, 1))
+# the Winograd plan read backwards (see the Convolution cases)
+_deconv_case("winograd_3x3_pad1", (2, 16, 8, 9), "num_output: 16 kernel_size: 3 pad: 1",
+             (1, 1), (1, 1), (1, 1))
+_deconv_case("winograd_5x5", (1, 16, 8, 9), "num_output: 17 kernel_size: 5",
+             (1, 1), (0, 0), (1, 1))
 _deconv_case("axis2", (2, 2, 2, 3, 3), "num_output: 2 kernel_size: 2 stride: 2 axis: 2",
              (2, 2), (0, 0), (1, 1), axis=2)
 _deconv_case("3d", (1, 2, 2, 3, 3), "num_output: 2 kernel_size: 2 stride: 2 pad: 0 pad: 1 pad: 0",
