@@ -3,7 +3,9 @@
 Built on :mod:`~pycaffe_mpi.kernels.im2col` (the layouts and the unfold/fold copies, see its
 module doc), :mod:`~pycaffe_mpi.kernels.scratch` (buffers) and, on the host,
 :mod:`~pycaffe_mpi.kernels.threads` (the images split between the cores). The Convolution and
-Deconvolution layers both run on it.
+Deconvolution layers both run on it. On the host, stride-1 3x3 and 5x5 kernels with enough
+channels run Winograd's minimal filtering instead of im2col (:mod:`~pycaffe_mpi.kernels.winograd`,
+chosen in :meth:`ConvPlan.reshape`).
 """
 
 from __future__ import annotations
