@@ -63,8 +63,9 @@ class ConvPlan:
 
     def __init__(self, xp: Any, dtype: Any, channels: int, num_output: int, group: int,
                  kernel: Sequence[int], stride: Sequence[int], pad: Sequence[int],
-                 dilation: Sequence[int]) -> None:
+                 dilation: Sequence[int], winograd: bool = True) -> None:
         self.xp, self.dtype = xp, np.dtype(dtype)
+        self.allow_winograd = winograd  # False: im2col products always (engine: CAFFE)
         self.channels, self.num_output, self.group = channels, num_output, group
         self.kernel, self.stride = tuple(kernel), tuple(stride)
         self.pad, self.dilation = tuple(pad), tuple(dilation)
@@ -138,10 +139,12 @@ class ConvPlan:
         5x5 conv2 (16x16) 0.73, conv3 (8x8) 0.51, at b350 0.64 and 0.49. Its 3-channel conv1
         stays im2col (products with 3 rows)."""
         r = self.kernel[0]
-        if not (self.on_host and len(self.kernel) == 2 and r in (3, 5) and self.kernel[1] == r
-                and self.stride == (1, 1) and self.dilation == (1, 1) and self.group == 1
+        if not (self.allow_winograd and self.on_host and len(self.kernel) == 2
+                and r in (3, 5) and self.kernel[1] == r and self.stride == (1, 1)
+                and self.dilation == (1, 1) and self.group == 1
                 and min(self.channels, self.num_output) >= WINOGRAD_MIN_CHANNELS
-                and self.pad[0] == self.pad[1] < r and self.dtype.kind == "f"):
+                and self.pad[0] == self.pad[1] < r
+                and self.dtype in (np.float32, np.float64)):
             return 0
         from pycaffe_mpi.kernels import winograd  # numba on first use
 

@@ -16,6 +16,7 @@ from pycaffe_mpi.blob import Blob
 from pycaffe_mpi.kernels import conv_plan, scratch, threads
 from pycaffe_mpi.kernels import im2col as im2col_k
 from pycaffe_mpi.layer import Layer, canonical_axis
+from pycaffe_mpi.proto import caffe_pb2
 from pycaffe_mpi.registry import register_layer
 
 
@@ -108,8 +109,11 @@ class _BaseConvolution(Layer):
         conv_in, conv_out = ((self.num_output, self.channels) if self.reverse
                              else (self.channels, self.num_output))
         g = self.geom
+        # NOTE: engine CAFFE asks for Caffe's own algorithm (im2col + GEMM) where DEFAULT (and
+        # CUDNN, whose library picks its algorithm, Winograd among them) may run Winograd
         self.plan = conv_plan.ConvPlan(self.xp, self.dtype, conv_in, conv_out, self.group,
-                                      g.kernel, g.stride, g.pad, g.dilation)
+                                      g.kernel, g.stride, g.pad, g.dilation,
+                                      winograd=p.engine != caffe_pb2.ConvolutionParameter.CAFFE)
         wshape = (conv_out, conv_in // self.group, *g.kernel)
         n_blobs = 1 + self.bias_term
         self.init_param_blobs([wshape, (self.num_output,)][:n_blobs], "convolution_param",
@@ -161,7 +165,8 @@ class Convolution(_BaseConvolution):
     Params (``convolution_param``): num_output (required), bias_term (true), kernel_size (required;
     one value or one per spatial axis) or kernel_h/kernel_w (2-D), stride (1) or stride_h/stride_w,
     pad (0) or pad_h/pad_w, dilation (1), group (1), weight_filler / bias_filler (constant 0),
-    axis (1). engine and force_nd_im2col are accepted and ignored.
+    axis (1), engine (DEFAULT: see below; CAFFE: im2col + GEMM always; CUDNN as DEFAULT).
+    force_nd_im2col is accepted and ignored.
 
     Forward (per group g): ``y_g = W_g ⋆ x_g + b``: ``cols = im2col(x)``, the
     ``(N·ΠOut, Cg·Πk)`` matrix of windows, times ``W_gᵀ`` (:meth:`ConvPlan.forward`).
@@ -169,6 +174,11 @@ class Convolution(_BaseConvolution):
     Backward: ``db += Σ_{n, positions} dy``; ``dW_g += dy_gᵀ @ cols_g``; ``dx = col2im(dy_g @
     W_g)`` (overlapping windows add up) or, for stride 1, the equal "full" convolution of ``dy``
     with the flipped kernels (:meth:`ConvPlan.backward`).
+
+    On the host, stride-1 3x3 and 5x5 kernels with 16+ channels in and out and outputs of 8+ a
+    side run Winograd's F(4×4, r×r) instead (:mod:`pycaffe_mpi.kernels.winograd`: the same
+    products with float32 rounding differences up to ~1e-5 of the output's scale), unless the
+    layer asks for ``engine: CAFFE``.
 
     On the host a 2-D depthwise convolution (``group == C``, ``O = m·C``) computes the same
     formulas without im2col (:class:`pycaffe_mpi.kernels.depthwise.Depthwise`, where the

@@ -98,3 +98,20 @@ def test_winograd_equals_im2col(monkeypatch, dtype, tol, c, o, k, pad, spatial, 
         threads.set_count(None)
     for got, want in zip(*results):
         np.testing.assert_allclose(got, want, rtol=0, atol=tol * np.abs(want).max())
+
+
+@pytest.mark.parametrize("layer_type", ["Convolution", "Deconvolution"])
+def test_engine_caffe_keeps_im2col_and_default_cudnn_take_winograd(layer_type):
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((2, 16, 9, 9))
+    results = {}
+    for engine in ("DEFAULT", "CUDNN", "CAFFE"):
+        case = layer_cases.LayerCase(
+            layer_type, f"engine_{engine}",
+            f"convolution_param {{ num_output: 16 kernel_size: 3 pad: 1 engine: {engine} "
+            "weight_filler { type: 'gaussian' std: 0.1 } }", bottoms=[x.shape])
+        layer, bb, tb = build_layer(case, [x])
+        assert layer.plan.winograd == (0 if engine == "CAFFE" else 4), engine
+        layer.forward(bb, tb)
+        results[engine] = np.array(tb[0].data)
+    np.testing.assert_allclose(results["DEFAULT"], results["CAFFE"], rtol=1e-10, atol=1e-10)
