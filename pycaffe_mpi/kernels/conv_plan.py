@@ -180,7 +180,8 @@ class ConvPlan:
         col2im's), "cols_pad" (the padded image they are cut from), "out" and "dy" (products
         and blobs in a product's layout), "dxpad", the weight-gradient sums "dw" and "dwr" and
         a term on its way into one, "dw_term" (ResNet-50 b8: 13 names had 163 MiB of
-        scratch)."""
+        scratch). Winograd's transformed weights ``U`` use lane 0's "dw" before (never while)
+        it holds a weight-gradient sum of the same size."""
         return Workspace.get(self.xp, lane, name, shape, self.dtype)
 
     def _dims(self) -> tuple[int, int, int, int, int, int]:
@@ -469,7 +470,7 @@ class ConvPlan:
         """``y = conv(x, W) + bias`` by F(m×m, r×r)."""
         c, o = self.channels, self.num_output
         u = self._wg.weights(w.reshape(o, c, *self.kernel), self._wg_gg,
-                             self._scratch(0, "wg_u", (self._wg_gg.shape[0], c, o)))
+                             self._scratch(0, "dw", (self._wg_gg.shape[0], c, o)))
         self._wg_conv(x.reshape(self.num, c, *self.spatial), u, y.reshape(self.num, o, *self.out),
                       self._wg_zero[:o] if bias is None else bias, self.pad)
 
@@ -480,7 +481,7 @@ class ConvPlan:
         c, o, r = self.channels, self.num_output, self.kernel[0]
         if dx is not None:
             u = self._wg.weights(w.reshape(o, c, r, r), self._wg_gg,
-                                 self._scratch(0, "wg_u", (self._wg_gg.shape[0], o, c)), flip=True)
+                                 self._scratch(0, "dw", (self._wg_gg.shape[0], o, c)), flip=True)
             self._wg_conv(dy.reshape(self.num, o, *self.out), u,
                           dx.reshape(self.num, c, *self.spatial), self._wg_zero[:c],
                           tuple(r - 1 - p for p in self.pad))
