@@ -5,7 +5,9 @@ For CIFAR10-Quick (batch 100 and 350), NiN at CIFAR-100 sizes (batch 128), ResNe
 
 - our train step (forward + backward + SGD update with momentum and weight decay, float32);
 - the GEMM floor: the same net's matrix products alone, as whole-batch NumPy matmuls (one
-  stacked matmul or einsum over the groups of a grouped or depthwise convolution);
+  stacked matmul or einsum over the groups of a grouped or depthwise convolution), im2col's
+  products also for the convolutions that run Winograd (fewer multiplications: a step can
+  come out under its floor); those layers are named;
 - PyTorch's train step of the same net (same shapes, same loss, same SGD; NCHW and
   channels_last; ``torch.set_num_threads`` equal to our BLAS threads), when PyTorch is
   installed: it is an optional baseline, never a dependency;
@@ -198,6 +200,8 @@ def worker_ours(spec: Spec, batch: int, args: argparse.Namespace) -> dict[str, A
            "flops": quick.gemm_flops(shapes), "params": our_param_count(net),
            "layers": [(name, layer.type, t) for name, layer, t
                       in zip(net.layer_names, net.layers, per or [])],
+           "winograd": [name for name, layer in zip(net.layer_names, net.layers)
+                        if getattr(getattr(layer, "plan", None), "winograd", 0)],
            "threads": blas_threads()}
     net.close()
     return out
@@ -330,7 +334,12 @@ def report(name: str, batch: int, ours: dict | None, nchw: dict | None,
     for lname, typ, t in slowest:
         g = ours["floor"].get(lname)
         gtxt = f"  (GEMMs {g * 1e3:7.1f} ms, {t / g:4.2f}x)" if g else ""
+        if lname in ours["winograd"]:
+            gtxt += "  Winograd"
         print(f"    {lname:<24} {typ:<16} {100 * t / total:5.1f}%  {t * 1e3:8.1f} ms{gtxt}")
+    if ours["winograd"]:
+        print(f"  Winograd convolutions ({len(ours['winograd'])}; their GEMMs above are im2col's): "
+              + ", ".join(ours["winograd"]))
 
 
 def main() -> int:
