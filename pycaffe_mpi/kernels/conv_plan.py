@@ -74,6 +74,7 @@ class ConvPlan:
         self._lanes: list[_Lane] = []
         self._key: Any = None
         self._token = next(_TOKENS)  # owns its pads in the shared workspace (see _cols)
+        self._wg_zero: Any = None  # Winograd's bias for none (see _winograd_tile)
 
     def reshape(self, num: int, spatial: Sequence[int]) -> None:
         """Plan for ``num`` images of ``spatial`` size (the caller checked ``Out > 0``)."""
@@ -149,14 +150,10 @@ class ConvPlan:
         from pycaffe_mpi.kernels import winograd  # numba on first use
 
         m = winograd.tile_size(self.out)
-        if not m:
-            return 0
-        at, g, bt = winograd.matrices(m, r)
-        self._wg = winograd
-        self._wg_at, self._wg_bt = at.astype(self.dtype), bt.astype(self.dtype)
-        self._wg_a = np.ascontiguousarray(at.T, dtype=self.dtype)  # (α, m)
-        self._wg_gg = winograd.kron_g(g, self.dtype)
-        self._wg_zero = np.zeros(max(self.channels, self.num_output), self.dtype)
+        if m:  # NOTE: made once per (m, r, dtype), not at every reshape (one a forward)
+            self._wg, self._wgt = winograd, winograd.transforms(m, r, self.dtype.str)
+            if self._wg_zero is None:
+                self._wg_zero = np.zeros(max(self.channels, self.num_output), self.dtype)
         return m
 
     # -- lanes, shapes as 2-D / 3-D matrices ---------------------------------------------------
@@ -469,8 +466,8 @@ class ConvPlan:
     def _wg_forward(self, x: Any, w: Any, y: Any, bias: Any) -> None:
         """``y = conv(x, W) + bias`` by F(m×m, r×r)."""
         c, o = self.channels, self.num_output
-        u = self._wg.weights(w.reshape(o, c, *self.kernel), self._wg_gg,
-                             self._scratch(0, "dw", (self._wg_gg.shape[0], c, o)))
+        u = self._wg.weights(w.reshape(o, c, *self.kernel), self._wgt.gg,
+                             self._scratch(0, "dw", (self._wgt.gg.shape[0], c, o)))
         self._wg_conv(x.reshape(self.num, c, *self.spatial), u, y.reshape(self.num, o, *self.out),
                       self._wg_zero[:o] if bias is None else bias, self.pad)
 
@@ -480,8 +477,8 @@ class ConvPlan:
         kernels."""
         c, o, r = self.channels, self.num_output, self.kernel[0]
         if dx is not None:
-            u = self._wg.weights(w.reshape(o, c, r, r), self._wg_gg,
-                                 self._scratch(0, "dw", (self._wg_gg.shape[0], o, c)), flip=True)
+            u = self._wg.weights(w.reshape(o, c, r, r), self._wgt.gg,
+                                 self._scratch(0, "dw", (self._wgt.gg.shape[0], o, c)), flip=True)
             self._wg_conv(dy.reshape(self.num, o, *self.out), u,
                           dx.reshape(self.num, c, *self.spatial), self._wg_zero[:c],
                           tuple(r - 1 - p for p in self.pad))
@@ -491,7 +488,7 @@ class ConvPlan:
     def _wg_tiles(self, out: Sequence[int], cin: int, cout: int) -> tuple[int, int, int]:
         """``(th, tw, images a chunk)`` for an output ``out`` (the transformed tiles of a chunk's
         input and products fit in ``CHUNK_BYTES``, as im2col's cols do)."""
-        m, alpha2 = self.winograd, self._wg_gg.shape[0]
+        m, alpha2 = self.winograd, self._wgt.gg.shape[0]
         th, tw = -(-out[0] // m), -(-out[1] // m)
         per_image = alpha2 * th * tw * (cin + cout) * self.dtype.itemsize
         return th, tw, max(1, CHUNK_BYTES // per_image)
@@ -509,16 +506,16 @@ class ConvPlan:
 
     def _wg_conv(self, x: Any, u: Any, y: Any, bias: Any, pad: Sequence[int]) -> None:
         """``y (N, O, Ho, Wo) = conv(x (N, C, H, W)) + bias`` for ``U`` ``(α², C, O)``."""
-        (cin, cout), m, alpha = u.shape[1:], self.winograd, self._wg_at.shape[1]
+        (cin, cout), m, alpha = u.shape[1:], self.winograd, self._wgt.at.shape[1]
         th, tw, chunk = self._wg_tiles(y.shape[2:], cin, cout)
 
         def part(lane: int, lo: int, hi: int) -> None:
             for a in range(lo, hi, chunk):
                 b = min(a + chunk, hi)
-                v = self._wg_in(lane, "cols", x[a:b], self._wg_bt, pad[0], th, tw)
+                v = self._wg_in(lane, "cols", x[a:b], self._wgt.bt, pad[0], th, tw)
                 mt = self._scratch(lane, "out", (alpha * alpha, v.shape[1], cout))
                 self.xp.matmul(v, u, out=mt)
-                self._wg.tiles_out(mt, self._wg_at, y[a:b], bias, th, tw,
+                self._wg.tiles_out(mt, self._wgt.at, y[a:b], bias, th, tw,
                                    self._scratch(lane, "wg_band", (m, tw * m, cout)),
                                    self._scratch(lane, "wg_tmp", (m, alpha, cout)))
 
@@ -532,17 +529,17 @@ class ConvPlan:
         th, tw, chunk = self._wg_tiles(self.out, c, o)
 
         def part(lane: int, lo: int, hi: int) -> Any:
-            du = self._scratch(lane, "dw", (self._wg_gg.shape[0], c, o))
+            du = self._scratch(lane, "dw", (self._wgt.gg.shape[0], c, o))
             if lo == hi:
                 du[...] = 0
             for a in range(lo, hi, chunk):
                 b = min(a + chunk, hi)
-                v = self._wg_in(lane, "cols", x[a:b], self._wg_bt, self.pad[0], th, tw)
-                d = self._wg_in(lane, "dy", dy[a:b], self._wg_a, 0, th, tw)
+                v = self._wg_in(lane, "cols", x[a:b], self._wgt.bt, self.pad[0], th, tw)
+                d = self._wg_in(lane, "dy", dy[a:b], self._wgt.a, 0, th, tw)
                 self._accumulate(lane, du, v.transpose(0, 2, 1), d, a == lo)
             return du
 
-        self._wg.add_weight_grad(_lane_sum(self._run(part)), self._wg_gg,
+        self._wg.add_weight_grad(_lane_sum(self._run(part)), self._wgt.gg,
                                  dw.reshape(o, c, *self.kernel))
 
     def _backward_full_conv(self, dy: Any, x: Any, w: Any, dw: Any, dx: Any) -> None:

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import functools
 from fractions import Fraction
-from typing import Any
+from typing import Any, NamedTuple
 
 import numba
 import numpy as np
@@ -84,10 +84,23 @@ def tile_size(out: tuple[int, ...]) -> int:
     return 4 if min(out) >= 8 else 0
 
 
-def kron_g(g: np.ndarray, dtype: Any) -> np.ndarray:
-    """``G ⊗ G`` ``(α², r²)`` in ``dtype``:
-    ``U[(k, l)] = Σ_(a, b) (G⊗G)[(k, l), (a, b)] W[a, b]``."""
-    return np.kron(g, g).astype(dtype)
+class Transforms(NamedTuple):
+    """F(m, r)'s matrices in one dtype, as the kernels take them: ``at`` ``Aᵀ (m, α)``, ``bt``
+    ``Bᵀ (α, α)``, ``a`` ``A (α, m)`` (the weight gradient's transform of dy) and ``gg``
+    ``G ⊗ G (α², r²)``: ``U[(k, l)] = Σ_(a, b) (G⊗G)[(k, l), (a, b)] W[a, b]``."""
+
+    at: np.ndarray
+    bt: np.ndarray
+    a: np.ndarray
+    gg: np.ndarray
+
+
+@functools.cache
+def transforms(m: int, r: int, dtype: str) -> Transforms:
+    """:class:`Transforms` of F(m, r) in ``dtype`` (a NumPy dtype string), made once."""
+    at, g, bt = matrices(m, r)
+    return Transforms(at.astype(dtype), bt.astype(dtype), np.ascontiguousarray(at.T, dtype),
+                      np.kron(g, g).astype(dtype))
 
 
 def weights(w: Any, gg: np.ndarray, u: Any, flip: bool = False) -> Any:
@@ -132,7 +145,7 @@ def tiles_in(x: Any, pad: int, m: int, th: int, tw: int, b: Any, v: Any, band: A
                     if xi < 0 or xi >= width:
                         band[k, xx, :] = 0
                 for c in range(chans):
-                    for xi in range(max(0, -pad), min(width, wp - pad)):
+                    for xi in range(min(width, wp - pad)):
                         band[k, xi + pad, c] = x[n, c, yy, xi]
             for tx in range(tw):
                 t = (n * th + ty) * tw + tx

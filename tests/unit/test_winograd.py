@@ -115,3 +115,13 @@ def test_engine_caffe_keeps_im2col_and_default_cudnn_take_winograd(layer_type):
         layer.forward(bb, tb)
         results[engine] = np.array(tb[0].data)
     np.testing.assert_allclose(results["DEFAULT"], results["CAFFE"], rtol=1e-10, atol=1e-10)
+
+
+def test_reshape_reuses_the_transforms_and_zero_bias():
+    plan = _plan(np.float32, 16, 16, 3, 1, (9, 9))
+    first, zero = plan._wgt, plan._wg_zero
+    plan.reshape(3, (9, 9))
+    plan.reshape(4, (12, 12))
+    assert plan._wgt is first and plan._wg_zero is zero
+    assert first.gg.dtype == np.float32 and first.gg.shape == (36, 9)
+    np.testing.assert_array_equal(first.a, first.at.T)
