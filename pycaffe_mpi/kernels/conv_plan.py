@@ -135,10 +135,10 @@ class ConvPlan:
         """``m`` of the F(m×m, r×r) Winograd products (:mod:`~pycaffe_mpi.kernels.winograd`) this
         plan runs, or 0 for im2col: on the host, 2-D, square 3x3 or 5x5 kernels, stride and
         dilation 1, one group, at least 16 channels in and out, equal pads under ``r``.
-        NOTE: forward + backward, 2 cores, Winograd / im2col: ResNet-50 b8's 3x3 layers 56x56
-        0.52, 28x28 0.59, 14x14 0.77 (7x7: see ``winograd.tile_size``); CIFAR10-quick b100's
-        5x5 conv2 (16x16) 0.73, conv3 (8x8) 0.51, at b350 0.64 and 0.49. Its 3-channel conv1
-        stays im2col (products with 3 rows)."""
+        NOTE: forward + both gradients, 2 cores, Winograd / im2col (``bench/bench_winograd.py``,
+        one run): ResNet-50 b8's 3x3 layers 56x56 0.61, 28x28 0.66, 14x14 0.89 (7x7: see
+        ``winograd.tile_size``); CIFAR10-quick b100's 5x5 conv2 (16x16) 0.72, conv3 (8x8)
+        0.54, at b350 0.64 and 0.49. Its 3-channel conv1 stays im2col (products with 3 rows)."""
         r = self.kernel[0]
         if not (self.allow_winograd and self.on_host and len(self.kernel) == 2
                 and r in (3, 5) and self.kernel[1] == r and self.stride == (1, 1)

@@ -79,8 +79,9 @@ def matrices(m: int, r: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 def tile_size(out: tuple[int, ...]) -> int:
     """``m`` for an output ``out``: 4, or 0 (no Winograd) where an output side is under 8.
     NOTE: ResNet-50 b8's 7x7 3x3 layers (512 channels, 2 cores) took 1.39x im2col's time with
-    F(2×2, 3×3): the weights' transforms (``α²/r²`` times the weights, three of them a step)
-    outweigh products of 64 rows a lane."""
+    F(2×2, 3×3) (a scratch measurement, forward and the two gradients called one by one): the
+    weights' transforms (``α²/r²`` times the weights, three of them a step) outweigh products
+    of 64 rows a lane."""
     return 4 if min(out) >= 8 else 0
 
 

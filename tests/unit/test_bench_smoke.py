@@ -171,3 +171,13 @@ def test_bench_update_prints_both_updates_and_their_ratio() -> None:
     out = proc.stdout
     assert "one pass (SGDRule)" in out and "NumPy passes (UpdateRule)" in out, out
     assert "one pass / NumPy passes = " in out and "25.6 M float32" in out, out
+
+
+def test_bench_winograd_prints_both_algorithms_and_their_ratio() -> None:
+    script = ROOT / "bench" / "bench_winograd.py"
+    proc = subprocess.run([sys.executable, str(script), "--small", "--rounds", "1"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    lines = [ln for ln in proc.stdout.splitlines() if ln.strip().startswith("small")]
+    assert len(lines) == 2, proc.stdout
+    assert all("x  " in ln and "F(4x4" in ln for ln in lines), proc.stdout
