@@ -18,8 +18,16 @@ on the group, so every member must run them in the same order; the Net does (lay
 on every rank; backward flags agreed by ``sync_flag``). Shapes and flags are small objects;
 activations and gradients move with the buffer methods on preallocated arrays.
 
+Waiting: the root is the busiest rank of a TreeNet (it runs the shared trunk), so neither layer
+makes it wait for members that are not there yet more than once a pass. Broadcast's root
+posts its sends (from a copy of its bottom: later in-place layers may write the blob) and
+computes on; the members read when they arrive, and the root finishes the sends in its
+backward or before it refills the copy (``Comm.bcast_nowait``). Gather's members send their
+shape with their data, and the root answers with the table of shapes that every member checks
+(``Comm.gather_checked``), in place of a shape exchange at every reshape.
+
 Improvements over MPI-Caffe: any number of axes (MPI-Caffe forced 4-D legacy shapes), shape
-changes are followed at every reshape (its Gather kept its setup shapes), cross-rank checks of
+changes are followed at every pass (its Gather kept its setup shapes), cross-rank checks of
 blob counts, dtypes and shapes raise the same error on every member (never one rank failing
 while the others wait), and backward honours ``propagate_down``.
 """
@@ -137,6 +145,10 @@ class MPIBroadcast(_CommLayer):
         self._shape_msg = np.zeros(1 + MAX_AXES, np.int64)  # [ndim, dim_0, ..., dim_ndim-1]
         # (size, *shape) on the root: the members' top diffs, summed in backward
         self._stack = self.new_blob((self.comm.size, 0)) if self.is_root else None
+        # the root's copy of its bottom that its sends read from while it computes on, and
+        # those sends (finished before the copy is written again, and in backward)
+        self._sent = self.new_blob((0,)) if self.is_root and self.comm.size > 1 else None
+        self._sends = comm_mod.DONE
 
     def reshape(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
         msg = self._shape_msg
@@ -150,9 +162,19 @@ class MPIBroadcast(_CommLayer):
         top[0].reshape(tuple(int(d) for d in msg[1:1 + ndim]))
 
     def forward(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
-        if self.is_root and top[0] is not bottom[0]:
-            top[0].data[...] = bottom[0].data
-        self.comm.bcast(top[0].data, self.comm_root)
+        if not self.is_root:
+            self.comm.bcast_nowait(top[0].data, self.comm_root)  # returns with the data
+            return
+        x = bottom[0].data
+        if self._sent is not None:
+            # NOTE: the root sends from a copy of its own and computes on while the members
+            # take it: layers after this one may write the bottom/top in place
+            self._sends.wait()
+            self._sent.reshape(x.shape)
+            self._sent.data[...] = x
+            self._sends = self.comm.bcast_nowait(self._sent.data, self.comm_root)
+        if top[0] is not bottom[0]:
+            top[0].data[...] = x
 
     def backward(
         self, top: Sequence[Blob], propagate_down: Sequence[bool], bottom: Sequence[Blob]
@@ -161,15 +183,31 @@ class MPIBroadcast(_CommLayer):
         # root's propagate_down can still be false here (force_backward with an explicit
         # propagate_down: false); the root then reduces into a scratch buffer.
         # NOTE: Gather + a sum on the root measured ~2x faster than MPICH's Reduce for
-        # CIFAR10-quick's pool2 (819 KB, 3 ranks on 2 cores): 0.5 vs 0.77 ms
+        # CIFAR10-quick's pool2 (819 KB, 3 ranks on 2 cores): 0.5 vs 0.77 ms. The root's own
+        # dy is not copied into the stack (Gather in place) but added where its row would be.
         dy = top[0].diff
         if not self.is_root:
             self.comm.gather(dy, None, self.comm_root)
             return
         self._stack.reshape((self.comm.size, *dy.shape))
-        self.comm.gather(dy, self._stack.data, self.comm_root)
+        stack = self._stack.data
+        self.comm.gather(None, stack, self.comm_root)  # the root's own row stays unused
+        self._sends.wait()  # every member has its data by now: nothing is left pending
         if propagate_down[0]:
-            self.xp.sum(self._stack.data, axis=0, out=bottom[0].diff)
+            # Σ in group-rank order, the root's dy in its place (what a sum over the stacked
+            # rows gives, without copying dy into the stack)
+            dx = bottom[0].diff
+            if top[0] is bottom[0] and self.comm_root >= 2:  # dx is dy, read after rows 0, 1
+                stack[self.comm_root] = dy
+                dy = stack[self.comm_root]
+            rows = [dy if i == self.comm_root else stack[i] for i in range(len(stack))]
+            if len(rows) == 1:
+                if dx is not dy:
+                    dx[...] = dy
+            else:
+                self.xp.add(rows[0], rows[1], out=dx)
+                for row in rows[2:]:
+                    self.xp.add(dx, row, out=dx)
 
 
 @register_layer("MPIGather")
@@ -180,9 +218,10 @@ class MPIGather(_CommLayer):
     ``include``/``exclude`` rules (see the module docstring).
 
     Shapes: every member: bottom[0], the same shape (any number of axes) on all members (checked
-    at every reshape; a mismatch raises the same error on every member, listing each one's
-    shape). Root: top[i] (one per member, i = group rank, i.e. the position in the include
-    list) has that shape. Other members (the Net strips their tops): no top.
+    at setup and at every forward, each member's shape travelling with its data; a mismatch
+    raises the same error on every member, listing each one's shape). Root: top[i] (one per
+    member, i = group rank, i.e. the position in the include list) has that shape. Other
+    members (the Net strips their tops): no top.
 
     Forward:  y_i = x of member i (on the root).
     Backward: dE/dx on member i = dE/dy_i of the root; written only where that member's
@@ -200,15 +239,21 @@ class MPIGather(_CommLayer):
         # (size, *shape) on the root: what Gather fills and Scatter sends (a Blob's memory,
         # reallocated only when it must grow)
         self._stack = self.new_blob((size, 0)) if self.is_root else None
-        # every member's [ndim, dims...], exchanged with one buffer Allgather per reshape
+        # every member's [ndim, dims...]: agreed at setup (Allgather), then sent with the data
+        # at every forward
         self._shape_out = np.zeros(MAX_AXES + 1, np.int64)
         self._shapes_in = np.zeros((size, MAX_AXES + 1), np.int64)
+        self._put_shape(bottom[0].shape)
+        group.allgather(self._shape_out, self._shapes_in)
+        self._check_shapes()
 
-    def reshape(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
-        shape = bottom[0].shape
+    def _put_shape(self, shape: Sequence[int]) -> None:
+        self._shape_out[:] = 0
         self._shape_out[0] = len(shape) if len(shape) <= MAX_AXES else -1  # -1: all raise
         self._shape_out[1:1 + len(shape[:MAX_AXES])] = shape[:MAX_AXES]
-        self.comm.allgather(self._shape_out, self._shapes_in)
+
+    def _check_shapes(self) -> None:
+        """Raise on every member alike unless all rows of ``_shapes_in`` agree."""
         if (self._shapes_in[:, 0] < 0).any():
             self._fail_together([f"bottoms may have at most {MAX_AXES} axes"], "bottom")
         shapes = [tuple(int(d) for d in row[1:1 + int(row[0])]) for row in self._shapes_in]
@@ -216,15 +261,23 @@ class MPIGather(_CommLayer):
             self._fail_together([
                 "members' bottoms must have the same shape, got " + ", ".join(
                     f"{self._who(i)} {s}" for i, s in enumerate(shapes))], "bottom")
+
+    def reshape(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
+        # NOTE: no exchange here: the root's shape is the only valid one; forward checks that
+        # every member's bottom has it (headers sent with the data)
         if not self.is_root:
             return
-        self._stack.reshape((self.comm.size, *shapes[0]))
+        shape = bottom[0].shape
+        self._stack.reshape((self.comm.size, *shape))
         for t in top:
-            t.reshape(shapes[0])
+            t.reshape(shape)
 
     def forward(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
+        x = bottom[0].data
+        self._put_shape(x.shape)
         stack = self._stack.data if self._stack is not None else None  # None off the root
-        self.comm.gather(bottom[0].data, stack, self.comm_root)
+        self.comm.gather_checked(x, self._shape_out, stack, self._shapes_in, self.comm_root)
+        self._check_shapes()
         for i, t in enumerate(top):  # no tops off the root
             t.data[...] = stack[i]
 

@@ -11,6 +11,9 @@ CASES = {
     "gather_or": "a member's branch gets its gradient though the root's bottom needs none",
     "pdown_false": "propagate_down: false on the broadcast's root bottom, with and without "
                    "force_backward",
+    "root_runs_ahead": "the broadcast's root writes its blob before the members have read it",
+    "gather_drains": "gather_checked: a wrong-sized member is dropped, headers reach all",
+    "bcast_order": "bcast_nowait: two outstanding broadcasts match in call order",
 }
 
 

@@ -246,5 +246,91 @@ def pdown_false() -> None:
         check(np.all(net.blobs["h"].diff == 7.0), "root's bc bottom diff was written")
 
 
+def root_runs_ahead() -> None:
+    """The root's broadcast returns before the members take the data: the root writes its
+    bottom and top at once (as later in-place layers would) while the members are still
+    asleep, three forwards in a row with no backward, then one with a backward; the members
+    still get each forward's values. The broadcast is in place (bottom = top) and rooted at
+    the last rank, and its backward sums in group-rank order, bit for bit. 1 MB: large
+    messages are the ones MPI reads out of the sender's memory late."""
+    import time
+
+    root, shape = SIZE - 1, (64, 2048)
+    net = build(f"""
+    force_backward: true
+    layer {{ name: "in" type: "Input" top: "x" input_param {{ {shape_txt(shape)} }}
+            include {{ mpi_rank: {root} }} }}
+    layer {{ name: "bc" type: "MPIBroadcast" bottom: "x" top: "x" mpi_param {{ root: {root} }} }}
+    """)
+    for step in range(4):
+        want = values(f"x{step}", root, shape)
+        if root == RANK:
+            net.blobs["x"].data[...] = want
+        else:
+            time.sleep(0.2)  # the root is far ahead when the members get there
+        net.forward_loss()
+        if root == RANK:
+            net.blobs["x"].data[...] = -1.0  # written before the members have read
+        else:
+            check(np.array_equal(net.blobs["x"].data, want), f"forward {step}: members got "
+                  "the root's later writes")
+    dys = [values("dy", r, shape) for r in range(SIZE)]
+    net.blobs["x"].diff[...] = dys[RANK]
+    net.backward_all()
+    if root == RANK:
+        want = dys[0].copy()
+        for dy in dys[1:]:
+            want += dy
+        check(np.array_equal(net.blobs["x"].diff, want), "backward: not the sum in group-rank "
+              "order")
+
+
+def gather_drains() -> None:
+    """Comm.gather_checked: a member whose data has another size than the root expects is
+    received and dropped (its row left as it was), every rank gets every header, and the
+    communicator is clean after it (a Gather follows). The generic two-round default (the
+    base class's, run on the same communicator) gives the same."""
+    from pycaffe_mpi import comm as comm_mod
+
+    odd = 1
+    for how in ("one round", "default"):
+        gather = (WORLD.gather_checked if how == "one round"
+                  else lambda *a: comm_mod.Comm.gather_checked(WORLD, *a))
+        n = 7 if odd == RANK else 5
+        send = values("send", RANK, (n,))
+        header = np.array([n, RANK], np.int64)
+        headers = np.zeros((SIZE, 2), np.int64)
+        stack = np.full((SIZE, 5), 9.0) if RANK == 0 else None
+        gather(send, header, stack, headers, 0)
+        check(np.array_equal(headers, [[7 if r == odd else 5, r] for r in range(SIZE)]),
+              f"{how}: headers {headers.tolist()}")
+        if RANK == 0:
+            for r in range(SIZE):
+                if r == odd or how == "default":  # the default gathers nothing on a mismatch
+                    check(np.all(stack[r] == 9.0), f"{how}: row {r} was written")
+                else:
+                    check(np.array_equal(stack[r], values("send", r, (5,))), f"{how}: row {r}")
+        after = np.zeros((SIZE, 2)) if RANK == 0 else None
+        WORLD.gather(np.full(2, float(RANK)), after, 0)
+        if RANK == 0:
+            check(np.array_equal(after[:, 0], np.arange(SIZE)), f"{how}: gather after it")
+
+
+def bcast_order() -> None:
+    """Comm.bcast_nowait: two broadcasts from one root outstanding at once reach the members
+    in call order; waiting twice is harmless."""
+    a, b = np.zeros(1000), np.zeros(3)
+    if RANK == 0:
+        a[:], b[:] = values("a", 0, (1000,)), values("b", 0, (3,))
+    pa = WORLD.bcast_nowait(a, 0)
+    pb = WORLD.bcast_nowait(b, 0)
+    pb.wait()
+    pa.wait()
+    pa.wait()
+    check(np.array_equal(a, values("a", 0, (1000,))) and np.array_equal(b, values("b", 0, (3,))),
+          "broadcasts crossed")
+
+
 if __name__ == "__main__":
-    main({f.__name__: f for f in (roundtrip, subgroup, reshape, flags, gather_or, pdown_false)})
+    main({f.__name__: f for f in (roundtrip, subgroup, reshape, flags, gather_or, pdown_false,
+                                  root_runs_ahead, gather_drains, bcast_order)})
