@@ -11,7 +11,10 @@ swapped for synthetic DummyData of the same shape, and prints, measured in one r
    every comm call and counts neither the barrier nor its wait;
 2. each comm layer's forward and backward alone against raw mpi4py buffer collectives
    (Bcast/Reduce for MPIBroadcast, Gather/Scatter for MPIGather) moving the same bytes between
-   the same ranks, on preallocated arrays: times, GB/s and their ratio.
+   the same ranks, on preallocated arrays: times, GB/s and their ratio. MPIBroadcast's root
+   returns from forward once its sends are posted (it finishes them at its next forward or in
+   backward), so its forward's rank-0 time is posting; the members' time (the maximum in
+   brackets) is the transfer.
 
 ``python bench/bench_mpi_comm.py`` launches itself under the venv's ``mpiexec -n 3``. Run it with
 OpenBLAS's machine overrides unset (they force half-speed kernels here)::
