@@ -6,6 +6,9 @@ timeout, kills the whole process group (mpiexec, its proxies and every rank) and
 under ``python -m mpi4py``, which aborts the whole job when any rank raises, so a failing rank
 ends the job in seconds rather than leaving the others waiting in a collective.
 
+A job that fails or is killed leaves MPICH's shared-memory segment files in ``/dev/shm`` (RAM);
+:func:`run_mpi` removes those that appeared during the job and that no process maps.
+
 The ``mpiexec`` used is the one next to ``sys.executable`` (the MPICH wheel of the ``mpi``
 extra puts it in the venv's bin): mixing one MPI's launcher with another MPI's library fails.
 The child environment gets ``MPIR_CVAR_ENABLE_HEAVY_YIELD=1`` (unless set) so that waiting
@@ -20,6 +23,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -46,12 +50,47 @@ def mpi_unavailable_reason() -> str | None:
     return None
 
 
+def _segment_files() -> set[str]:
+    """The MPICH shared-memory segment files in /dev/shm now (paths)."""
+    from pycaffe_mpi import comm
+
+    try:
+        names = os.listdir(comm.SHM_DIR)
+    except OSError:
+        return set()
+    return {os.path.join(comm.SHM_DIR, n) for n in names if n.startswith(comm.SHM_PREFIX)}
+
+
+def remove_leftover_segments(before: set[str], wait: float = 2.0) -> list[str]:
+    """Remove the segment files that are not in ``before`` and that no live process maps (a
+    failed job's); return their paths. A file still mapped is looked at again for up to
+    ``wait`` seconds (the ranks of an aborted job may still be exiting)."""
+    from pycaffe_mpi import comm
+
+    removed: list[str] = []
+    deadline = time.monotonic() + wait
+    while True:
+        new = _segment_files() - before
+        mapped = set()
+        for pid in os.listdir("/proc"):
+            if pid.isdigit():
+                mapped |= comm.shared_segments(pid) & new
+        for path in new - mapped:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+                removed.append(path)
+        if not mapped or time.monotonic() > deadline:
+            return sorted(removed)
+        time.sleep(0.05)
+
+
 def run_mpi(
     n: int,
     args: Sequence[Any],
     timeout: float = 60,
     env: Mapping[str, str] | None = None,
     cwd: str | os.PathLike | None = None,
+    clean: bool = True,
 ) -> subprocess.CompletedProcess:
     """Run ``mpiexec -n n *args``; return its CompletedProcess (text stdout and stderr).
 
@@ -62,8 +101,11 @@ def run_mpi(
         env: the child environment (default: this process's), plus
             ``MPIR_CVAR_ENABLE_HEAVY_YIELD=1`` unless it sets that variable.
         cwd: the job's working directory.
+        clean: after a job that failed or was killed, remove the shared-memory segment files
+            it left (:func:`remove_leftover_segments`).
     """
     cmd = [mpiexec_path(), "-n", str(n), *(str(a) for a in args)]
+    before = _segment_files() if clean else set()
     child_env = dict(os.environ if env is None else env)
     child_env.setdefault("MPIR_CVAR_ENABLE_HEAVY_YIELD", "1")
     # NOTE: a new session puts mpiexec, its proxies and the ranks in one process group, so one
@@ -80,9 +122,13 @@ def run_mpi(
         except subprocess.TimeoutExpired:  # a process that left the group holds the pipes
             proc.kill()
             out, err = "", ""
+        if clean:
+            remove_leftover_segments(before)
         raise TimeoutError(
             f"{' '.join(cmd)} did not finish in {timeout:g} s (a deadlock?); the job was "
             f"killed.\n--- stdout ---\n{out}\n--- stderr ---\n{err}") from None
+    if clean and proc.returncode != 0:
+        remove_leftover_segments(before)
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 

@@ -1,11 +1,15 @@
 """Mistakes in comm-layer nets fail on every rank with one clear message, and the job ends
-promptly with a non-zero code (tests/mpi/workers/bad_specs.py, 3 ranks)."""
+promptly with a non-zero code (tests/mpi/workers/bad_specs.py, 3 ranks); a failed job leaves no
+shared-memory files behind."""
 
 from __future__ import annotations
 
 import re
+import sys
 
 import pytest
+
+from pycaffe_mpi.testing import mpirun
 
 EXPECT = {
     "digest": r"the ranks' nets disagree at comm layer #1: rank 0 has nothing, rank 1 has "
@@ -41,3 +45,32 @@ def test_every_rank_fails_with_one_message(mpi, case):
         assert line, f"rank {r} did not report the error\n{out}"
         assert re.search(EXPECT[case], line.group(1)), f"rank {r}: {line.group(1)}\n{out}"
     assert proc.seconds < 15, f"the job took {proc.seconds:.1f} s to end\n{out}"
+
+
+ABORT = """
+from pycaffe_mpi import comm
+world = comm.world()
+world.barrier()
+if world.rank == 1:
+    world.abort(3)
+world.barrier()
+"""
+
+
+def test_abort_leaves_no_shared_memory_files(mpi, tmp_path):
+    """MPI_Abort leaves MPICH's shared-memory segment files in /dev/shm (RAM) for good; the
+    framework's abort removes their names first (the launcher's own clean-up is off here)."""
+    script = tmp_path / "abort.py"
+    script.write_text(ABORT)
+    before = mpirun._segment_files()
+    proc = mpirun.run_mpi(3, [sys.executable, script], timeout=30, clean=False)
+    assert proc.returncode != 0, mpi.output(proc)
+    assert mpirun.remove_leftover_segments(before) == [], "the aborted job left segment files"
+
+
+def test_launcher_removes_a_failed_jobs_segment_files(mpi):
+    """``python -m mpi4py`` aborts through MPI_Abort alone; run_mpi removes what it left."""
+    before = mpirun._segment_files()
+    proc = mpi.run(3, "bad_specs", "gather_shapes", timeout=30)
+    assert proc.returncode != 0, mpi.output(proc)
+    assert mpirun.remove_leftover_segments(before) == [], "run_mpi left segment files"
