@@ -288,9 +288,9 @@ class MPIComm(Comm):
         if self.rank == root and sendbuf is None:
             from mpi4py import MPI
 
-            r, staged = self._host(recvbuf, "recv", fill=False)
-            if staged:  # the root's row goes back to the device with the rest
-                recvbuf[root].get(out=r[root, ...])
+            # (a staged buffer is filled first: the root's row goes back to the device with
+            # the rest)
+            r, staged = self._host(recvbuf, "recv", fill=True)
             self._call("Gather", self.comm.Gather, MPI.IN_PLACE, r, root=root)
             self._back(r, recvbuf, staged)
             return

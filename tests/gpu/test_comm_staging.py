@@ -63,6 +63,11 @@ class OneRankMPI:
             _write(r, _read(s))
 
     def Gather(self, s, r, root=0):
+        from mpi4py import MPI
+
+        if s is MPI.IN_PLACE:  # the root's row is already in r
+            self._see(r)
+            return
         self._see(s, r)
         _write(r, _read(s)[None])
 
@@ -132,6 +137,24 @@ def test_staged_collectives_go_through_host_buffers(fake_device):
     n = len(allocs)
     comm.gather(src, dst, 0)
     assert len(allocs) == n  # staging buffers are reused
+
+
+def test_root_waiting_paths_with_device_arrays(fake_device):
+    """gather in place keeps the root's row; bcast_nowait takes the blocking, staged path for a
+    device array; gather_checked stages its data and returns the headers; MPI sees host memory
+    only."""
+    comm, mpi, _ = _comm(cuda_aware=False)
+    dst = DeviceArray(np.full((1, 3), 7.0))
+    comm.gather(None, dst, 0)
+    np.testing.assert_array_equal(dst.get(), 7.0)
+    buf = DeviceArray(np.arange(3.0))
+    comm.bcast_nowait(buf, 0).wait()
+    np.testing.assert_array_equal(buf.get(), np.arange(3.0))
+    headers = np.zeros((1, 2), np.int64)
+    comm.gather_checked(DeviceArray(np.arange(3.0)), np.array([3, 5]), dst, headers, 0)
+    np.testing.assert_array_equal(dst.get()[0], np.arange(3.0))
+    np.testing.assert_array_equal(headers, [[3, 5]])
+    assert all(isinstance(b, np.ndarray) for b in mpi.handed)
 
 
 def test_in_place_reduce_of_a_device_array(fake_device):
