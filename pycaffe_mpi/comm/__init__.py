@@ -18,7 +18,6 @@ yield the CPU to computing ranks instead of spinning.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
 import time
@@ -29,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from pycaffe_mpi.comm import device as device_mod
+from pycaffe_mpi.comm import segments
 
 # Environment variables a launcher sets in each rank it starts (MPICH/Hydra, PMIx, Open MPI).
 _LAUNCHER_VARS = ("PMI_RANK", "PMI_SIZE", "PMIX_RANK", "OMPI_COMM_WORLD_SIZE",
@@ -384,45 +384,11 @@ class MPIComm(Comm):
         return device_mod.local_rank(self.comm)
 
     def abort(self, code: int = 1) -> None:
-        unlink_shared_segments()
+        segments.unlink_own()
         # NOTE: the launcher's proxies die with the job and drop output not yet forwarded (MPICH's
         # Hydra lost the failing rank's message in ~1 run of 4); a moment first lets them drain.
         time.sleep(0.2)
         self.comm.Abort(code)
-
-
-#: where MPICH keeps a node's shared-memory segments, and how it names them
-SHM_DIR, SHM_PREFIX = "/dev/shm", "mpich_shm_"
-
-
-def shared_segments(pid: int | str = "self") -> set[str]:
-    """The MPICH shared-memory segment files that process ``pid`` maps and that still have a
-    name (read from ``/proc/<pid>/maps``; an empty set where there is no such file)."""
-    try:
-        with open(f"/proc/{pid}/maps") as f:
-            lines = f.read().splitlines()
-    except OSError:
-        return set()
-    found = set()
-    for line in lines:
-        fields = line.split(maxsplit=5)
-        if len(fields) == 6 and fields[5].startswith(f"{SHM_DIR}/{SHM_PREFIX}") and \
-                not fields[5].endswith(" (deleted)"):
-            found.add(fields[5])
-    return found
-
-
-def unlink_shared_segments() -> None:
-    """Remove the names of this process's MPICH shared-memory segments (before an abort).
-
-    NOTE: MPICH removes its segment files in MPI_Finalize only; after MPI_Abort they stay in
-    /dev/shm, a RAM file system, for good (a few MB each, one or more per failed job). Removing
-    the names is safe at that point: every rank of the job has its mappings already, and the
-    memory is freed when the last of them exits.
-    """
-    for path in shared_segments():
-        with contextlib.suppress(OSError):
-            os.unlink(path)
 
 
 # point-to-point tags: bcast_nowait's data, gather_checked's headers and data

@@ -28,6 +28,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from pycaffe_mpi.comm import segments
+
 
 def mpiexec_path() -> str:
     """The ``mpiexec`` next to the running Python; FileNotFoundError if there is none."""
@@ -50,31 +52,18 @@ def mpi_unavailable_reason() -> str | None:
     return None
 
 
-def _segment_files() -> set[str]:
-    """The MPICH shared-memory segment files in /dev/shm now (paths)."""
-    from pycaffe_mpi import comm
-
-    try:
-        names = os.listdir(comm.SHM_DIR)
-    except OSError:
-        return set()
-    return {os.path.join(comm.SHM_DIR, n) for n in names if n.startswith(comm.SHM_PREFIX)}
-
-
 def remove_leftover_segments(before: set[str], wait: float = 2.0) -> list[str]:
     """Remove the segment files that are not in ``before`` and that no live process maps (a
     failed job's); return their paths. A file still mapped is looked at again for up to
     ``wait`` seconds (the ranks of an aborted job may still be exiting)."""
-    from pycaffe_mpi import comm
-
     removed: list[str] = []
     deadline = time.monotonic() + wait
     while True:
-        new = _segment_files() - before
+        new = segments.files() - before
         mapped = set()
         for pid in os.listdir("/proc"):
             if pid.isdigit():
-                mapped |= comm.shared_segments(pid) & new
+                mapped |= segments.mapped(pid) & new
         for path in new - mapped:
             with contextlib.suppress(OSError):
                 os.unlink(path)
@@ -105,7 +94,7 @@ def run_mpi(
             it left (:func:`remove_leftover_segments`).
     """
     cmd = [mpiexec_path(), "-n", str(n), *(str(a) for a in args)]
-    before = _segment_files() if clean else set()
+    before = segments.files() if clean else set()
     child_env = dict(os.environ if env is None else env)
     child_env.setdefault("MPIR_CVAR_ENABLE_HEAVY_YIELD", "1")
     # NOTE: a new session puts mpiexec, its proxies and the ranks in one process group, so one

@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+from pycaffe_mpi.comm import segments
 from pycaffe_mpi.testing import mpirun
 
 EXPECT = {
@@ -62,7 +63,7 @@ def test_abort_leaves_no_shared_memory_files(mpi, tmp_path):
     framework's abort removes their names first (the launcher's own clean-up is off here)."""
     script = tmp_path / "abort.py"
     script.write_text(ABORT)
-    before = mpirun._segment_files()
+    before = segments.files()
     proc = mpirun.run_mpi(3, [sys.executable, script], timeout=30, clean=False)
     assert proc.returncode != 0, mpi.output(proc)
     assert mpirun.remove_leftover_segments(before) == [], "the aborted job left segment files"
@@ -70,7 +71,7 @@ def test_abort_leaves_no_shared_memory_files(mpi, tmp_path):
 
 def test_launcher_removes_a_failed_jobs_segment_files(mpi):
     """``python -m mpi4py`` aborts through MPI_Abort alone; run_mpi removes what it left."""
-    before = mpirun._segment_files()
+    before = segments.files()
     proc = mpi.run(3, "bad_specs", "gather_shapes", timeout=30)
     assert proc.returncode != 0, mpi.output(proc)
     assert mpirun.remove_leftover_segments(before) == [], "run_mpi left segment files"
