@@ -12,7 +12,9 @@ For CIFAR10-Quick (batch 100 and 350), NiN at CIFAR-100 sizes (batch 128), ResNe
   channels_last; ``torch.set_num_threads`` equal to our BLAS threads), when PyTorch is
   installed: it is an optional baseline, never a dependency;
 - the ratios ours / floor, ours / PyTorch NCHW, ours / PyTorch channels_last;
-- each layer type's share of our step, and the slowest layers against their GEMMs;
+- each layer type's share of our step, and the slowest layers against their GEMMs (each layer
+  timed alone: an in-place BatchNorm + Scale pair, whose backward a step runs in one, is timed
+  as two; the pairs are counted);
 - peak RSS (VmHWM) of ours and of PyTorch's, each net in its own process, and the part of it
   above the process's RSS once its libraries are imported.
 
@@ -202,6 +204,7 @@ def worker_ours(spec: Spec, batch: int, args: argparse.Namespace) -> dict[str, A
                       in zip(net.layer_names, net.layers, per or [])],
            "winograd": [name for name, layer in zip(net.layer_names, net.layers)
                         if getattr(getattr(layer, "plan", None), "winograd", 0)],
+           "bn_scale_pairs": len(getattr(net, "_bn_scale", {})),
            "threads": blas_threads()}
     net.close()
     return out
@@ -340,6 +343,9 @@ def report(name: str, batch: int, ours: dict | None, nchw: dict | None,
     if ours["winograd"]:
         print(f"  Winograd convolutions ({len(ours['winograd'])}; their GEMMs above are im2col's): "
               + ", ".join(ours["winograd"]))
+    if ours.get("bn_scale_pairs"):
+        print(f"  in-place BatchNorm + Scale pairs: {ours['bn_scale_pairs']} (a step runs each "
+              "pair's backward in one; the shares above time them apart)")
 
 
 def main() -> int:

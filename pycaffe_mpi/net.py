@@ -143,6 +143,7 @@ class Net(NetApi):
         self.name = prepared.param.name
         self.debug_info = prepared.param.debug_info
         self._build(prepared, seed)
+        self._bn_scale = self._bn_scale_pairs()
         self.shares_diffs = bool(share_diffs and self.phase == TRAIN)
         if self.shares_diffs:  # see diff_sharing's module doc
             log.debug("Blob gradients in %d shared buffers", diff_sharing.share(self))
@@ -426,23 +427,56 @@ class Net(NetApi):
         return loss
 
     def backward_from_to(self, start: int, end: int) -> None:
-        """Back-propagate from layer ``start`` down to layer ``end`` (start >= end)."""
-        for i in range(start, end - 1, -1):
+        """Back-propagate from layer ``start`` down to layer ``end`` (start >= end).
+
+        An in-place Scale right after an in-place BatchNorm, both in the range, may take the
+        gradient through both at once (:meth:`_bn_scale_pairs`); the results are those of the
+        two backwards, up to rounding. With ``debug_info`` (which logs every layer's bottom
+        gradient) the two run apart."""
+        i = start
+        while i >= end:
+            j = self._bn_scale.get(i, -1)
+            if (j >= end and not self.debug_info and self.layer_need_backward[i]
+                    and self.layer_need_backward[j]
+                    and self._backward_layer(i, lambda i=i, j=j: self.layers[i].backward_with(
+                        self.layers[j], self.top_vecs[i], self.bottom_need_backward[i],
+                        self.bottom_vecs[i], self.bottom_need_backward[j]))):
+                i = j - 1
+                continue
             if self.layer_need_backward[i]:
-                try:
-                    self.layers[i].backward(self.top_vecs[i], self.bottom_need_backward[i],
-                                            self.bottom_vecs[i])
-                except (Exception, SystemExit) as e:
-                    if python_layer.is_user_layer(self.layers[i]) or isinstance(e, SystemExit):
-                        raise python_layer.user_layer_error(self.layers[i], "backward", e) from e
-                    if isinstance(e, NotImplementedError):  # a layer Caffe gives no backward
-                        e = errors.NetError(str(e))
-                    if isinstance(e, (errors.PycaffeError, MemoryError)):
-                        raise name_layer(e, self.layers[i]) from e
-                    _raise_if_empty(self.layers[i], self.bottom_vecs[i], e)
-                    raise
+                self._backward_layer(i, lambda i=i: self.layers[i].backward(
+                    self.top_vecs[i], self.bottom_need_backward[i], self.bottom_vecs[i]))
                 if self.debug_info:
                     self._debug("Backward", i, self.bottom_vecs[i], "diff")
+            i -= 1
+
+    def _backward_layer(self, i: int, run: Any) -> Any:
+        """``run()`` (layer ``i``'s backward), its errors named after the layer."""
+        try:
+            return run()
+        except (Exception, SystemExit) as e:
+            if python_layer.is_user_layer(self.layers[i]) or isinstance(e, SystemExit):
+                raise python_layer.user_layer_error(self.layers[i], "backward", e) from e
+            if isinstance(e, NotImplementedError):  # a layer Caffe gives no backward
+                e = errors.NetError(str(e))
+            if isinstance(e, (errors.PycaffeError, MemoryError)):
+                raise name_layer(e, self.layers[i]) from e
+            _raise_if_empty(self.layers[i], self.bottom_vecs[i], e)
+            raise
+
+    def _bn_scale_pairs(self) -> dict[int, int]:
+        """Scale layer index -> index of the BatchNorm right before it, where both run in place
+        on one blob and the Scale has one bottom (Caffe's ResNet and MobileNet prototxts): the
+        pairs whose backward :meth:`backward_from_to` may run together (``Scale.backward_with``
+        says at run time whether it can)."""
+        pairs = {}
+        for i in range(1, len(self.layers)):
+            bn, sc = self.bottom_vecs[i - 1], self.bottom_vecs[i]
+            if (self.layers[i - 1].type == "BatchNorm" and self.layers[i].type == "Scale"
+                    and hasattr(self.layers[i], "backward_with") and len(sc) == 1
+                    and bn[0] is self.top_vecs[i - 1][0] is sc[0] is self.top_vecs[i][0]):
+                pairs[i] = i - 1
+        return pairs
 
     def _debug(self, what: str, i: int, blobs: Sequence[Blob], field: str) -> None:
         names = self.top_names if what == "Forward" else self.bottom_names

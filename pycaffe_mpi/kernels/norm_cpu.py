@@ -156,10 +156,11 @@ def _bn_normalize(x: Any, mean: Any, inv_std: Any, y: Any, c0: int, c1: int) -> 
 
 
 @_jit
-def _bn_backward(dy: Any, src: Any, from_bottom: bool, mean: Any, inv_std: Any, dx: Any,
-                 block_values: int, c0: int, c1: int) -> None:
-    """``dx = (dy − mean(dy) − x̂·mean(dy·x̂))·inv_std`` per channel (``dx`` may be ``dy``);
-    x̂ is ``src`` itself, or ``(src − mean)·inv_std`` when ``from_bottom``."""
+def _bn_backward(dy: Any, src: Any, from_bottom: bool, mean: Any, inv_std: Any, inv_out: Any,
+                 dx: Any, sums_out: Any, block_values: int, c0: int, c1: int) -> None:
+    """``dx = (dy − mean(dy) − x̂·mean(dy·x̂))·inv_out`` per channel (``dx`` may be ``dy``);
+    x̂ is ``src`` itself, or ``(src − mean)·inv_std`` when ``from_bottom``. ``sums_out`` (2, C)
+    gets Σ dy and Σ dy·x̂ when it has columns."""
     outer, inner = dy.shape[0], dy.shape[2]
     m = outer * inner
     block = max(1, block_values // max(1, m))
@@ -178,17 +179,19 @@ def _bn_backward(dy: Any, src: Any, from_bottom: bool, mean: Any, inv_std: Any, 
                 sums[1, c - b0] += dp
         for j in range(b1 - b0):
             means[0, j], means[1, j] = sums[0, j] / m, sums[1, j] / m
+            if sums_out.shape[1]:
+                sums_out[0, b0 + j], sums_out[1, b0 + j] = sums[0, j], sums[1, j]
         for o in range(outer):
             for c in range(b0, b1):
-                mu, inv = mean[c], inv_std[c]
+                mu, inv, out = mean[c], inv_std[c], inv_out[c]
                 a, b = means[0, c - b0], means[1, c - b0]
                 dr, sr, xr = dy[o, c], src[o, c], dx[o, c]
                 if from_bottom:
                     for i in range(inner):
-                        xr[i] = (dr[i] - a - (sr[i] - mu) * inv * b) * inv
+                        xr[i] = (dr[i] - a - (sr[i] - mu) * inv * b) * out
                 else:
                     for i in range(inner):
-                        xr[i] = (dr[i] - a - sr[i] * b) * inv
+                        xr[i] = (dr[i] - a - sr[i] * b) * out
 
 
 # -- Scale and Bias ----------------------------------------------------------------------------
@@ -336,18 +339,24 @@ def normalize(x: Any, mean: Any, inv_std: Any, y: Any) -> None:
 
 
 def batch_norm_backward(dy: Any, mean: Any, inv_std: Any, dx: Any, x_norm: Any = None,
-                        x: Any = None) -> None:
+                        x: Any = None, scale: Any = None) -> Any:
     """BatchNorm's gradient with batch statistics, all arrays ``(N, C, S)``, per channel:
 
     dx = (dy − mean(dy) − x̂·mean(dy·x̂))·inv_std, means over the channel's N·S values;
 
     x̂ is ``x_norm``, or ``(x − μ)·inv_std`` recomputed from the bottom ``x``. ``dx`` may be
-    ``dy`` (in place)."""
+    ``dy`` (in place). With ``scale`` ``(C,)`` (a Scale layer's s after the BatchNorm, ``dy``
+    then the gradient at the Scale's top), ``dx`` is taken through both layers,
+    dx = s·(dy − mean(dy) − x̂·mean(dy·x̂))·inv_std, and (Σ dy, Σ dy·x̂) are returned, float64
+    ``(2, C)``: the Scale's dE/db and dE/ds; else None."""
     from_bottom = x_norm is None
     src = x if from_bottom else x_norm
-    mean, inv_std = mean.astype(dy.dtype), inv_std.astype(dy.dtype)
-    _over_channels(
-        lambda c0, c1: _bn_backward(dy, src, from_bottom, mean, inv_std, dx, BLOCK, c0, c1), dy)
+    inv_out = inv_std if scale is None else inv_std * scale.reshape(-1)
+    mean, inv_std, inv_out = (a.astype(dy.dtype) for a in (mean, inv_std, inv_out))
+    sums = np.zeros((2, dy.shape[1]) if scale is not None else (2, 0))
+    _over_channels(lambda c0, c1: _bn_backward(dy, src, from_bottom, mean, inv_std, inv_out, dx,
+                                               sums, BLOCK, c0, c1), dy)
+    return sums if scale is not None else None
 
 
 def affine_forward(x: Any, y: Any, scale: Any = None, bias: Any = None,

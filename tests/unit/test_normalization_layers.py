@@ -309,3 +309,65 @@ def test_solver_leaves_batchnorm_statistics_to_the_forward_passes():
     np.testing.assert_array_equal(test_bn.blobs[2].data, bn[2].data)
     scores = solver.test(0)
     assert scores is None or all(np.isfinite(scores))
+
+
+PAIR = """
+force_backward: true
+layer { name: 'data' type: 'Input' top: 'data'
+        input_param { shape { dim: 4 dim: 3 dim: 5 dim: 5 } } }
+layer { name: 'conv' type: 'Convolution' bottom: 'data' top: 'conv'
+        convolution_param { num_output: 6 kernel_size: 3 weight_filler { type: 'gaussian' } } }
+layer { name: 'bn' type: 'BatchNorm' bottom: 'conv' top: '%s' }
+layer { name: 'sc' type: 'Scale' bottom: '%s' top: '%s'
+        scale_param { bias_term: true filler { type: 'gaussian' }
+                      bias_filler { type: 'gaussian' } } }
+layer { name: 'relu' type: 'ReLU' bottom: '%s' top: '%s' }
+"""
+
+
+@pytest.mark.parametrize("dtype,rtol", [(np.float64, 1e-10), (np.float32, 2e-4)])
+def test_batchnorm_scale_pair_in_place_backward_together(monkeypatch, dtype, rtol):
+    """An in-place BatchNorm → Scale pair takes its gradient in one backward
+    (Scale.backward_with: BatchNorm's own backward does not run) and gives the gradients of the
+    same layers on separate blobs (input, convolution and Scale parameters)."""
+    from pycaffe_mpi.layer_types import normalization
+
+    rng = np.random.default_rng(7)
+    nets = {}
+    for how, names in (("apart", ("a", "a", "b", "b", "c")), ("pair", ("conv",) * 5)):
+        nets[how] = Net(text_format.Merge(PAIR % names, caffe_pb2.NetParameter()), TRAIN,
+                        dtype=dtype, seed=5)
+    pair = nets["pair"]
+    assert pair._bn_scale == {3: 2} and nets["apart"]._bn_scale == {}
+    x = rng.standard_normal((4, 3, 5, 5))
+    dy = rng.standard_normal((4, 6, 3, 3))
+    real = normalization.BatchNorm.backward
+    ran = []
+    monkeypatch.setattr(normalization.BatchNorm, "backward",
+                        lambda self, *a: (ran.append(self.name), real(self, *a)))
+    for how, out in (("apart", "c"), ("pair", "conv")):
+        net = nets[how]
+        for _ in range(2):  # a second step reuses the buffers
+            net.forward(data=x)
+            net.clear_param_diffs()
+            net.backward(**{out: dy})
+        assert ran == ([] if how == "pair" else ["bn", "bn"]), how
+        ran.clear()
+    a, p = nets["apart"], nets["pair"]
+    np.testing.assert_allclose(p.blobs["data"].diff, a.blobs["data"].diff, rtol=rtol,
+                               atol=rtol * 1e-2)
+    for name in ("conv", "sc"):
+        for pa, pp in zip(a.params[name], p.params[name]):
+            np.testing.assert_allclose(pp.diff, pa.diff, rtol=rtol, atol=rtol * 1e-2)
+
+
+def test_batchnorm_scale_pair_apart_when_the_range_splits_it():
+    """A backward that stops at the Scale leaves the blob's gradient at the Scale's bottom
+    (dy·s), as Caffe; the BatchNorm's backward then runs on its own."""
+    net = _net(PAIR % (("conv",) * 5))
+    rng = np.random.default_rng(8)
+    net.forward(data=rng.standard_normal((4, 3, 5, 5)))
+    net.blobs["conv"].diff[...] = dy = rng.standard_normal((4, 6, 3, 3))
+    s = net.params["sc"][0].data.reshape(1, 6, 1, 1)
+    net.backward_from_to(3, 3)
+    np.testing.assert_allclose(net.blobs["conv"].diff, dy * s, rtol=1e-12)
