@@ -4,6 +4,8 @@ compare, and the one copy that an in-place BatchNorm and an in-place Scale after
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 from google.protobuf import text_format
@@ -201,15 +203,14 @@ BETWEEN = """layer { name: 'mid' type: 'Power' bottom: '%s' top: '%s'
                    power_param { scale: 2 shift: 0.5 } }"""
 
 
-def _net(names: str, between: bool = False) -> Net:
+def _net(names: str, between: bool = False, dtype: Any = np.float64) -> Net:
     """The net with BatchNorm's top, (Power's top,) Scale's top and ReLU's top named by
     ``names``: "cccc" runs all in place on the convolution's output, "bbbb" all but BatchNorm
     (DenseNet's prototxt), "wxyz" a blob per layer."""
     bn, mid, sc, relu = names
     text = NET % (bn, BETWEEN % (bn, mid) if between else "", mid if between else bn, sc, sc,
                   relu)
-    return Net(text_format.Merge(text, caffe_pb2.NetParameter()), TRAIN, dtype=np.float64,
-               seed=5)
+    return Net(text_format.Merge(text, caffe_pb2.NetParameter()), TRAIN, dtype=dtype, seed=5)
 
 
 def _step(net: Net, out: str):
@@ -253,3 +254,40 @@ def test_in_place_chain_lanes_agree(lanes):
     np.testing.assert_array_equal(one[1], three[1])
     for a, b in zip(one[2], three[2]):
         np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)  # conv's sums may split
+
+
+@pytest.mark.parametrize("names,between,together", [("cccc", False, True),
+                                                    ("cccc", True, False),
+                                                    ("bbbb", False, False)])
+def test_in_place_pair_takes_one_backward(monkeypatch, names, between, together):
+    """BatchNorm → Scale in place on one blob, next to each other, take their gradient in one
+    backward (Scale.backward_with; BatchNorm's own backward does not run, twice over), with
+    the gradients of a blob per layer (float64 above; float32 here); with a layer in between,
+    or BatchNorm on a top of its own, each runs its own backward."""
+    from pycaffe_mpi.layer_types import normalization
+
+    real, ran = normalization.BatchNorm.backward, []
+    monkeypatch.setattr(normalization.BatchNorm, "backward",
+                        lambda self, *a: (ran.append(self.name), real(self, *a)))
+    net, sep = _net(names, between, np.float32), _net("wxyz", between, np.float32)
+    assert bool(net._bn_scale) == together and not sep._bn_scale
+    for _ in range(2):
+        got = _step(net, names[-1])
+    assert ran == ([] if together else ["bn", "bn"])
+    want = _step(sep, "z")
+    np.testing.assert_allclose(got[1], want[1], rtol=2e-4, atol=1e-6)
+    for a, b in zip(got[2], want[2]):
+        np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-5)
+
+
+def test_in_place_pair_apart_when_the_range_splits_it():
+    """A backward that stops at the Scale leaves the blob's gradient at the Scale's bottom
+    (dy·s), as Caffe; BatchNorm's backward then runs on its own."""
+    net = _net("cccc")
+    rng = np.random.default_rng(8)
+    net.forward(data=rng.standard_normal((5, 6, 3, 7)))
+    net.blobs["c"].diff[...] = dy = rng.standard_normal((5, 6, 3, 7))
+    i = net.layer_names.index("sc")
+    net.backward_from_to(i, i)
+    s = net.params["sc"][0].data.reshape(1, 6, 1, 1)
+    np.testing.assert_allclose(net.blobs["c"].diff, dy * s, rtol=1e-12)
