@@ -204,7 +204,7 @@ def worker_ours(spec: Spec, batch: int, args: argparse.Namespace) -> dict[str, A
                       in zip(net.layer_names, net.layers, per or [])],
            "winograd": [name for name, layer in zip(net.layer_names, net.layers)
                         if getattr(getattr(layer, "plan", None), "winograd", 0)],
-           "bn_scale_pairs": len(getattr(net, "_bn_scale", {})),
+           "bn_scale_pairs": len(net.backward_pairs),
            "threads": blas_threads()}
     net.close()
     return out

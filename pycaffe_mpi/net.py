@@ -143,7 +143,9 @@ class Net(NetApi):
         self.name = prepared.param.name
         self.debug_info = prepared.param.debug_info
         self._build(prepared, seed)
-        self._bn_scale = self._bn_scale_pairs()
+        #: {layer: the layer before it} whose backward may run in one call (backward_from_to);
+        #: empty it to run every layer's backward alone
+        self.backward_pairs = self._find_backward_pairs()
         self.shares_diffs = bool(share_diffs and self.phase == TRAIN)
         if self.shares_diffs:  # see diff_sharing's module doc
             log.debug("Blob gradients in %d shared buffers", diff_sharing.share(self))
@@ -429,31 +431,31 @@ class Net(NetApi):
     def backward_from_to(self, start: int, end: int) -> None:
         """Back-propagate from layer ``start`` down to layer ``end`` (start >= end).
 
-        An in-place Scale right after an in-place BatchNorm, both in the range, may take the
-        gradient through both at once (:meth:`_bn_scale_pairs`); the results are those of the
-        two backwards, up to rounding. With ``debug_info`` (which logs every layer's bottom
-        gradient) the two run apart."""
+        A pair in :attr:`backward_pairs` with both layers in the range may take its gradient
+        in one call (``upper.backward_with(lower, ...)``, which says whether it could); the
+        results are those of the two backwards, up to rounding. With ``debug_info`` (which
+        logs every layer's bottom gradient) each layer runs its own."""
         i = start
         while i >= end:
-            j = self._bn_scale.get(i, -1)
+            j = self.backward_pairs.get(i, -1)
             if (j >= end and not self.debug_info and self.layer_need_backward[i]
                     and self.layer_need_backward[j]
-                    and self._backward_layer(i, lambda i=i, j=j: self.layers[i].backward_with(
-                        self.layers[j], self.top_vecs[i], self.bottom_need_backward[i],
-                        self.bottom_vecs[i], self.bottom_need_backward[j]))):
+                    and self._backward_layer(i, self.layers[i].backward_with, self.layers[j],
+                                             self.top_vecs[i], self.bottom_need_backward[i],
+                                             self.bottom_vecs[i], self.bottom_need_backward[j])):
                 i = j - 1
                 continue
             if self.layer_need_backward[i]:
-                self._backward_layer(i, lambda i=i: self.layers[i].backward(
-                    self.top_vecs[i], self.bottom_need_backward[i], self.bottom_vecs[i]))
+                self._backward_layer(i, self.layers[i].backward, self.top_vecs[i],
+                                     self.bottom_need_backward[i], self.bottom_vecs[i])
                 if self.debug_info:
                     self._debug("Backward", i, self.bottom_vecs[i], "diff")
             i -= 1
 
-    def _backward_layer(self, i: int, run: Any) -> Any:
-        """``run()`` (layer ``i``'s backward), its errors named after the layer."""
+    def _backward_layer(self, i: int, fn: Any, *args: Any) -> Any:
+        """``fn(*args)``, layer ``i``'s backward, its errors named after the layer."""
         try:
-            return run()
+            return fn(*args)
         except (Exception, SystemExit) as e:
             if python_layer.is_user_layer(self.layers[i]) or isinstance(e, SystemExit):
                 raise python_layer.user_layer_error(self.layers[i], "backward", e) from e
@@ -464,17 +466,18 @@ class Net(NetApi):
             _raise_if_empty(self.layers[i], self.bottom_vecs[i], e)
             raise
 
-    def _bn_scale_pairs(self) -> dict[int, int]:
-        """Scale layer index -> index of the BatchNorm right before it, where both run in place
-        on one blob and the Scale has one bottom (Caffe's ResNet and MobileNet prototxts): the
-        pairs whose backward :meth:`backward_from_to` may run together (``Scale.backward_with``
-        says at run time whether it can)."""
+    def _find_backward_pairs(self) -> dict[int, int]:
+        """Layer index -> index of the layer right before it, for each layer that names that
+        layer's type as its ``backward_partner`` (and has ``backward_with``) where both run in
+        place on one blob and the upper one has one bottom (Caffe's in-place BatchNorm +
+        Scale of ResNet and MobileNet)."""
         pairs = {}
         for i in range(1, len(self.layers)):
-            bn, sc = self.bottom_vecs[i - 1], self.bottom_vecs[i]
-            if (self.layers[i - 1].type == "BatchNorm" and self.layers[i].type == "Scale"
-                    and hasattr(self.layers[i], "backward_with") and len(sc) == 1
-                    and bn[0] is self.top_vecs[i - 1][0] is sc[0] is self.top_vecs[i][0]):
+            upper, lower = self.layers[i], self.layers[i - 1]
+            ub, lb = self.bottom_vecs[i], self.bottom_vecs[i - 1]
+            if (getattr(upper, "backward_partner", None) == lower.type and len(ub) == 1
+                    and hasattr(upper, "backward_with")
+                    and lb[0] is self.top_vecs[i - 1][0] is ub[0] is self.top_vecs[i][0]):
                 pairs[i] = i - 1
         return pairs
 

@@ -13,7 +13,8 @@ in-place Scale after it reads x̂ from the BatchNorm (copy or bottom) instead of
 its own: one copy for a BatchNorm + Scale pair in place (ResNet-50, MobileNet), none when
 BatchNorm has a top of its own (DenseNet). On a GPU the NumPy/CuPy code keeps both copies.
 Such an in-place pair also takes its gradient in one backward when a Net runs both layers'
-backward in one call (``Scale.backward_with``, asked by ``Net.backward_from_to``).
+backward in one call (``Scale.backward_with``, asked by ``Net.backward_from_to`` through
+``Scale.backward_partner``).
 """
 
 from __future__ import annotations
@@ -433,6 +434,8 @@ class Scale(Layer):
     min_bottom = 1
     max_bottom = 2
     exact_num_top = 1
+    #: in place right after an in-place BatchNorm, backward_with takes both gradients at once
+    backward_partner = "BatchNorm"
 
     def setup(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
         from pycaffe_mpi.proto import caffe_pb2

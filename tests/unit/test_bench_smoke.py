@@ -181,3 +181,13 @@ def test_bench_winograd_prints_both_algorithms_and_their_ratio() -> None:
     lines = [ln for ln in proc.stdout.splitlines() if ln.strip().startswith("small")]
     assert len(lines) == 2, proc.stdout
     assert all("x  " in ln and "F(4x4" in ln for ln in lines), proc.stdout
+
+
+def test_bench_backward_pairs_prints_both_ways_and_their_ratio() -> None:
+    script = ROOT / "bench" / "bench_backward_pairs.py"
+    proc = subprocess.run([sys.executable, str(script), "--small", "--rounds", "1"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    lines = [ln for ln in proc.stdout.splitlines() if "together / apart = " in ln]
+    assert len(lines) == 2, proc.stdout
+    assert "53 pairs" in lines[0] and "27 pairs" in lines[1], proc.stdout

@@ -270,7 +270,7 @@ def test_in_place_pair_takes_one_backward(monkeypatch, names, between, together)
     monkeypatch.setattr(normalization.BatchNorm, "backward",
                         lambda self, *a: (ran.append(self.name), real(self, *a)))
     net, sep = _net(names, between, np.float32), _net("wxyz", between, np.float32)
-    assert bool(net._bn_scale) == together and not sep._bn_scale
+    assert bool(net.backward_pairs) == together and not sep.backward_pairs
     for _ in range(2):
         got = _step(net, names[-1])
     assert ran == ([] if together else ["bn", "bn"])
